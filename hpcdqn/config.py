@@ -1,0 +1,290 @@
+"""Every hyperparameter in one place.
+
+A config is a TOML file (see ``configs/``) plus ``KEY=VALUE`` overrides from the command line,
+checked against the schema below *before any work starts*: unknown keys, wrong types and
+impossible values each give one clear error naming the key and what to do.
+
+Keys are addressed by their own name, dotted for a TOML section: ``seed=3``, ``dqn.lr=1e-3``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or an impossible value."""
+
+
+@dataclass(frozen=True)
+class Key:
+    default: Any
+    type: type | tuple
+    help: str
+    check: Any = None  # callable(value) -> error string or None
+    choices: tuple | None = None
+
+
+def _pos(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _nonneg(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _unit(v):
+    return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
+
+
+def _unit_open(v):
+    return None if 0.0 < v <= 1.0 else "must be in (0, 1]"
+
+
+def _widths(v):
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
+        return "must be a list of positive integers, e.g. [256, 256]"
+    return None
+
+
+def _cuts(v):
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
+        return "must be a list of positive layer indices, e.g. [2] (empty: balance by parameters)"
+    if list(v) != sorted(set(v)):
+        return "must be strictly increasing"
+    return None
+
+
+# The schema. Sections are nested dicts; leaves are Key(default, type, help).
+SCHEMA: dict[str, Any] = {
+    "env_id": Key("CartPole-v1", str, "gymnasium environment id (Atari ids need ale-py)"),
+    "seed": Key(1, int, "base seed; rank r uses seed + 1000 * r for its environments", _nonneg),
+    "total_steps": Key(50_000, int, "total env steps over all data-parallel ranks", _pos),
+    "run_dir": Key("", str, "run directory; empty: runs/<env_id>__s<seed>__<time>"),
+    "num_envs": Key(1, int, "vector environments per data-parallel rank", _pos),
+    "vector": Key("sync", str, "gymnasium vector env kind", None, ("sync", "async")),
+    "device": Key("cpu", str, "torch device: cpu, cuda, cuda:N or auto"),
+    "threads": Key(1, int, "torch intra-op threads per rank (0: torch default)", _nonneg),
+    # parallel layout (world = dp x pp)
+    "pp": Key(1, int, "pipeline stages per replica; dp = world size / pp", _pos),
+    "micro_batches": Key(1, int, "micro-batches per pipelined minibatch", _pos),
+    "schedule": Key("1f1b", str, "pipeline schedule", None, ("gpipe", "1f1b")),
+    # checkpoints
+    "checkpoint_every": Key(0, int, "env steps between checkpoints (0: only at the end)", _nonneg),
+    "keep_last": Key(3, int, "checkpoints kept", _pos),
+    "network": {
+        "hidden": Key([256, 256], list, "MLP hidden widths (also the CNN's dense layer)", _widths),
+        "dueling": Key(False, bool, "dueling head: Q = V + A - mean(A)"),
+        "cuts": Key([], list, "pipeline cut points (layer indices); empty: balance by params", _cuts),
+    },
+    "dqn": {
+        "gamma": Key(0.99, float, "discount", _unit),
+        "lr": Key(2.3e-3, float, "Adam learning rate", _pos),
+        "lr_final_fraction": Key(1.0, float, "lr decays linearly to lr * this at the end", _unit),
+        "adam_eps": Key(1e-8, float, "Adam epsilon", _pos),
+        "batch_size": Key(64, int, "minibatch size PER DATA-PARALLEL RANK", _pos),
+        "buffer_size": Key(100_000, int, "replay capacity PER DATA-PARALLEL RANK (transitions)", _pos),
+        "learning_starts": Key(1_000, int, "env steps (per rank) before learning", _nonneg),
+        "train_frequency": Key(256, int, "env steps (per rank) between training phases", _pos),
+        "gradient_steps": Key(128, int, "updates per training phase", _pos),
+        "target_update_every": Key(128, int, "updates between target syncs", _pos),
+        "tau": Key(1.0, float, "target sync: 1 = hard copy, < 1 = Polyak averaging", _unit_open),
+        "double": Key(True, bool, "double DQN target"),
+        "n_step": Key(1, int, "n-step returns", _pos),
+        "huber_delta": Key(1.0, float, "Huber loss threshold", _pos),
+        "max_grad_norm": Key(10.0, float, "gradient norm clip (0: off)", _nonneg),
+        "epsilon_start": Key(1.0, float, "initial exploration epsilon", _unit),
+        "epsilon_end": Key(0.04, float, "final exploration epsilon", _unit),
+        "exploration_fraction": Key(0.16, float, "share of total_steps to anneal epsilon", _unit_open),
+        "epsilon_ladder": Key(False, bool, "Ape-X ladder: rank i explores with eps^(1+7i/(N-1))"),
+    },
+    "replay": {
+        "prioritized": Key(False, bool, "proportional prioritized replay (sum tree)"),
+        "alpha": Key(0.6, float, "priority exponent", _unit),
+        "beta_start": Key(0.4, float, "importance-weight exponent at start", _unit),
+        "beta_end": Key(1.0, float, "importance-weight exponent at the end", _unit),
+        "priority_eps": Key(1e-6, float, "added to |td| for priorities", _pos),
+    },
+    "parallel": {
+        "bucket_mb": Key(25.0, float, "gradient allreduce bucket size cap (MiB)", _pos),
+        "overlap": Key(False, bool, "overlap allreduce with backward (Iallreduce per bucket)"),
+        "check_every": Key(1000, int, "updates between cross-rank parameter checksums (0: off)", _nonneg),
+    },
+    "eval": {
+        "episodes": Key(100, int, "greedy episodes at the end of training (0: none)", _nonneg),
+        "num_envs": Key(10, int, "vector envs for evaluation", _pos),
+        "epsilon": Key(0.0, float, "epsilon for evaluation", _unit),
+    },
+    "log": {
+        "every": Key(2_000, int, "env steps between metric rows", _pos),
+        "progress": Key(True, bool, "progress bar (rank 0, interactive or not)"),
+        "tensorboard": Key(True, bool, "write TensorBoard events"),
+    },
+}
+
+
+def defaults(schema=SCHEMA) -> dict:
+    out = {}
+    for k, v in schema.items():
+        out[k] = defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default)
+    return out
+
+
+def _typename(t) -> str:
+    return t.__name__ if isinstance(t, type) else "/".join(x.__name__ for x in t)
+
+
+def _coerce(path: str, key: Key, value: Any) -> Any:
+    t = key.type
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if t is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        value = int(value)  # 1e6 style
+    if isinstance(value, bool) and t is not bool:
+        raise ConfigError(f"config key '{path}': expected {_typename(t)}, got a boolean {value!r}")
+    if not isinstance(value, t):
+        raise ConfigError(
+            f"config key '{path}': expected {_typename(t)}, got {type(value).__name__} {value!r}"
+            f" ({key.help})"
+        )
+    if key.choices is not None and value not in key.choices:
+        raise ConfigError(f"config key '{path}': {value!r} is not one of {list(key.choices)}")
+    if key.check is not None:
+        err = key.check(value)
+        if err:
+            raise ConfigError(f"config key '{path}' = {value!r} {err} ({key.help})")
+    return value
+
+
+def _lookup(path: str) -> Key:
+    node: Any = SCHEMA
+    parts = path.split(".")
+    for i, p in enumerate(parts):
+        if not isinstance(node, dict) or p not in node:
+            where = ".".join(parts[:i]) or "top level"
+            known = sorted(node) if isinstance(node, dict) else []
+            hint = _close(p, known)
+            raise ConfigError(
+                f"unknown config key '{path}'"
+                + (f" (did you mean '{'.'.join(parts[:i] + [hint])}'?)" if hint else "")
+                + f"; keys at {where}: {', '.join(known)}"
+            )
+        node = node[p]
+    if isinstance(node, dict):
+        raise ConfigError(f"config key '{path}' is a section; set one of its keys: "
+                          + ", ".join(f"{path}.{k}" for k in node))
+    return node
+
+
+def _close(word: str, options: list[str]) -> str | None:
+    import difflib
+
+    m = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return m[0] if m else None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        p = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, p + "."))
+        else:
+            out[p] = v
+    return out
+
+
+def _set(cfg: dict, path: str, value: Any) -> None:
+    node = cfg
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value as a TOML value; bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> dict:
+    """Defaults <- TOML file <- overrides; validated. Raises ConfigError."""
+    cfg = defaults()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist (see configs/ for examples)")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file '{p}' is not valid TOML: {e}") from None
+        for k, v in _flatten(data).items():
+            _set(cfg, k, _coerce(k, _lookup(k), v))
+    if isinstance(overrides, dict):
+        items = list(_flatten(overrides).items()) if any(isinstance(v, dict) for v in overrides.values()) \
+            else list(overrides.items())
+    else:
+        items = []
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' is not KEY=VALUE (e.g. seed=3 or dqn.lr=1e-3)")
+            k, v = item.split("=", 1)
+            items.append((k.strip(), parse_value(v.strip())))
+    for k, v in items:
+        _set(cfg, k, _coerce(k, _lookup(k), v))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    """Cross-key checks: things each key alone cannot know."""
+    d = cfg["dqn"]
+    if d["epsilon_end"] > d["epsilon_start"]:
+        raise ConfigError("dqn.epsilon_end must be <= dqn.epsilon_start")
+    if d["n_step"] > d["buffer_size"] // 2:
+        raise ConfigError("dqn.n_step must be well below dqn.buffer_size")
+    if cfg["eval"]["episodes"] and cfg["eval"]["episodes"] % cfg["eval"]["num_envs"]:
+        raise ConfigError(
+            f"eval.episodes={cfg['eval']['episodes']} must be a multiple of eval.num_envs="
+            f"{cfg['eval']['num_envs']} (each env runs the same number of episodes, so short "
+            "episodes are not over-counted)")
+    dev = cfg["device"]
+    if not (dev in ("cpu", "auto", "cuda") or dev.startswith("cuda:")):
+        raise ConfigError(f"device={dev!r}: use cpu, cuda, cuda:N or auto")
+    if d["batch_size"] % cfg["micro_batches"]:
+        raise ConfigError(
+            f"dqn.batch_size={d['batch_size']} must be divisible by micro_batches={cfg['micro_batches']}")
+
+
+def to_json(cfg: dict) -> str:
+    return json.dumps(cfg, indent=2, sort_keys=True)
+
+
+def to_toml(cfg: dict) -> str:
+    """Write a resolved config back as TOML (top-level keys first, then sections)."""
+    def val(v):
+        return json.dumps(v)  # JSON scalars/lists of scalars are valid TOML
+
+    lines = [f"{k} = {val(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines += [f"{kk} = {val(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def describe() -> str:
+    """Every key with its default and help, for `hpcdqn train --help-config`."""
+    rows = []
+    for k, v in _flatten(SCHEMA).items():
+        rows.append(f"  {k:<28} {json.dumps(v.default):<14} {v.help}")
+    return "\n".join(rows)

@@ -1,0 +1,171 @@
+"""The DQN math, top to bottom (Mnih et al. 2015; double DQN: van Hasselt et al. 2016).
+
+For a minibatch of (s, a, R, s', discount) where R is the (n-step) return and ``discount`` is
+gamma^k, or 0 after a termination (a time-limit truncation still bootstraps):
+
+    a*  = argmax_a' Q_online(s', a')        (double DQN)   or   argmax_a' Q_target(s', a')
+    y   = R + discount * Q_target(s', a*)
+    L   = mean_i  w_i * huber(Q_online(s_i, a_i) - y_i)     (w: PER importance weights, or 1)
+
+then: gradients averaged over data-parallel replicas -> clip global norm -> Adam step;
+the target network is synced every ``target_update_every`` updates (hard copy, or Polyak tau).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .allreduce import GradSync, broadcast_params, check_consistent
+from .flat import FlatModule
+from .replay import Batch
+
+
+def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
+    if duration <= 0:
+        return end
+    return start + (end - start) * min(1.0, max(0.0, t / duration))
+
+
+def epsilon_at(dqn: dict, total_steps: int, step: int, rank: int = 0, ranks: int = 1,
+               ladder: bool = False) -> float:
+    """Linear epsilon-greedy schedule over ``exploration_fraction * total_steps`` env steps.
+    With the Ape-X ladder, replica i explores with eps^(1 + 7 i / (N - 1))."""
+    eps = linear_schedule(dqn["epsilon_start"], dqn["epsilon_end"],
+                          dqn["exploration_fraction"] * total_steps, step)
+    if ladder and ranks > 1:
+        eps = eps ** (1.0 + 7.0 * rank / (ranks - 1))
+    return eps
+
+
+def td_target(returns, discounts, q_next_target, q_next_online=None):
+    """y = R + discount * Q_target(s', a*), a* from the online net (double) or the target net."""
+    chooser = q_next_online if q_next_online is not None else q_next_target
+    a_star = chooser.argmax(dim=1, keepdim=True)
+    return returns + discounts * q_next_target.gather(1, a_star).squeeze(1)
+
+
+def td_loss(q_all, actions, target, weights, huber_delta: float):
+    """Weighted Huber loss of Q(s, a) against the (detached) target; also returns the TD errors."""
+    q = q_all.gather(1, actions.unsqueeze(1)).squeeze(1)
+    td = q - target
+    loss = (weights * F.huber_loss(q, target, reduction="none", delta=huber_delta)).mean()
+    return loss, td.detach(), q.detach()
+
+
+def to_tensors(batch: Batch, device) -> dict:
+    def t(x):
+        return torch.as_tensor(x, device=device)
+
+    return {"obs": t(batch.obs), "actions": t(batch.actions), "returns": t(batch.returns),
+            "next_obs": t(batch.next_obs), "discounts": t(batch.discounts),
+            "weights": t(batch.weights)}
+
+
+class DQNLearner:
+    """One replica's online + target network, optimizer and update (single pipeline stage).
+
+    ``dp_comm``: the data-parallel communicator over which gradients are averaged (any
+    communicator: COMM_SELF, a Split of COMM_WORLD, a Dup...).
+    """
+
+    def __init__(self, layers, cfg: dict, dp_comm, device="cpu"):
+        d = cfg["dqn"]
+        self.cfg, self.d, self.device = cfg, d, torch.device(device)
+        self.online = FlatModule(layers, self.device)
+        self.target = FlatModule([_clone(m) for m in layers], self.device)
+        broadcast_params(self.online, dp_comm)
+        self.target.load_flat_(self.online.flat.data)
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.opt = make_adam(self.online.flat, d)
+        self.sync = GradSync(self.online, dp_comm, cfg["parallel"]["bucket_mb"],
+                             cfg["parallel"]["overlap"])
+        self.dp_comm = dp_comm
+        self.updates = 0
+
+    # -- acting ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def q_values(self, obs: np.ndarray) -> np.ndarray:
+        return self.online(torch.as_tensor(obs, device=self.device)).cpu().numpy()
+
+    @torch.no_grad()
+    def greedy(self, obs: np.ndarray) -> np.ndarray:
+        return self.online(torch.as_tensor(obs, device=self.device)).argmax(1).cpu().numpy()
+
+    # -- learning ----------------------------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def update(self, batch: Batch) -> dict:
+        d = self.d
+        b = to_tensors(batch, self.device)
+        with torch.no_grad():
+            q_next_t = self.target(b["next_obs"])
+            q_next_o = self.online(b["next_obs"]) if d["double"] else None
+            y = td_target(b["returns"], b["discounts"], q_next_t, q_next_o)
+        self.online.zero_grad_()
+        loss, td, q = td_loss(self.online(b["obs"]), b["actions"], y, b["weights"], d["huber_delta"])
+        loss.backward()
+        self.step_optimizer()
+        return {"loss": float(loss.detach()), "q": float(q.mean()), "td_abs": td.abs().cpu().numpy()}
+
+    def step_optimizer(self) -> None:
+        """Allreduce-average the gradients, clip, Adam, maybe sync the target."""
+        self.sync()
+        if self.d["max_grad_norm"] > 0:
+            g = self.online.flat.grad
+            norm = torch.linalg.vector_norm(g)
+            g.mul_(torch.clamp(self.d["max_grad_norm"] / (norm + 1e-6), max=1.0))
+        self.opt.step()
+        self.updates += 1
+        if self.updates % self.d["target_update_every"] == 0:
+            self.sync_target()
+
+    @torch.no_grad()
+    def sync_target(self) -> None:
+        tau = self.d["tau"]
+        if tau >= 1.0:
+            self.target.flat.data.copy_(self.online.flat.data)
+        else:
+            self.target.flat.data.lerp_(self.online.flat.data, tau)
+
+    # -- what the training loop asks every learner ---------------------------------------------
+    def check_consistency(self) -> None:
+        check_consistent(self.online.checksum(), self.dp_comm)
+
+    def sync_seconds(self) -> float:
+        return self.sync.seconds
+
+    def gather_online(self) -> np.ndarray:
+        return self.online.numpy_data().copy()
+
+    def evaluate(self, run):
+        """Run ``run(policy)`` on replica 0 (other replicas return None)."""
+        return run(self.greedy) if self.dp_comm.Get_rank() == 0 else None
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        st = self.opt.state.get(self.online.flat, {})
+        out = {"online": self.online.numpy_data().copy(), "target": self.target.numpy_data().copy()}
+        if st:
+            out["adam_exp_avg"] = st["exp_avg"].cpu().numpy().copy()
+            out["adam_exp_avg_sq"] = st["exp_avg_sq"].cpu().numpy().copy()
+            out["adam_step"] = np.array([float(st["step"])], dtype=np.float64)
+        return out
+
+
+def make_adam(flat: torch.nn.Parameter, d: dict) -> torch.optim.Adam:
+    """Adam on one flat parameter; the fused kernel where torch has it for this device."""
+    try:
+        return torch.optim.Adam([flat], lr=d["lr"], eps=d["adam_eps"], fused=True)
+    except (RuntimeError, TypeError):  # pragma: no cover - older torch / unsupported device
+        return torch.optim.Adam([flat], lr=d["lr"], eps=d["adam_eps"], foreach=False)
+
+
+def _clone(m):
+    import copy
+
+    return copy.deepcopy(m)

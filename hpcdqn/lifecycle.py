@@ -1,0 +1,75 @@
+"""Job lifecycle: an exception on any rank ends the whole job promptly with that rank's traceback;
+SIGINT/SIGTERM/SIGUSR1 ask every rank to stop (or checkpoint) at the next agreed point."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+
+_stop = {"signal": 0}
+
+
+def install_signal_handlers() -> None:
+    def handler(signum, frame):
+        if _stop["signal"] == signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        _stop["signal"] = signum
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        try:
+            signal.signal(s, handler)
+        except (ValueError, OSError):  # not the main thread
+            pass
+
+
+def pending_signal() -> int:
+    return _stop["signal"]
+
+
+def clear_signal() -> None:
+    _stop["signal"] = 0
+
+
+def agree_signal(comm) -> int:
+    """Collective: the highest-priority signal any rank saw (SIGTERM/INT > USR1 > none)."""
+    from mpi4py import MPI
+
+    rank_order = {0: 0, int(signal.SIGUSR1): 1, int(signal.SIGINT): 2, int(signal.SIGTERM): 3}
+    mine = rank_order.get(int(_stop["signal"]), 0)
+    agreed = comm.allreduce(mine, op=MPI.MAX) if comm.Get_size() > 1 else mine
+    return {v: k for k, v in rank_order.items()}[agreed]
+
+
+def world_size_hint() -> int:
+    for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(k, "").isdigit():
+            return int(os.environ[k])
+    return 1
+
+
+def abort_on_exception(fn, *args, **kwargs):
+    """Run fn; if it raises on this rank, print the traceback tagged with the rank and abort
+    every rank of the job (MPI_Abort) so nobody waits forever in a collective."""
+    try:
+        return fn(*args, **kwargs)
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - we re-raise or abort
+        try:
+            from mpi4py import MPI
+
+            size, rank = MPI.COMM_WORLD.Get_size(), MPI.COMM_WORLD.Get_rank()
+        except Exception:  # pragma: no cover
+            size, rank = 1, 0
+        if size == 1:
+            raise
+        tb = traceback.format_exc()
+        tag = f"[hpcdqn rank {rank}/{size}]"
+        sys.stderr.write("".join(f"{tag} {line}\n" for line in tb.rstrip().splitlines()))
+        sys.stderr.write(f"{tag} aborting all {size} ranks because rank {rank} raised "
+                         f"{type(e).__name__}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        MPI.COMM_WORLD.Abort(130 if isinstance(e, KeyboardInterrupt) else 1)

@@ -1,0 +1,178 @@
+"""Replay memory: a preallocated numpy ring of raw 1-step transitions, one column per vector env.
+
+Layout ``[row, env]``: each vector-env step writes one row, so each env's transitions are
+contiguous in time. That makes n-step returns a vectorized look-ahead along the row axis that
+stops at the first episode end, and keeps episodes recoverable (for export).
+
+With gymnasium's same-step autoreset, ``next_obs`` of a finished episode is the true final
+observation, never the reset one. A *termination* ends the return without bootstrapping; a
+*truncation* (time limit) ends it and bootstraps from the final observation.
+
+Rows whose n-step look-ahead would run past the newest row (the last ``n-1``) are not sampled
+until they are complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Batch:
+    obs: np.ndarray
+    actions: np.ndarray        # int64 [B]
+    returns: np.ndarray        # float32 [B]: sum_k gamma^k r_{t+k} up to n steps or episode end
+    next_obs: np.ndarray
+    discounts: np.ndarray      # float32 [B]: gamma^k if we bootstrap from next_obs, else 0
+    weights: np.ndarray        # float32 [B]: importance weights (ones when uniform)
+    indices: np.ndarray        # int64 [B]: flat leaf indices, for priority updates
+
+
+class SumTree:
+    """Array sum tree over ``size`` leaves; vectorized update and stratified prefix-sum search."""
+
+    def __init__(self, size: int):
+        self.leaves = 1 << max(0, int(size - 1).bit_length())
+        self.tree = np.zeros(2 * self.leaves, dtype=np.float64)
+
+    @property
+    def total(self) -> float:
+        return float(self.tree[1])
+
+    def get(self, idx: np.ndarray) -> np.ndarray:
+        return self.tree[self.leaves + np.asarray(idx)]
+
+    def set(self, idx: np.ndarray, values: np.ndarray) -> None:
+        idx = np.asarray(idx, dtype=np.int64) + self.leaves
+        self.tree[idx] = values
+        idx = np.unique(idx >> 1)
+        while idx[0] >= 1:
+            self.tree[idx] = self.tree[2 * idx] + self.tree[2 * idx + 1]
+            if idx[0] == 1:
+                break
+            idx = np.unique(idx >> 1)
+
+    def find(self, prefix: np.ndarray) -> np.ndarray:
+        """Leaf index i with cumsum[i-1] <= prefix < cumsum[i], for each prefix."""
+        u = np.array(prefix, dtype=np.float64)
+        node = np.ones(len(u), dtype=np.int64)
+        while node[0] < self.leaves:
+            left = self.tree[2 * node]
+            right = u >= left
+            u = np.where(right, u - left, u)
+            node = 2 * node + right
+        return node - self.leaves
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, obs_dtype, *,
+                 n_step: int = 1, gamma: float = 0.99, prioritized: bool = False,
+                 alpha: float = 0.6, priority_eps: float = 1e-6, seed: int = 0):
+        self.num_envs = num_envs
+        self.rows = max(capacity // num_envs, n_step + 1)
+        self.capacity = self.rows * num_envs
+        self.n_step, self.gamma = n_step, gamma
+        shape = (self.rows, num_envs)
+        self.obs = np.zeros(shape + tuple(obs_shape), dtype=obs_dtype)
+        self.next_obs = np.zeros_like(self.obs)
+        self.actions = np.zeros(shape, dtype=np.int64)
+        self.rewards = np.zeros(shape, dtype=np.float32)
+        self.terminated = np.zeros(shape, dtype=bool)
+        self.truncated = np.zeros(shape, dtype=bool)
+        self.pos = 0          # next row to write
+        self.filled = 0       # rows written so far (<= rows)
+        self.rng = np.random.default_rng(seed)
+        self.prioritized = prioritized
+        self.alpha, self.priority_eps = alpha, priority_eps
+        self.max_priority = 1.0
+        self.tree = SumTree(self.capacity) if prioritized else None
+        self._gpow = gamma ** np.arange(n_step + 1, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return self.filled * self.num_envs
+
+    @property
+    def sampleable_rows(self) -> int:
+        return max(0, self.filled - (self.n_step - 1))
+
+    def add(self, obs, actions, rewards, next_obs, terminated, truncated) -> None:
+        """One vector-env step: arrays with leading dimension num_envs."""
+        p = self.pos
+        self.obs[p] = obs
+        self.next_obs[p] = next_obs
+        self.actions[p] = actions
+        self.rewards[p] = rewards
+        self.terminated[p] = terminated
+        self.truncated[p] = truncated
+        self.pos = (p + 1) % self.rows
+        self.filled = min(self.filled + 1, self.rows)
+        if self.tree is not None:
+            envs = np.arange(self.num_envs)
+            if self.n_step > 1:  # row p is not complete yet; row p-(n-1) just became complete
+                self.tree.set(p * self.num_envs + envs, np.zeros(self.num_envs))
+            q = (p - (self.n_step - 1)) % self.rows
+            if self.filled >= self.n_step:
+                self.tree.set(q * self.num_envs + envs, np.full(self.num_envs, self.max_priority))
+
+    # -- sampling ---------------------------------------------------------------------------
+    def _oldest_row(self) -> int:
+        return self.pos if self.filled == self.rows else 0
+
+    def sample(self, batch_size: int, beta: float = 0.4) -> Batch:
+        n_rows = self.sampleable_rows
+        if n_rows <= 0:
+            raise RuntimeError("replay buffer has no complete transition to sample yet")
+        if self.tree is None:
+            k = self.rng.integers(0, n_rows, size=batch_size)
+            rows = (self._oldest_row() + k) % self.rows
+            envs = self.rng.integers(0, self.num_envs, size=batch_size)
+            idx = rows * self.num_envs + envs
+            weights = np.ones(batch_size, dtype=np.float32)
+        else:
+            total = self.tree.total
+            seg = total / batch_size
+            prefix = (np.arange(batch_size) + self.rng.random(batch_size)) * seg
+            idx = self.tree.find(np.minimum(prefix, np.nextafter(total, 0)))
+            p = self.tree.get(idx)
+            # guard against float round-off landing on an empty leaf
+            bad = p <= 0
+            if bad.any():
+                idx[bad] = idx[~bad][0] if (~bad).any() else self.tree.find(np.array([0.0]))[0]
+                p = self.tree.get(idx)
+            n_valid = n_rows * self.num_envs
+            w = (n_valid * p / total) ** (-beta)
+            weights = (w / w.max()).astype(np.float32)
+        return self._gather(idx, weights)
+
+    def _gather(self, idx: np.ndarray, weights: np.ndarray) -> Batch:
+        rows, envs = np.divmod(idx, self.num_envs)
+        n = self.n_step
+        if n == 1:
+            term = self.terminated[rows, envs]
+            return Batch(self.obs[rows, envs], self.actions[rows, envs],
+                         self.rewards[rows, envs].copy(), self.next_obs[rows, envs],
+                         np.where(term, 0.0, self.gamma).astype(np.float32), weights, idx)
+        rk = (rows[:, None] + np.arange(n)) % self.rows                  # [B, n]
+        ek = envs[:, None]
+        r = self.rewards[rk, ek].astype(np.float64)
+        done = self.terminated[rk, ek] | self.truncated[rk, ek]
+        # alive[:, k]: step k is still inside the episode that started at row t
+        alive = np.ones_like(done)
+        alive[:, 1:] = np.cumprod(~done[:, :-1], axis=1).astype(bool)
+        ret = (r * self._gpow[:n] * alive).sum(axis=1)
+        steps = alive.sum(axis=1)                                         # 1..n
+        last = rk[np.arange(len(idx)), steps - 1]
+        term = self.terminated[last, envs]
+        disc = np.where(term, 0.0, self._gpow[steps])
+        return Batch(self.obs[rows, envs], self.actions[rows, envs], ret.astype(np.float32),
+                     self.next_obs[last, envs], disc.astype(np.float32), weights, idx)
+
+    def update_priorities(self, idx: np.ndarray, td_abs: np.ndarray) -> None:
+        if self.tree is None:
+            return
+        pr = (np.abs(td_abs).astype(np.float64) + self.priority_eps) ** self.alpha
+        # a duplicate index takes its last value; the tree stays consistent either way
+        self.tree.set(idx, pr)
+        self.max_priority = max(self.max_priority, float(pr.max()))

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# hpcdqn quick start: every command sets itself up first (idempotent, cached).
+#   ./quickstart.sh train [hpcdqn train args...]   train the default job (CartPole-v1)
+#   ./quickstart.sh test  [pytest args...]         run the whole test suite
+#   ./quickstart.sh setup                          only set up (.venv with MPI-enabled h5py)
+#   ./quickstart.sh run CMD...                     run CMD inside the set-up environment
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="${HPCDQN_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+log() { printf '[hpcdqn setup] %s\n' "$*" >&2; }
+
+need_root_apt() {
+  # System MPI + parallel HDF5. On a cluster, `module load` puts mpicc on PATH
+  # (and sets HDF5_DIR): we honour those and install nothing.
+  local pkgs=()
+  command -v mpicc >/dev/null 2>&1 || pkgs+=(openmpi-bin libopenmpi-dev)
+  command -v mpirun >/dev/null 2>&1 || pkgs+=(openmpi-bin)
+  if [ -z "${HDF5_DIR:-}" ]; then
+    command -v pkg-config >/dev/null 2>&1 || pkgs+=(pkg-config)
+    if ! pkg-config --exists hdf5-openmpi 2>/dev/null && ! pkg-config --exists hdf5-mpich 2>/dev/null; then
+      pkgs+=(libhdf5-openmpi-dev pkg-config)
+    fi
+  fi
+  [ ${#pkgs[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "hpcdqn setup: missing system packages: ${pkgs[*]}." >&2
+    echo "  On Debian/Ubuntu run as root: apt-get install ${pkgs[*]}" >&2
+    echo "  On a cluster: module load an MPI and a parallel HDF5 (mpicc on PATH, HDF5_DIR set)." >&2
+    exit 1
+  fi
+  log "apt-get install ${pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+}
+
+find_python() {
+  for p in "${HPCDQN_PYTHON:-}" python3.11 python3; do
+    [ -n "$p" ] && command -v "$p" >/dev/null 2>&1 && "$p" -c 'import sys; sys.exit(sys.version_info < (3, 10))' && { echo "$p"; return; }
+  done
+  echo "hpcdqn setup: need Python >= 3.10 (set HPCDQN_PYTHON=/path/to/python)" >&2; exit 1
+}
+
+setup() {
+  need_root_apt
+  local stamp="$VENV/.hpcdqn-stamp"
+  local want
+  want="$(cat constraints.txt pyproject.toml "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
+  if [ -x "$PY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0   # fast path: nothing changed since the last set-up
+  fi
+  if [ ! -x "$PY" ]; then
+    log "creating virtualenv $VENV"
+    "$(find_python)" -m venv "$VENV"
+  fi
+  local pip=("$PY" -m pip install -q --disable-pip-version-check -c constraints.txt)
+  log "installing python dependencies (pinned in constraints.txt)"
+  "${pip[@]}" --upgrade pip setuptools wheel
+  "${pip[@]}" numpy mpi4py "cython>=3" pkgconfig torch gymnasium tqdm tensorboardX matplotlib pytest pytest-timeout
+  if ! "$PY" -c 'import h5py, sys; sys.exit(0 if h5py.get_config().mpi else 1)' 2>/dev/null; then
+    log "building h5py against parallel HDF5 (about 2 minutes, cached afterwards)"
+    "$PY" -m pip uninstall -q -y h5py 2>/dev/null || true
+    local pcname=hdf5-openmpi
+    pkg-config --exists hdf5-openmpi 2>/dev/null || { pkg-config --exists hdf5-mpich 2>/dev/null && pcname=hdf5-mpich; }
+    local envs=(HDF5_MPI=ON CC="${CC:-mpicc}")
+    if [ -n "${HDF5_DIR:-}" ]; then envs+=(HDF5_DIR="$HDF5_DIR"); else envs+=(HDF5_PKGCONFIG_NAME="$pcname"); fi
+    # --no-build-isolation: otherwise pip compiles its own mpi4py in the build env (>20 GB RAM).
+    env "${envs[@]}" "${pip[@]}" --no-build-isolation --no-binary=h5py h5py
+  fi
+  "${pip[@]}" --no-deps --no-build-isolation -e .
+  "$PY" -c 'import h5py; assert h5py.get_config().mpi, "h5py has no MPI"'
+  echo "$want" > "$stamp"
+  log "ready: $VENV"
+}
+
+mpi_env() {
+  # Open MPI refuses to run as root unless told; tests and benchmarks oversubscribe 2 cores.
+  if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+  export OMPI_MCA_rmaps_base_oversubscribe="${OMPI_MCA_rmaps_base_oversubscribe:-1}"
+  export PATH="$VENV/bin:$PATH"
+}
+
+cmd="${1:-}"; [ $# -gt 0 ] && shift
+case "$cmd" in
+  setup) setup ;;
+  train) setup; mpi_env; exec "$VENV/bin/hpcdqn" train "$@" ;;
+  test)  setup; mpi_env; exec "$PY" -m pytest -q "$@" tests ;;
+  run)   setup; mpi_env; exec "$@" ;;
+  *) sed -n '2,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

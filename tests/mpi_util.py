@@ -1,0 +1,50 @@
+"""Launch real MPI jobs from tests, with a timeout so a deadlock fails instead of hanging CI."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+def mpi_env(extra=None):
+    env = dict(os.environ)
+    env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONUNBUFFERED": "1",
+                "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+                "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
+    env.update(extra or {})
+    return env
+
+
+def mpirun_cmd(n):
+    exe = shutil.which("mpirun") or shutil.which("mpiexec")
+    assert exe, "mpirun not found: run ./quickstart.sh setup"
+    return [exe, "-n", str(n), "--oversubscribe", "--bind-to", "none"]
+
+
+def run_mpi(n, args, timeout=300, cwd=None, env=None, check=True):
+    """mpirun -n N python ARGS...; kills the whole process group on timeout."""
+    cmd = mpirun_cmd(n) + [sys.executable, *map(str, args)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=cwd or ROOT, env=mpi_env(env), start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"MPI job timed out after {timeout}s (deadlock?)\n{cmd}\n"
+                             f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    r = subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    if check and r.returncode != 0:
+        raise AssertionError(f"MPI job failed ({r.returncode}): {cmd}\nstdout:\n{out[-3000:]}"
+                             f"\nstderr:\n{err[-5000:]}")
+    return r
+
+
+def hpcdqn(n, args, **kw):
+    return run_mpi(n, ["-m", "hpcdqn.cli", *args], **kw)

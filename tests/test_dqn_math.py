@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+import torch
+
+from hpcdqn.config import load_config
+from hpcdqn.dqn import epsilon_at, td_loss, td_target
+
+
+def test_double_dqn_target_uses_online_argmax_and_target_values():
+    returns = torch.tensor([1.0, 2.0])
+    disc = torch.tensor([0.9, 0.0])
+    q_next_target = torch.tensor([[10.0, 20.0, 30.0], [5.0, 6.0, 7.0]])
+    q_next_online = torch.tensor([[3.0, 1.0, 0.0], [0.0, 9.0, 1.0]])
+    y_double = td_target(returns, disc, q_next_target, q_next_online)
+    # online picks action 0 for row 0 -> target value 10
+    assert torch.allclose(y_double, torch.tensor([1.0 + 0.9 * 10.0, 2.0]))
+    y_plain = td_target(returns, disc, q_next_target)
+    assert torch.allclose(y_plain, torch.tensor([1.0 + 0.9 * 30.0, 2.0]))
+
+
+def test_td_loss_is_weighted_huber():
+    q_all = torch.tensor([[0.0, 3.0], [1.0, 0.0]], requires_grad=True)
+    actions = torch.tensor([1, 0])
+    target = torch.tensor([0.5, 1.2])
+    w = torch.tensor([1.0, 0.5])
+    loss, td, q = td_loss(q_all, actions, target, w, huber_delta=1.0)
+    # row 0: |3-0.5| = 2.5 > 1 -> 2.5 - 0.5 = 2.0 ; row 1: 0.5 * 0.2^2 = 0.02, weighted 0.5
+    assert loss.item() == pytest.approx((2.0 + 0.5 * 0.02) / 2)
+    assert td.tolist() == pytest.approx([2.5, -0.2])
+
+
+def test_epsilon_schedule_linear_then_flat_and_ladder():
+    d = load_config(overrides=["dqn.epsilon_start=1.0", "dqn.epsilon_end=0.1",
+                               "dqn.exploration_fraction=0.5"])["dqn"]
+    T = 1000
+    assert epsilon_at(d, T, 0) == pytest.approx(1.0)
+    assert epsilon_at(d, T, 250) == pytest.approx(0.55)
+    assert epsilon_at(d, T, 500) == pytest.approx(0.1)
+    assert epsilon_at(d, T, 999) == pytest.approx(0.1)
+    # Ape-X ladder: rank 0 keeps the base value, higher ranks explore less
+    e = [epsilon_at(d, T, 250, r, 4, ladder=True) for r in range(4)]
+    assert e[0] == pytest.approx(0.55) and e[3] == pytest.approx(0.55 ** 8)
+    assert all(a > b for a, b in zip(e, e[1:]))
