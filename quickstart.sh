@@ -36,6 +36,37 @@ need_root_apt() {
   apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
 }
 
+need_slurm() {
+  # The Slurm tests (tests/test_slurm.py) start a private one-node cluster: slurmctld, slurmd and
+  # munged from these packages. Installed when missing and we can (root + apt); otherwise those
+  # tests skip. Fast when already installed: only `command -v` checks.
+  local b missing=0
+  for b in slurmctld slurmd sbatch srun scontrol munged; do
+    command -v "$b" >/dev/null 2>&1 || [ -x "/usr/sbin/$b" ] || missing=1
+  done
+  [ "$missing" = 0 ] && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    log "Slurm not installed (apt-get install slurmctld slurmd slurm-client munge): Slurm tests will skip"
+    return 0
+  fi
+  log "apt-get install slurmctld slurmd slurm-client munge (for the Slurm tests)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null 2>&1 || {
+    apt-get update -qq >/dev/null 2>&1 || true
+    apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null ||
+      log "could not install Slurm: Slurm tests will skip"
+  }
+}
+
+quiet_pip() {
+  # Run pip quietly: its output (warnings from local wheel folders in pip configs, setuptools
+  # deprecation notes) is shown only when it fails.
+  local out rc=0
+  out="$("$@" 2>&1)" || rc=$?
+  if [ "$rc" != 0 ]; then printf '%s\n' "$out" >&2; fi
+  return "$rc"
+}
+
 find_python() {
   for p in "${HPCDQN_PYTHON:-}" python3.11 python3; do
     [ -n "$p" ] && command -v "$p" >/dev/null 2>&1 && "$p" -c 'import sys; sys.exit(sys.version_info < (3, 10))' && { echo "$p"; return; }
@@ -55,10 +86,12 @@ setup() {
     log "creating virtualenv $VENV"
     "$(find_python)" -m venv "$VENV"
   fi
-  local pip=("$PY" -m pip install -q --disable-pip-version-check -c constraints.txt)
+  local pip=(quiet_pip "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt)
   log "installing python dependencies (pinned in constraints.txt)"
   "${pip[@]}" --upgrade pip setuptools wheel
-  "${pip[@]}" numpy mpi4py "cython>=3" pkgconfig torch gymnasium tqdm tensorboardX matplotlib pytest pytest-timeout
+  # runtime, tests (pytest, minari), Atari (ale-py, opencv), benchmark peer (stable-baselines3)
+  "${pip[@]}" numpy mpi4py "cython>=3" pkgconfig torch gymnasium tqdm tensorboardX matplotlib \
+    pytest pytest-timeout minari ale-py opencv-python-headless stable-baselines3
   if ! "$PY" -c 'import h5py, sys; sys.exit(0 if h5py.get_config().mpi else 1)' 2>/dev/null; then
     log "building h5py against parallel HDF5 (about 2 minutes, cached afterwards)"
     "$PY" -m pip uninstall -q -y h5py 2>/dev/null || true
@@ -79,6 +112,8 @@ mpi_env() {
   # Open MPI refuses to run as root unless told; tests and benchmarks oversubscribe 2 cores.
   if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
   export OMPI_MCA_rmaps_base_oversubscribe="${OMPI_MCA_rmaps_base_oversubscribe:-1}"
+  # mpirun's grace between forwarding SIGTERM (Ctrl-C) and SIGKILL: time to checkpoint and exit.
+  export OMPI_MCA_odls_base_sigkill_timeout="${OMPI_MCA_odls_base_sigkill_timeout:-10}"
   export PATH="$VENV/bin:$PATH"
 }
 
@@ -86,7 +121,7 @@ cmd="${1:-}"; [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
   train) setup; mpi_env; exec "$VENV/bin/hpcdqn" train "$@" ;;
-  test)  setup; mpi_env; exec "$PY" -m pytest -q "$@" tests ;;
+  test)  setup; need_slurm; mpi_env; exec "$PY" -m pytest -q "$@" tests ;;
   run)   setup; mpi_env; exec "$@" ;;
   *) sed -n '2,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

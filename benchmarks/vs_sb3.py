@@ -41,7 +41,7 @@ def hpcdqn_overrides(steps, seed, run_dir):
             "dqn.tau=1.0", "dqn.double=false", "dqn.n_step=1", "dqn.max_grad_norm=10",
             "dqn.huber_delta=1.0", "dqn.epsilon_start=1.0", f"dqn.epsilon_end={ZOO['final_eps']}",
             f"dqn.exploration_fraction={ZOO['exploration_fraction']}", "replay.prioritized=false",
-            "num_envs=1", "eval.episodes=100", "eval.num_envs=10",
+            "num_envs=1", "eval.episodes=100", "eval.num_envs=10", "checkpoint=false",
             "log.progress=false", "log.tensorboard=false"]
 
 

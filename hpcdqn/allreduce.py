@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
 from .flat import FlatModule
 from .grid import mpi
@@ -23,7 +24,7 @@ class GradSync:
     def __init__(self, module: FlatModule, comm, bucket_mb: float = 25.0, overlap: bool = False):
         self.module, self.comm = module, comm
         self.size = comm.Get_size()
-        self.overlap = overlap and self.size > 1
+        self.overlap = overlap and self.size > 1 and not module.flat.is_cuda
         self.seconds = 0.0           # time spent inside MPI reductions (for the allreduce share)
         self.calls = 0
         cap = max(1, int(bucket_mb * 2**20 / 4))
@@ -52,6 +53,11 @@ class GradSync:
             MPI.Request.Waitall(self._requests)
             self._requests = []
             self._reset_pending()
+        elif g.is_cuda:   # MPI without CUDA awareness: stage through host memory
+            host = g.detach().cpu().numpy()
+            for a, b in self.buckets:
+                self.comm.Allreduce(MPI.IN_PLACE, [host[a:b], MPI.FLOAT], op=MPI.SUM)
+            g.copy_(torch.from_numpy(host))
         else:
             buf = g.detach().numpy()
             for a, b in self.buckets:
@@ -90,7 +96,10 @@ def broadcast_params(module: FlatModule, comm, root: int = 0) -> None:
     """Every replica starts from root's parameters, whatever its seed."""
     if comm.Get_size() > 1:
         MPI = mpi()
-        comm.Bcast([module.flat.data.detach().numpy(), MPI.FLOAT], root=root)
+        host = module.flat.data.detach().cpu().numpy()
+        comm.Bcast([host, MPI.FLOAT], root=root)
+        if module.flat.is_cuda:
+            module.flat.data.copy_(torch.from_numpy(host))
 
 
 def check_consistent(value: float, comm, what: str = "parameters") -> None:

@@ -1,8 +1,11 @@
-"""Command line: ``hpcdqn train|eval|info``.
+"""Command line: ``hpcdqn train|eval|info|scale``.
 
     hpcdqn train [--config FILE] [KEY=VALUE ...]
     mpirun -n 4 hpcdqn train pp=2 micro_batches=8 schedule=1f1b
+    hpcdqn scale --ranks 1,2,4 --mode weak --out DIR [--repeats R] [KEY=VALUE ...]
+    mpirun -n 2 hpcdqn train --resume RUN_DIR [KEY=VALUE ...]   (another layout: reshard)
     hpcdqn eval RUN_DIR [--episodes N]
+    hpcdqn export RUN_DIR_OR_CHECKPOINT --format minari OUT_DIR
     hpcdqn info
 """
 
@@ -13,29 +16,51 @@ import json
 import os
 import sys
 
+# `hpcdqn train` exit status when a SIGUSR1 (Slurm's --signal=B:USR1@T warning, preemption) stopped
+# training and a checkpoint was written: "checkpointed, requeue me" (slurm/train.sbatch requeues).
+EXIT_CHECKPOINTED = 3
+
 
 def _cmd_train(args) -> int:
-    from .config import ConfigError, load_config
+    from .lifecycle import install_signal_handlers
+
+    install_signal_handlers()   # before the slow imports: an early USR1/TERM must not kill a rank
+    from .config import load_config
+    from .lifecycle import abort_on_exception, is_user_error, user_error_kind
 
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"hpcdqn train: config error: {e}", file=sys.stderr)
-        return 2
-    from .grid import LayoutError
-    from .lifecycle import abort_on_exception
-    from .train import train
+        if args.resume:
+            if args.config:
+                print("hpcdqn train: --config is ignored with --resume (the checkpoint holds the "
+                      "config; pass KEY=VALUE overrides)", file=sys.stderr)
+            from .checkpoint import resume_config
 
-    try:
-        summary = abort_on_exception(train, cfg)
-    except LayoutError as e:
-        print(f"hpcdqn train: layout error: {e}", file=sys.stderr)
+            cfg = resume_config(args.resume, args.overrides)
+        else:
+            cfg = load_config(args.config, args.overrides)
+        from .train import train
+
+        summary = abort_on_exception(train, cfg, resume=args.resume)
+    except Exception as e:   # one process: a user error is a message, anything else a traceback
+        if not is_user_error(e):
+            raise
+        print(f"hpcdqn train: {user_error_kind(e)} error: {e}", file=sys.stderr)
         return 2
     from mpi4py import MPI
 
     if MPI.COMM_WORLD.Get_rank() == 0:
         print(json.dumps(summary), flush=True)
+    import signal
+
+    if summary.get("stopped_by_signal") == int(signal.SIGUSR1) and summary.get("checkpoints"):
+        return EXIT_CHECKPOINTED
     return 0
+
+
+def _cmd_scale(args) -> int:
+    from .scale import main_cli
+
+    return main_cli(args)
 
 
 def _cmd_eval(args) -> int:
@@ -66,6 +91,22 @@ def _cmd_eval(args) -> int:
     res = evaluate(policy, args.env_id or cfg["env_id"], episodes, n_envs,
                    args.seed if args.seed is not None else cfg["seed"] + 10_000_000, args.epsilon)
     res["run_dir"] = str(run)
+    print(json.dumps(res))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .checkpoint import CheckpointError
+    from .export import export_minari
+
+    if args.format != "minari":
+        print(f"hpcdqn export: unknown format {args.format!r} (supported: minari)", file=sys.stderr)
+        return 2
+    try:
+        res = export_minari(args.source, args.out_dir, dataset_id=args.dataset_id)
+    except (CheckpointError, FileExistsError, ValueError) as e:
+        print(f"hpcdqn export: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(res))
     return 0
 
@@ -104,9 +145,39 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--env-id", default=None, help="evaluate on another env id (same spaces)")
     e.set_defaults(fn=_cmd_eval)
 
+    x = sub.add_parser("export", help="write a checkpoint's replay as an offline-RL dataset")
+    x.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run directory (its newest valid checkpoint) or a checkpoint file")
+    x.add_argument("--format", default="minari", choices=["minari"])
+    x.add_argument("out_dir", metavar="OUT_DIR", help="dataset directory (created; must not exist)")
+    x.add_argument("--dataset-id", default=None,
+                   help="Minari dataset id (default: hpcdqn/<OUT_DIR name>[-v0]); to load it with "
+                        "minari.load_dataset(ID), export to $MINARI_DATASETS_PATH/ID")
+    x.set_defaults(fn=_cmd_export)
+
     i = sub.add_parser("info", help="versions, MPI and HDF5 capabilities, world size, device")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_info)
+
+    s = sub.add_parser("scale", help="weak/strong scaling study: CSV, PNG and an allreduce cost model",
+                       description="Runs short trainings over rank counts (mpirun, or srun inside a "
+                                   "Slurm allocation), repeats each point, writes scaling.csv, "
+                                   "scaling.png, allreduce.csv and prediction.csv/json (a fitted "
+                                   "allreduce cost model, labelled as a prediction).")
+    s.add_argument("--ranks", help="comma separated rank counts, e.g. 1,2,4")
+    s.add_argument("--mode", choices=["weak", "strong"], default="weak",
+                   help="weak: total_steps is per replica (scaled by dp); strong: fixed total_steps")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--repeats", type=int, default=1, help="runs per rank count")
+    s.add_argument("--config", help="TOML config file for the runs")
+    s.add_argument("--launcher", choices=["auto", "mpirun", "srun"], default="auto",
+                   help="auto: srun inside a Slurm allocation (SLURM_JOB_ID set), else mpirun")
+    s.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    s.add_argument("--no-bench", action="store_true", help="skip the allreduce microbenchmark")
+    s.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="combine finished studies (their scaling.csv/allreduce.csv) into --out")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    s.set_defaults(fn=_cmd_scale)
 
     if argv is None:
         argv = sys.argv[1:]
@@ -115,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
 
         t.description += describe()
     args = p.parse_args(argv)
-    if getattr(args, "resume", None):
-        args.overrides = list(args.overrides)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return args.fn(args)
 

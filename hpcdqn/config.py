@@ -78,6 +78,9 @@ SCHEMA: dict[str, Any] = {
     # checkpoints
     "checkpoint_every": Key(0, int, "env steps between checkpoints (0: only at the end)", _nonneg),
     "keep_last": Key(3, int, "checkpoints kept", _pos),
+    "checkpoint": Key(True, bool, "write checkpoints at all (false: none, e.g. for benchmarks)"),
+    "stop_after": Key(0, int, "stop (with a checkpoint) after this many env steps without changing "
+                              "any schedule; resume later with --resume (0: run to total_steps)", _nonneg),
     "network": {
         "hidden": Key([256, 256], list, "MLP hidden widths (also the CNN's dense layer)", _widths),
         "dueling": Key(False, bool, "dueling head: Q = V + A - mean(A)"),
@@ -86,7 +89,7 @@ SCHEMA: dict[str, Any] = {
     "dqn": {
         "gamma": Key(0.99, float, "discount", _unit),
         "lr": Key(2.3e-3, float, "Adam learning rate", _pos),
-        "lr_final_fraction": Key(1.0, float, "lr decays linearly to lr * this at the end", _unit),
+        "lr_final_fraction": Key(0.1, float, "lr decays linearly to lr * this at the end", _unit),
         "adam_eps": Key(1e-8, float, "Adam epsilon", _pos),
         "batch_size": Key(64, int, "minibatch size PER DATA-PARALLEL RANK", _pos),
         "buffer_size": Key(100_000, int, "replay capacity PER DATA-PARALLEL RANK (transitions)", _pos),
@@ -96,7 +99,7 @@ SCHEMA: dict[str, Any] = {
         "target_update_every": Key(128, int, "updates between target syncs", _pos),
         "tau": Key(1.0, float, "target sync: 1 = hard copy, < 1 = Polyak averaging", _unit_open),
         "double": Key(True, bool, "double DQN target"),
-        "n_step": Key(1, int, "n-step returns", _pos),
+        "n_step": Key(3, int, "n-step returns", _pos),
         "huber_delta": Key(1.0, float, "Huber loss threshold", _pos),
         "max_grad_norm": Key(10.0, float, "gradient norm clip (0: off)", _nonneg),
         "epsilon_start": Key(1.0, float, "initial exploration epsilon", _unit),
@@ -257,6 +260,12 @@ def validate(cfg: dict) -> None:
             f"eval.episodes={cfg['eval']['episodes']} must be a multiple of eval.num_envs="
             f"{cfg['eval']['num_envs']} (each env runs the same number of episodes, so short "
             "episodes are not over-counted)")
+    first_rows = d["learning_starts"] // cfg["num_envs"] + max(1, d["train_frequency"] // cfg["num_envs"])
+    if first_rows < d["n_step"]:
+        raise ConfigError(
+            f"dqn.learning_starts={d['learning_starts']} is too small for dqn.n_step={d['n_step']}: "
+            f"the first update needs {d['n_step']} env steps per env in replay; set "
+            f"dqn.learning_starts >= {d['n_step'] * cfg['num_envs']}")
     dev = cfg["device"]
     if not (dev in ("cpu", "auto", "cuda") or dev.startswith("cuda:")):
         raise ConfigError(f"device={dev!r}: use cpu, cuda, cuda:N or auto")

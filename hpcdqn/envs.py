@@ -6,6 +6,10 @@ import gymnasium as gym
 import numpy as np
 
 
+class EnvError(ValueError):
+    """The environment id is unknown or its spaces do not fit DQN."""
+
+
 def is_atari(env_id: str) -> bool:
     return env_id.startswith("ALE/") or "NoFrameskip" in env_id
 
@@ -40,7 +44,7 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, kind: str = "sync") -
         gym.spec(env_id)
     except gym.error.Error as e:
         if not is_atari(env_id):
-            raise ValueError(f"env_id={env_id!r} is not a registered gymnasium environment: {e}") from None
+            raise EnvError(f"env_id={env_id!r} is not a registered gymnasium environment: {e}") from None
     fns = [_make_one(env_id) for _ in range(num_envs)]
     mode = gym.vector.AutoresetMode.SAME_STEP
     if kind == "async":
@@ -49,8 +53,12 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, kind: str = "sync") -
         venv = gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
     if not isinstance(venv.single_action_space, gym.spaces.Discrete):
         venv.close()
-        raise ValueError(f"env_id={env_id!r} has action space {venv.single_action_space}; "
-                         "DQN needs a Discrete action space")
+        raise EnvError(f"env_id={env_id!r} has action space {venv.single_action_space}; "
+                       "DQN needs a Discrete action space")
+    if not isinstance(venv.single_observation_space, gym.spaces.Box):
+        venv.close()
+        raise EnvError(f"env_id={env_id!r} has observation space {venv.single_observation_space}; "
+                       "hpcdqn needs a Box (array) observation space (wrap it, e.g. one-hot)")
     venv.action_space.seed(seed)
     venv.reset(seed=seed)
     return venv

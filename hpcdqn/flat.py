@@ -35,20 +35,22 @@ class FlatModule(nn.Module):
                 self.slices.append((off, n))
                 off += n
         self._params = params
+        self._leaf_forwards = [m.forward for m in _unroll(self.net)]
 
     def forward(self, x):
-        return self.net(x)
+        # the leaf modules in order, called without nn.Module's per-call hook machinery
+        for f in self._leaf_forwards:
+            x = f(x)
+        return x
 
     @property
     def numel(self) -> int:
         return self.flat.numel()
 
     def zero_grad_(self) -> None:
+        # autograd accumulates in place into the existing .grad views, so zeroing the one flat
+        # buffer zeroes every parameter's gradient
         self.flat.grad.zero_()
-        # autograd keeps accumulating into the existing view; re-attach if something replaced it
-        for p, (off, n) in zip(self._params, self.slices):
-            if p.grad is None or p.grad.data_ptr() != self.flat.grad[off:].data_ptr():
-                p.grad = self.flat.grad[off:off + n].view_as(p)
 
     def load_flat_(self, values) -> None:
         with torch.no_grad():
@@ -59,3 +61,10 @@ class FlatModule(nn.Module):
 
     def numpy_data(self) -> np.ndarray:
         return self.flat.data.detach().cpu().numpy()
+
+
+def _unroll(m: nn.Module) -> list[nn.Module]:
+    """The modules a (nested) nn.Sequential runs, in order; other modules stay whole."""
+    if isinstance(m, nn.Sequential):
+        return [leaf for child in m for leaf in _unroll(child)]
+    return [m]

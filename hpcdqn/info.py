@@ -17,6 +17,8 @@ def collect() -> dict:
     thread_levels = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
                      MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple"}
     cuda = torch.cuda.is_available()
+    from .checkpoint import io_mode
+
     h5mpi = bool(h5py.get_config().mpi)
     return {
         "hpcdqn": __version__,
@@ -31,7 +33,8 @@ def collect() -> dict:
         "mpi_thread_level": thread_levels.get(MPI.Query_thread(), str(MPI.Query_thread())),
         "hdf5": h5py.version.hdf5_version,
         "h5py_mpi": h5mpi,
-        "checkpoint_io": "parallel (mpio, collective)" if h5mpi else "serial through rank 0",
+        "checkpoint_io": "parallel (mpio, collective)" if io_mode() == "parallel"
+        else "serial through rank 0",
         "world_size": MPI.COMM_WORLD.Get_size(),
         "rank": MPI.COMM_WORLD.Get_rank(),
         "torch_device": f"cuda ({torch.cuda.get_device_name(0)})" if cuda else "cpu",

@@ -8,6 +8,8 @@ import signal
 import sys
 import traceback
 
+import numpy as np
+
 _stop = {"signal": 0}
 
 
@@ -24,29 +26,31 @@ def install_signal_handlers() -> None:
             pass
 
 
-def pending_signal() -> int:
-    return _stop["signal"]
-
-
-def clear_signal() -> None:
-    _stop["signal"] = 0
-
-
 def agree_signal(comm) -> int:
     """Collective: the highest-priority signal any rank saw (SIGTERM/INT > USR1 > none)."""
     from mpi4py import MPI
 
     rank_order = {0: 0, int(signal.SIGUSR1): 1, int(signal.SIGINT): 2, int(signal.SIGTERM): 3}
-    mine = rank_order.get(int(_stop["signal"]), 0)
-    agreed = comm.allreduce(mine, op=MPI.MAX) if comm.Get_size() > 1 else mine
-    return {v: k for k, v in rank_order.items()}[agreed]
+    mine = np.array([rank_order.get(int(_stop["signal"]), 0)], dtype=np.int32)
+    if comm.Get_size() > 1:
+        comm.Allreduce(MPI.IN_PLACE, mine, op=MPI.MAX)
+    return {v: k for k, v in rank_order.items()}[int(mine[0])]
 
 
-def world_size_hint() -> int:
-    for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(k, "").isdigit():
-            return int(os.environ[k])
-    return 1
+USER_ERRORS = ("ConfigError", "LayoutError", "CheckpointError", "EnvError")
+
+
+def user_error_kind(e: BaseException) -> str | None:
+    """'config', 'layout', 'checkpoint' or 'env' for errors that mean "your input is wrong"
+    (they carry a message that says what to do); None for anything else."""
+    for c in type(e).__mro__:
+        if c.__name__ in USER_ERRORS:
+            return c.__name__[:-len("Error")].lower()
+    return None
+
+
+def is_user_error(e: BaseException) -> bool:
+    return user_error_kind(e) is not None
 
 
 def abort_on_exception(fn, *args, **kwargs):
@@ -65,6 +69,10 @@ def abort_on_exception(fn, *args, **kwargs):
             size, rank = 1, 0
         if size == 1:
             raise
+        if is_user_error(e):   # a clear message, no traceback: the input is wrong, not the code
+            sys.stderr.write(f"hpcdqn train: {user_error_kind(e)} error (rank {rank}/{size}): {e}\n")
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(2)
         tb = traceback.format_exc()
         tag = f"[hpcdqn rank {rank}/{size}]"
         sys.stderr.write("".join(f"{tag} {line}\n" for line in tb.rstrip().splitlines()))

@@ -146,14 +146,27 @@ class ReplayBuffer:
             weights = (w / w.max()).astype(np.float32)
         return self._gather(idx, weights)
 
+    def sample_many(self, k: int, batch_size: int, beta: float = 0.4) -> list[Batch]:
+        """k minibatches for one training phase. Uniform: one gather of k * batch_size
+        transitions cut into views (the same distribution as k separate draws, less overhead).
+        Prioritized: k separate draws, since priorities change between updates."""
+        if self.tree is not None:
+            return [self.sample(batch_size, beta) for _ in range(k)]
+        big = self.sample(k * batch_size, beta)
+        fields = [big.obs, big.actions, big.returns, big.next_obs, big.discounts, big.weights,
+                  big.indices]
+        return [Batch(*(f[i * batch_size:(i + 1) * batch_size] for f in fields)) for i in range(k)]
+
     def _gather(self, idx: np.ndarray, weights: np.ndarray) -> Batch:
         rows, envs = np.divmod(idx, self.num_envs)
         n = self.n_step
-        if n == 1:
-            term = self.terminated[rows, envs]
-            return Batch(self.obs[rows, envs], self.actions[rows, envs],
-                         self.rewards[rows, envs].copy(), self.next_obs[rows, envs],
-                         np.where(term, 0.0, self.gamma).astype(np.float32), weights, idx)
+        if n == 1:   # one flat fancy index per array (a [row, env] pair index is ~3x slower)
+            def take(a):
+                return a.reshape(self.capacity, *a.shape[2:])[idx]
+
+            return Batch(take(self.obs), take(self.actions), take(self.rewards), take(self.next_obs),
+                         np.where(take(self.terminated), 0.0, self.gamma).astype(np.float32),
+                         weights, idx)
         rk = (rows[:, None] + np.arange(n)) % self.rows                  # [B, n]
         ek = envs[:, None]
         r = self.rewards[rk, ek].astype(np.float64)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import checkpoint as ckpt_mod
 from . import config as config_mod
 from .dqn import DQNLearner, epsilon_at, linear_schedule
 from .envs import final_next_obs, make_vector_env
@@ -35,7 +37,7 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but torch sees no CUDA device; use device=cpu")
+        raise config_mod.ConfigError(f"device={name!r} but torch sees no CUDA device; use device=cpu")
     return name
 
 
@@ -63,7 +65,8 @@ def build_learner(grid: RankGrid, layers, cfg: dict, device: str):
     return PipelineLearner(layers, cfg, grid, device)
 
 
-def train(cfg: dict, comm=None, quiet: bool = False) -> dict:
+def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) -> dict:
+    """Train; with ``resume`` (a run directory) continue from its newest valid checkpoint."""
     MPI = mpi()
     comm = comm if comm is not None else MPI.COMM_WORLD
     grid = RankGrid(comm, cfg["pp"])
@@ -109,19 +112,43 @@ def train(cfg: dict, comm=None, quiet: bool = False) -> dict:
     total_updates = n_phases * d["gradient_steps"]
     check_every = cfg["parallel"]["check_every"]
 
-    log = MetricsLogger(run_dir, root, cfg["log"]["tensorboard"], cfg["log"]["progress"] and not quiet,
-                        n_iters * steps_per_iter)
     obs = env.reset(seed=env_seed)[0] if has_envs else None
     ep_ret = np.zeros(E)
     ep_len = np.zeros(E, dtype=np.int64)
     window = {"ret": 0.0, "len": 0.0, "n": 0, "loss": 0.0, "q": 0.0, "nl": 0}
     episodes_total = 0
-    t0 = time.perf_counter()
     eps = d["epsilon_start"]
+    # -- checkpoints: schedule, and resume (replay, RNGs, envs, learner, loop counters) ----------
+    env_info = {"env_id": cfg["env_id"], "obs_shape": list(obs_space.shape),
+                "obs_dtype": np.dtype(obs_space.dtype).str, "n_actions": n_actions}
+    ckpt = ckpt_mod.Checkpointer(run_dir, cfg, grid, layers, env_info, learner, replay,
+                                 env if has_envs else None)
+    start_it, wall0 = 0, 0.0
+    if resume:
+        st = ckpt.resume(resume)
+        c = st["counters"]
+        start_it = c["iteration_next"] if st["exact"] else round(c["env_steps"] / steps_per_iter)
+        episodes_total, wall0 = int(c["episodes"]), float(c["wall_s"])
+        window = {k: type(v)(st["window"].get(k, 0)) for k, v in window.items()} \
+            if st["window"] else {k: type(v)(0) for k, v in window.items()}
+        if has_envs:
+            rng, obs, ep_ret, ep_len = st["rng"], st["obs"], st["ep_ret"], st["ep_len"]
+        if root:
+            ckpt_mod.truncate_metrics(run_dir, int(c["env_steps"]))
+            how = "exactly" if st["exact"] else "resharded (not bitwise)"
+            for w in st["warnings"]:
+                ckpt_mod.warn(w)
+            print(f"hpcdqn: resumed {how} from {st['path']} at env step {c['env_steps']}",
+                  file=sys.stderr, flush=True)
+    log = MetricsLogger(run_dir, root, cfg["log"]["tensorboard"], cfg["log"]["progress"] and not quiet,
+                        n_iters * steps_per_iter, append=bool(resume))
+    t0 = time.perf_counter() - wall0
     stopped_by = 0
-    it = 0
-    shown_steps = 0
-    for it in range(n_iters):
+    stop_after = cfg["stop_after"]
+    it = start_it - 1
+    shown_steps = start_it * steps_per_iter
+    log.progress(shown_steps)
+    for it in range(start_it, n_iters):
         global_step = it * steps_per_iter
         # -- act --------------------------------------------------------------------------------
         eps = epsilon_at(d, cfg["total_steps"], global_step, grid.dp_rank, dp, d["epsilon_ladder"])
@@ -153,8 +180,13 @@ def train(cfg: dict, comm=None, quiet: bool = False) -> dict:
             lr = linear_schedule(d["lr"], d["lr"] * d["lr_final_fraction"], 1.0, frac)
             learner.set_lr(lr)
             beta = linear_schedule(cfg["replay"]["beta_start"], cfg["replay"]["beta_end"], 1.0, frac)
-            for _ in range(d["gradient_steps"]):
-                batch = replay.sample(d["batch_size"], beta) if has_envs else None
+            uniform = has_envs and not replay.prioritized
+            batches = replay.sample_many(d["gradient_steps"], d["batch_size"], beta) if uniform else None
+            for k in range(d["gradient_steps"]):
+                if has_envs:
+                    batch = batches[k] if uniform else replay.sample(d["batch_size"], beta)
+                else:
+                    batch = None
                 out = learner.update(batch)
                 if has_envs and replay.prioritized:
                     replay.update_priorities(batch.indices, out["td_abs"])
@@ -185,13 +217,26 @@ def train(cfg: dict, comm=None, quiet: bool = False) -> dict:
             for k in window:
                 window[k] = 0.0 if isinstance(window[k], float) else 0
             stopped_by = agree_signal(comm)
-            if stopped_by:
-                break
+        # -- checkpoint: every checkpoint_every env steps, on a stop, and at the end ----------
+        steps_done = (it + 1) * steps_per_iter
+        stopping = bool(stopped_by) or (stop_after and steps_done >= stop_after)
+        if cfg["checkpoint"] and (ckpt.due(it * steps_per_iter, steps_done) or stopping
+                                  or it == n_iters - 1):
+            loop = {"rng": rng, "obs": obs, "ep_ret": ep_ret, "ep_len": ep_len, "window": window}
+            counters = {"iteration_next": it + 1, "env_steps": steps_done, "episodes": episodes_total,
+                        "epsilon": eps, "wall_s": time.perf_counter() - t0}
+            info = ckpt.save(counters, loop)
+            if root and not quiet:
+                print(f"hpcdqn: checkpoint {info['path']} ({info['bytes'] / 1e6:.1f} MB) stalled "
+                      f"training {info['seconds']:.3f} s", file=sys.stderr, flush=True)
+        if stopping:
+            break
     wall = time.perf_counter() - t0
     log.close()
     if has_envs:
         env.close()
     env_steps = (it + 1) * steps_per_iter
+    stopped_early = env_steps < n_iters * steps_per_iter
 
     # -- final model and evaluation ---------------------------------------------------------------
     flat = learner.gather_online()          # full parameter vector on world rank 0
@@ -201,9 +246,12 @@ def train(cfg: dict, comm=None, quiet: bool = False) -> dict:
                "sps": round(env_steps / wall, 1), "ups": round(learner.updates / wall, 1),
                "allreduce_share": round(learner.sync_seconds() / wall, 4),
                "world": grid.world, "dp": grid.dp, "pp": grid.pp, "run_dir": str(run_dir)}
+    summary.update(ckpt.summary(), checkpoint_io=ckpt.mode)
     if stopped_by:
         summary["stopped_by_signal"] = int(stopped_by)
-    if cfg["eval"]["episodes"] and not stopped_by:
+    elif stopped_early:
+        summary["stopped_after"] = env_steps
+    if cfg["eval"]["episodes"] and not stopped_early:
         res = learner.evaluate(lambda policy: evaluate(
             policy, cfg["env_id"], cfg["eval"]["episodes"], cfg["eval"]["num_envs"],
             cfg["seed"] + 10_000_000, cfg["eval"]["epsilon"], cfg["vector"]))
@@ -211,6 +259,10 @@ def train(cfg: dict, comm=None, quiet: bool = False) -> dict:
     summary = comm.bcast(summary if root else None, root=0)
     if root:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if not stopped_by:   # on a signal, time is short (mpirun's kill grace, Slurm's KillWait)
+            from .plots import plot_learning_curve
+
+            plot_learning_curve(run_dir)
     grid.free()
     return summary
 

@@ -41,3 +41,31 @@ def test_epsilon_schedule_linear_then_flat_and_ladder():
     e = [epsilon_at(d, T, 250, r, 4, ladder=True) for r in range(4)]
     assert e[0] == pytest.approx(0.55) and e[3] == pytest.approx(0.55 ** 8)
     assert all(a > b for a, b in zip(e, e[1:]))
+
+
+def test_adam_fast_path_is_bitwise_torch_fused_adam():
+    from hpcdqn.dqn import adam_step, make_adam
+
+    d = load_config()["dqn"]
+    torch.manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(1000))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1, o2 = make_adam(p1, d), make_adam(p2, d)
+    for i in range(20):
+        g = torch.randn(1000) * (1e-3 if i % 2 else 10.0)
+        p1.grad, p2.grad = g.clone(), g.clone()
+        o1.step()
+        adam_step(o2)
+    assert torch.equal(p1, p2)
+    assert torch.equal(o1.state[p1]["exp_avg_sq"], o2.state[p2]["exp_avg_sq"])
+    assert float(o2.state[p2]["step"]) == 20
+
+
+@pytest.mark.parametrize("obs_shape, dueling", [((4,), False), ((4,), True), ((4, 84, 84), True)])
+def test_flat_forward_equals_sequential(obs_shape, dueling):
+    from hpcdqn.flat import FlatModule
+    from hpcdqn.networks import build_layers
+
+    net = FlatModule(build_layers(obs_shape, 3, [32, 32], dueling, seed=0))
+    x = torch.rand(5, *obs_shape) * (255 if len(obs_shape) == 3 else 1)
+    assert torch.equal(net(x), net.net(x))

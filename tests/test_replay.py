@@ -128,3 +128,17 @@ def test_per_alpha_and_new_transitions_get_max_priority():
     assert buf.tree.get(np.array([0]))[0] == pytest.approx(4.0)   # 16 ** 0.5
     _add(buf, 1, [0.0])
     assert buf.tree.get(np.array([1]))[0] == pytest.approx(4.0)   # max priority so far
+
+
+def test_sample_many_cuts_one_uniform_draw_into_batches():
+    buf = ReplayBuffer(64, 2, (1,), np.float32, n_step=2, gamma=0.5, seed=0)
+    for t in range(40):
+        _add(buf, t, [1.0, 2.0], term=[t % 7 == 6, False], E=2)
+    bs = buf.sample_many(5, 16)
+    assert len(bs) == 5 and all(len(b.actions) == 16 for b in bs)
+    ref = ReplayBuffer(64, 2, (1,), np.float32, n_step=2, gamma=0.5, seed=0)
+    for t in range(40):
+        _add(ref, t, [1.0, 2.0], term=[t % 7 == 6, False], E=2)
+    big = ref.sample(80)
+    assert np.array_equal(np.concatenate([b.returns for b in bs]), big.returns)
+    assert np.array_equal(np.concatenate([b.obs for b in bs]), big.obs)
