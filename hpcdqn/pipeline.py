@@ -273,6 +273,10 @@ class PipelineLearner(DQNLearner):
             self._serve_infer(op, batch, in_shape)
 
     # -- learning ---------------------------------------------------------------------------------
+    def phase_targets(self, batches):
+        """The target forwards are pipelined with the updates (no phase-wide pass here)."""
+        return None
+
     def update(self, batch) -> dict:
         """Collective over the replica: ``batch`` on the first stage, None on the others."""
         t_start = time.perf_counter()

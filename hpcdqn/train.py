@@ -182,12 +182,13 @@ def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) 
             beta = linear_schedule(cfg["replay"]["beta_start"], cfg["replay"]["beta_end"], 1.0, frac)
             uniform = has_envs and not replay.prioritized
             batches = replay.sample_many(d["gradient_steps"], d["batch_size"], beta) if uniform else None
+            q_next = learner.phase_targets(batches) if uniform else None
             for k in range(d["gradient_steps"]):
                 if has_envs:
                     batch = batches[k] if uniform else replay.sample(d["batch_size"], beta)
                 else:
                     batch = None
-                out = learner.update(batch)
+                out = learner.update(batch) if q_next is None else learner.update(batch, q_next[k])
                 if has_envs and replay.prioritized:
                     replay.update_priorities(batch.indices, out["td_abs"])
                 if out.get("loss") is not None:

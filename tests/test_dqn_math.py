@@ -69,3 +69,40 @@ def test_flat_forward_equals_sequential(obs_shape, dueling):
     net = FlatModule(build_layers(obs_shape, 3, [32, 32], dueling, seed=0))
     x = torch.rand(5, *obs_shape) * (255 if len(obs_shape) == 3 else 1)
     assert torch.equal(net(x), net.net(x))
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_phase_targets_give_the_same_updates(double):
+    from mpi4py import MPI
+
+    from hpcdqn.dqn import DQNLearner
+    from hpcdqn.networks import build_layers
+    from hpcdqn.replay import Batch
+
+    cfg = load_config(overrides=[f"dqn.double={str(double).lower()}", "dqn.gradient_steps=4",
+                                 "dqn.target_update_every=4", "network.hidden=[32, 32]"])
+    a = DQNLearner(build_layers((4,), 2, [32, 32], seed=3), cfg, MPI.COMM_SELF)
+    b = DQNLearner(build_layers((4,), 2, [32, 32], seed=3), cfg, MPI.COMM_SELF)
+    rng = np.random.default_rng(0)
+
+    def batch():
+        B = 16
+        return Batch(rng.standard_normal((B, 4)).astype(np.float32), rng.integers(0, 2, B),
+                     rng.standard_normal(B).astype(np.float32),
+                     rng.standard_normal((B, 4)).astype(np.float32),
+                     np.full(B, 0.99, np.float32), np.ones(B, np.float32), np.arange(B))
+
+    for phase in range(3):
+        batches = [batch() for _ in range(4)]
+        q = b.phase_targets(batches)
+        assert q is not None and len(q) == 4
+        for k in range(4):
+            a.update(batches[k])
+            b.update(batches[k], q[k])
+    assert torch.allclose(a.online.flat, b.online.flat, atol=1e-6)
+    assert torch.allclose(a.target.flat, b.target.flat, atol=1e-6)
+    assert not torch.equal(a.online.flat, DQNLearner(build_layers((4,), 2, [32, 32], seed=3), cfg,
+                                                     MPI.COMM_SELF).online.flat)
+    # Polyak averaging changes the target inside a phase: no phase-wide pass
+    cfg["dqn"]["tau"] = 0.5
+    assert DQNLearner(build_layers((4,), 2, [32, 32]), cfg, MPI.COMM_SELF).phase_targets(batches) is None
