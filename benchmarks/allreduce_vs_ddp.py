@@ -100,7 +100,12 @@ def worker(side, model, iters, port):
     ms = (time.perf_counter() - t) / iters * 1e3
     n_params = sum(p.numel() for layer in layers for p in layer.parameters())
     if rank == 0:
-        print(json.dumps({"side": side, "model": model, "ms_per_update": ms, "params": n_params}))
+        print(json.dumps({"side": side, "model": model, "ms_per_update": ms, "params": n_params}),
+              flush=True)
+    if side == "ddp":
+        import torch.distributed as dist
+
+        dist.destroy_process_group()   # gloo's threads must stop before the interpreter does
 
 
 def free_port():
