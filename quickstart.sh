@@ -86,7 +86,8 @@ setup() {
     log "creating virtualenv $VENV"
     "$(find_python)" -m venv "$VENV"
   fi
-  local pip=(quiet_pip "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt)
+  local pipargs=("$PY" -m pip install -q --disable-pip-version-check -c constraints.txt)
+  local pip=(quiet_pip "${pipargs[@]}")
   log "installing python dependencies (pinned in constraints.txt)"
   "${pip[@]}" --upgrade pip setuptools wheel
   # runtime, tests (pytest, minari), Atari (ale-py, opencv), benchmark peer (stable-baselines3)
@@ -100,7 +101,7 @@ setup() {
     local envs=(HDF5_MPI=ON CC="${CC:-mpicc}")
     if [ -n "${HDF5_DIR:-}" ]; then envs+=(HDF5_DIR="$HDF5_DIR"); else envs+=(HDF5_PKGCONFIG_NAME="$pcname"); fi
     # --no-build-isolation: otherwise pip compiles its own mpi4py in the build env (>20 GB RAM).
-    env "${envs[@]}" "${pip[@]}" --no-build-isolation --no-binary=h5py h5py
+    quiet_pip env "${envs[@]}" "${pipargs[@]}" --no-build-isolation --no-binary=h5py h5py
   fi
   "${pip[@]}" --no-deps --no-build-isolation -e .
   "$PY" -c 'import h5py; assert h5py.get_config().mpi, "h5py has no MPI"'
