@@ -13,7 +13,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 
 def run_seed(seed, overrides, out):

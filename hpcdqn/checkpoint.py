@@ -323,32 +323,15 @@ def learner_scalars(learner) -> dict:
 
 
 def learner_load(learner, flats: dict, scalars: dict) -> None:
-    """Load flat (this stage's) online/target/Adam arrays and counters into any learner."""
-    if hasattr(learner, "load_state_arrays"):
-        arrays = {"online": flats["online"], "target": flats["target"]}
-        if scalars["adam_step"] > 0:
-            arrays.update(adam_exp_avg=flats["exp_avg"], adam_exp_avg_sq=flats["exp_avg_sq"],
-                          adam_step=np.array([scalars["adam_step"]]))
-        learner.load_state_arrays(arrays)
-    else:
-        load_into_learner(learner, flats, scalars)
+    """Load flat (this stage's) online/target/Adam arrays and counters into a learner."""
+    arrays = {"online": flats["online"], "target": flats["target"]}
+    if scalars["adam_step"] > 0:
+        arrays.update(adam_exp_avg=flats["exp_avg"], adam_exp_avg_sq=flats["exp_avg_sq"],
+                      adam_step=np.array([scalars["adam_step"]]))
+    learner.load_state_arrays(arrays)
     learner.updates = int(scalars["updates"])
     for g in learner.opt.param_groups:
         g["lr"] = scalars["lr"]
-
-
-def load_into_learner(learner, arrays: dict, scalars: dict) -> None:
-    """The generic path (any learner with online/target FlatModules and a torch Adam)."""
-    learner.online.load_flat_(arrays["online"])
-    learner.target.load_flat_(arrays["target"])
-    set_adam_state(learner.opt, learner.online.flat, scalars["adam_step"],
-                   arrays.get("exp_avg"), arrays.get("exp_avg_sq"))
-
-
-def set_adam_state(opt, p, step: float, exp_avg, exp_avg_sq) -> None:
-    from .dqn import restore_adam
-
-    restore_adam(opt, p, step, exp_avg, exp_avg_sq)
 
 
 # ---------------------------------------------------------------------------------------------

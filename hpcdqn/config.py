@@ -274,10 +274,6 @@ def validate(cfg: dict) -> None:
             f"dqn.batch_size={d['batch_size']} must be divisible by micro_batches={cfg['micro_batches']}")
 
 
-def to_json(cfg: dict) -> str:
-    return json.dumps(cfg, indent=2, sort_keys=True)
-
-
 def to_toml(cfg: dict) -> str:
     """Write a resolved config back as TOML (top-level keys first, then sections)."""
     def val(v):

@@ -184,21 +184,12 @@ class DQNLearner:
 
     # -- state ---------------------------------------------------------------------------------
     def load_state_arrays(self, arrays: dict) -> None:
-        """Inverse of ``state_arrays``: parameters, target, Adam moments and step, bit for bit."""
+        """Load parameters, target, Adam moments and step (from a checkpoint), bit for bit."""
         self.online.load_flat_(arrays["online"])
         self.target.load_flat_(arrays["target"])
         step = float(np.asarray(arrays.get("adam_step", [0.0])).reshape(-1)[0])
         restore_adam(self.opt, self.online.flat, step, arrays.get("adam_exp_avg"),
                      arrays.get("adam_exp_avg_sq"))
-
-    def state_arrays(self) -> dict[str, np.ndarray]:
-        st = self.opt.state.get(self.online.flat, {})
-        out = {"online": self.online.numpy_data().copy(), "target": self.target.numpy_data().copy()}
-        if st:
-            out["adam_exp_avg"] = st["exp_avg"].cpu().numpy().copy()
-            out["adam_exp_avg_sq"] = st["exp_avg_sq"].cpu().numpy().copy()
-            out["adam_step"] = np.array([float(st["step"])], dtype=np.float64)
-        return out
 
 
 def adam_model_bytes(online: FlatModule, target: FlatModule, opt) -> int:

@@ -3,7 +3,6 @@ SIGINT/SIGTERM/SIGUSR1 ask every rank to stop (or checkpoint) at the next agreed
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import traceback

@@ -11,10 +11,10 @@ from hpcdqn.train import train
 if MPI.COMM_WORLD.Get_rank() == 1:
     orig = dqn.DQNLearner.update
 
-    def update(self, batch):
+    def update(self, batch, *args, **kwargs):
         if self.updates == 4:
             raise ZeroDivisionError("injected failure on rank 1")
-        return orig(self, batch)
+        return orig(self, batch, *args, **kwargs)
 
     dqn.DQNLearner.update = update
 
