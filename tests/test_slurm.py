@@ -123,13 +123,20 @@ def test_usr1_checkpoints_requeues_and_resumes_without_losing_anything(slurm_clu
     ck_path, meta = check_checkpoint(run, int(metrics(run)[-1]["env_steps"]))
     stopped_at = meta["counters"]["env_steps"]
     assert 0 < stopped_at < total and meta["counters"]["updates"] > 0, meta["counters"]
-    # Slurm holds a requeued job for ~2 minutes (BeginTime); release it now
-    for _ in range(20):
-        info = slurm_cluster.job(job)
-        if info.get("JobState") == "PENDING":
-            slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    # Slurm holds a requeued job for ~2 minutes (BeginTime), partly so that the node finishes
+    # cleaning up the old instance first. Wait for that (no CPUs allocated, not COMPLETING, no
+    # slurmstepd of this job left), then release it: a release during clean-up makes the batch
+    # launch itself fail (ExitCode 1:0, before our script runs).
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        node = slurm_cluster.run(["scontrol", "-o", "show", "node"]).stdout
+        steps = subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."], capture_output=True)
+        if "CPUAlloc=0 " in node and "COMPLETING" not in node and steps.returncode != 0 \
+                and slurm_cluster.job(job).get("JobState") == "PENDING":
             break
         time.sleep(0.5)
+    time.sleep(2)
+    slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
     info = wait_done(slurm_cluster, job, tmp_path, name, timeout=240)
     assert info["Restarts"] == "1", info
     out = job_output(tmp_path, name, job)       # --open-mode=append: both runs in one file
