@@ -42,6 +42,13 @@ class MetricsLogger:
             if postfix:
                 self._bar.set_postfix(postfix, refresh=False)
 
+    def note(self, msg: str) -> None:
+        """A line on stderr that does not tear the progress bar."""
+        if self._bar is not None:
+            self._bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
     def log(self, row: dict) -> None:
         if not self.enabled:
             return

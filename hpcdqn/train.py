@@ -228,8 +228,8 @@ def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) 
                         "epsilon": eps, "wall_s": time.perf_counter() - t0}
             info = ckpt.save(counters, loop)
             if root and not quiet:
-                print(f"hpcdqn: checkpoint {info['path']} ({info['bytes'] / 1e6:.1f} MB) stalled "
-                      f"training {info['seconds']:.3f} s", file=sys.stderr, flush=True)
+                log.note(f"hpcdqn: checkpoint {info['path']} ({info['bytes'] / 1e6:.1f} MB) stalled "
+                         f"training {info['seconds']:.3f} s")
         if stopping:
             break
     wall = time.perf_counter() - t0
