@@ -78,6 +78,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .replay import ReplayBuffer
 
 FORMAT = "hpcdqn-checkpoint-1"
 SERIAL_ENV = "HPCDQN_H5_SERIAL"          # "1": write through rank 0 even with parallel h5py
@@ -947,7 +948,7 @@ def load_replay_reshard(f, path, meta, replay, dp_rank: int, S_n: int) -> None:
 def resume_config(run_dir, overrides: list[str]) -> dict:
     """The run's config from its newest readable checkpoint, with command-line overrides
     (``run_dir`` is forced to RUN_DIR; ``stop_after`` resets unless given)."""
-    from .config import _flatten, load_config, parse_value
+    from .config import _flatten, load_config, parse_overrides
 
     run_dir = Path(run_dir)
     meta, errors = None, []
@@ -963,14 +964,7 @@ def resume_config(run_dir, overrides: list[str]) -> dict:
     stored = _flatten(meta["config"])
     stored["run_dir"] = str(run_dir)
     stored["stop_after"] = 0
-    user = {}
-    for item in overrides or []:
-        if "=" not in item:
-            from .config import ConfigError
-
-            raise ConfigError(f"override '{item}' is not KEY=VALUE")
-        k, v = item.split("=", 1)
-        user[k.strip()] = parse_value(v.strip())
+    user = dict(parse_overrides(overrides))
     if "run_dir" in user and Path(user["run_dir"]) != run_dir:
         warn(f"run_dir={user['run_dir']} ignored: --resume continues in {run_dir}")
         user.pop("run_dir")
@@ -1176,7 +1170,7 @@ class Checkpointer:
 
 def _rows_for(cfg: dict) -> int:
     d = cfg["dqn"]
-    return max(d["buffer_size"] // cfg["num_envs"], d["n_step"] + 1)
+    return ReplayBuffer.rows_for(d["buffer_size"], cfg["num_envs"], d["n_step"])
 
 
 def truncate_metrics(run_dir, env_steps: int) -> None:

@@ -219,6 +219,17 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """``["seed=3", "dqn.lr=1e-3"]`` -> ``[("seed", 3), ("dqn.lr", 0.001)]``."""
+    items = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not KEY=VALUE (e.g. seed=3 or dqn.lr=1e-3)")
+        k, v = item.split("=", 1)
+        items.append((k.strip(), parse_value(v.strip())))
+    return items
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> dict:
     """Defaults <- TOML file <- overrides; validated. Raises ConfigError."""
     cfg = defaults()
@@ -236,12 +247,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         items = list(_flatten(overrides).items()) if any(isinstance(v, dict) for v in overrides.values()) \
             else list(overrides.items())
     else:
-        items = []
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}' is not KEY=VALUE (e.g. seed=3 or dqn.lr=1e-3)")
-            k, v = item.split("=", 1)
-            items.append((k.strip(), parse_value(v.strip())))
+        items = parse_overrides(overrides)
     for k, v in items:
         _set(cfg, k, _coerce(k, _lookup(k), v))
     validate(cfg)

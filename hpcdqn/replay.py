@@ -71,7 +71,7 @@ class ReplayBuffer:
                  n_step: int = 1, gamma: float = 0.99, prioritized: bool = False,
                  alpha: float = 0.6, priority_eps: float = 1e-6, seed: int = 0):
         self.num_envs = num_envs
-        self.rows = max(capacity // num_envs, n_step + 1)
+        self.rows = self.rows_for(capacity, num_envs, n_step)
         self.capacity = self.rows * num_envs
         self.n_step, self.gamma = n_step, gamma
         shape = (self.rows, num_envs)
@@ -89,6 +89,11 @@ class ReplayBuffer:
         self.max_priority = 1.0
         self.tree = SumTree(self.capacity) if prioritized else None
         self._gpow = gamma ** np.arange(n_step + 1, dtype=np.float64)
+
+    @staticmethod
+    def rows_for(capacity: int, num_envs: int, n_step: int) -> int:
+        """Rows of the [row, env] ring for a capacity in transitions."""
+        return max(capacity // num_envs, n_step + 1)
 
     def __len__(self) -> int:
         return self.filled * self.num_envs
