@@ -8,13 +8,28 @@ Cases: a CartPole replay (obs float32 [4]) and an Atari-sized one (obs uint8 [4,
 store obs and next_obs, actions, rewards, terminated, truncated (as the ReplayBuffer does); the
 transitions are split evenly over the ranks (one env per rank).
 
+Each case runs in one MPI job: ``dd, write, dd, write, ..., dd`` (``--repeats`` writes, default
+3; rank 0 runs dd while the others wait, the replay already in memory), because this virtual
+disk's sequential bandwidth swings several-fold between runs (0.4-3.5 GB/s measured minutes
+apart). Each write is compared with the mean of the dd right before and right after it.
+
 - ``write``: the whole ``write_checkpoint`` call: checksums, collective write, flush (MPI_File_sync),
-  close, fsync, barrier, atomic rename, ``latest`` pointer. ``write_io``: the same minus the
-  checksum time (the I/O part).
+  close, fsync, barrier, atomic rename, ``latest`` pointer (each repeat writes a new checkpoint
+  and prunes the previous one, as a run does). ``write_s``/``write_MBps`` and the dd fields are
+  those of the median repeat; ``write_io_MBps``: the same minus the checksum time (the I/O part).
+- ``write_vs_dd``: median over the repeats of write bandwidth / dd bandwidth (the target: >= 0.5
+  for every case and rank count, ``target_write_ge_50pct_dd``); ``write_vs_dd_repeats``,
+  ``write_s_repeats``, ``dd_MBps_repeats`` (one more dd than writes) and ``write_vs_dd_min`` show
+  the spread. The first repeat includes the process's one-time MPI-IO setup.
 - ``read``: every rank reads its shard back (independent reads) after the file's pages were
   dropped from the page cache (``posix_fadvise(DONTNEED)`` after fsync, so the read hits the disk).
-- ``dd``: ``dd if=/dev/zero of=FILE bs=1M count=<file MiB> conv=fdatasync``, same directory, run
-  right before and right after each write; the ratio uses their mean.
+- ``dd``: ``dd if=/dev/zero of=FILE bs=1M count=<data MiB> conv=fdatasync``, same directory.
+  dd inside the job runs with the replay in memory (as the checkpoint write does), which lowers
+  the kernel's dirty-page limits, so it is slower than dd on an idle machine. The driver therefore
+  also runs dd alone right before and right after each job (``dd_standalone_MBps``) and reports
+  ``write_vs_dd_standalone`` (the median write against it); the target check uses the smaller of
+  the two ratios.
+- ``mpi_io``: the ``OMPI_MCA_io`` component in effect (``hpcdqn.checkpoint`` prefers ROMIO).
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = {"cartpole": ((4,), "float32"), "atari": ((4, 84, 84), "uint8")}
 
 
-def worker(case: str, n: int, out_dir: Path) -> None:
+def worker(case: str, n: int, out_dir: Path, repeats: int) -> None:
     import numpy as np
     from mpi4py import MPI
 
@@ -72,11 +88,22 @@ def worker(case: str, n: int, out_dir: Path) -> None:
     for v in mine.values():
         ck._crc(v)
     crc_s = comm.allreduce(time.perf_counter() - t, op=MPI.MAX)
-    comm.Barrier()
-    t = time.perf_counter()
-    info = ck.write_checkpoint(run, comm, layout, env, sizes, {"bench": True},
-                               {"env_steps": n, "wall_s": 0.0}, mine, b"{}", keep_last=1)
-    write_s = comm.allreduce(time.perf_counter() - t, op=MPI.MAX)
+    # interleaved: dd, write, dd, write, ..., dd (rank 0 runs dd while the others wait), so each
+    # write sits between two raw-disk measurements taken with the same memory in use
+    nbytes = sum(int(np.asarray(v).nbytes) for v in mine.values())
+    mib = max(1, int(comm.allreduce(nbytes) / 2**20))
+    dds, writes = [], []
+    for r in range(repeats + 1):
+        comm.Barrier()
+        if rank == 0:
+            dds.append(dd(out_dir / "dd.bin", mib))
+        comm.Barrier()
+        if r == repeats:
+            break
+        t = time.perf_counter()
+        info = ck.write_checkpoint(run, comm, layout, env, sizes, {"bench": True},
+                                   {"env_steps": n + r, "wall_s": 0.0}, mine, b"{}", keep_last=1)
+        writes.append(comm.allreduce(time.perf_counter() - t, op=MPI.MAX))
     path = Path(info["path"])
     size = path.stat().st_size
     if rank == 0:                       # drop the (clean, fsynced) pages: the read hits the disk
@@ -98,13 +125,27 @@ def worker(case: str, n: int, out_dir: Path) -> None:
     verify_s = comm.allreduce(time.perf_counter() - t, op=MPI.MAX)
     if rank == 0:
         mb = size / 1e6
+        ratios = [mb / w / ((dds[i] + dds[i + 1]) / 2) for i, w in enumerate(writes)]
+        io_ratios = [mb / max(1e-9, w - crc_s) / ((dds[i] + dds[i + 1]) / 2)
+                     for i, w in enumerate(writes)]
+        k = sorted(range(len(writes)), key=lambda i: ratios[i])[(len(writes) - 1) // 2]  # median
+        med = statistics.median
         print("RESULT " + json.dumps({
             "case": case, "ranks": world, "transitions": n, "file_MB": round(mb, 1),
-            "write_s": round(write_s, 3), "write_MBps": round(mb / write_s, 1),
+            "repeats": len(writes),
+            "write_s": round(writes[k], 3), "write_MBps": round(mb / writes[k], 1),
             "checksum_s": round(crc_s, 3),
-            "write_io_MBps": round(mb / max(1e-9, write_s - crc_s), 1),
+            "write_io_MBps": round(mb / max(1e-9, writes[k] - crc_s), 1),
             "read_s": round(read_s, 3), "read_MBps": round(mb / read_s, 1),
-            "verify_cached_s": round(verify_s, 3)}), flush=True)
+            "verify_cached_s": round(verify_s, 3),
+            "dd_before_MBps": round(dds[k], 1), "dd_after_MBps": round(dds[k + 1], 1),
+            "dd_MBps": round((dds[k] + dds[k + 1]) / 2, 1),
+            "write_vs_dd": round(med(ratios), 3), "write_io_vs_dd": round(med(io_ratios), 3),
+            "write_s_repeats": [round(w, 3) for w in writes],
+            "dd_MBps_repeats": [round(x, 1) for x in dds],
+            "write_vs_dd_repeats": [round(x, 3) for x in ratios],
+            "write_vs_dd_min": round(min(ratios), 3),
+            "mpi_io": os.environ.get("OMPI_MCA_io", "default")}), flush=True)
         shutil.rmtree(run, ignore_errors=True)
 
 
@@ -124,12 +165,13 @@ def main() -> int:
     p.add_argument("--cartpole", type=int, default=1_000_000, help="CartPole transitions")
     p.add_argument("--atari", type=int, default=100_000, help="Atari-sized transitions")
     p.add_argument("--ranks", default="1,2")
+    p.add_argument("--repeats", type=int, default=3, help="writes per case, each between two dd runs")
     p.add_argument("--worker", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
     a = p.parse_args()
     out = Path(a.dir)
     out.mkdir(parents=True, exist_ok=True)
     if a.worker:
-        worker(a.worker[0], int(a.worker[1]), out)
+        worker(a.worker[0], int(a.worker[1]), out, max(1, a.repeats))
         return 0
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_rmaps_base_oversubscribe="1",
@@ -146,31 +188,24 @@ def main() -> int:
             continue
         for ranks in [int(x) for x in a.ranks.split(",")]:
             cmd = [mpirun, "-n", str(ranks), "--oversubscribe", "--bind-to", "none", sys.executable,
-                   __file__, "--dir", str(out), "--worker", case, str(n)]
-            size_mib = None
-            if case == "atari" or n >= 100_000:
-                obs_shape, dt = CASES[case]
-                per = int(__import__("numpy").prod(obs_shape)) * (1 if dt == "uint8" else 4)
-                size_mib = max(1, int(n * (2 * per + 8 + 4 + 2) / 2**20))
-            dd_before = dd(out / "dd.bin", size_mib) if size_mib else None
+                   __file__, "--dir", str(out), "--repeats", str(a.repeats), "--worker", case, str(n)]
+            obs_shape, dt = CASES[case]
+            per = int(__import__("numpy").prod(obs_shape)) * (1 if dt == "uint8" else 4)
+            alone_before = dd(out / "dd.bin", max(1, int(n * (2 * per + 8 + 4 + 2) / 2**20)))
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
             if r.returncode or not line:
                 raise RuntimeError(f"worker failed: {' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
             res = json.loads(line[0][7:])
-            # raw disk bandwidth, same size, measured right before and right after: this virtual
-            # disk's sequential bandwidth swings several-fold with its host-side cache state
-            after = dd(out / "dd.bin", max(1, int(res["file_MB"] * 1e6 / 2**20)))
-            before = dd_before if dd_before is not None else after
-            res["dd_before_MBps"], res["dd_after_MBps"] = round(before, 1), round(after, 1)
-            res["dd_MBps"] = round((before + after) / 2, 1)
-            res["write_vs_dd"] = round(res["write_MBps"] / res["dd_MBps"], 3)
-            res["write_io_vs_dd"] = round(res["write_io_MBps"] / res["dd_MBps"], 3)
+            alone_after = dd(out / "dd.bin", max(1, int(res["file_MB"] * 1e6 / 2**20)))
+            res["dd_standalone_MBps"] = round((alone_before + alone_after) / 2, 1)
+            res["dd_standalone_MBps_before_after"] = [round(alone_before, 1), round(alone_after, 1)]
+            res["write_vs_dd_standalone"] = round(res["write_MBps"] / res["dd_standalone_MBps"], 3)
             report["results"].append(res)
             print(json.dumps(res), file=sys.stderr, flush=True)
-    big = [r for r in report["results"] if r["case"] == "atari"]
-    if big:
-        report["target_write_ge_50pct_dd"] = all(r["write_vs_dd"] >= 0.5 for r in big)
+    if report["results"]:   # every case, every rank count, against both dd references: >= 0.5
+        report["target_write_ge_50pct_dd"] = all(
+            min(r["write_vs_dd"], r["write_vs_dd_standalone"]) >= 0.5 for r in report["results"])
     print(json.dumps(report, indent=2))
     return 0
 

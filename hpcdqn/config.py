@@ -85,6 +85,8 @@ SCHEMA: dict[str, Any] = {
         "hidden": Key([256, 256], list, "MLP hidden widths (also the CNN's dense layer)", _widths),
         "dueling": Key(False, bool, "dueling head: Q = V + A - mean(A)"),
         "cuts": Key([], list, "pipeline cut points (layer indices); empty: balance by params", _cuts),
+        "split_layers": Key(True, bool, "balanced pipeline stages may cut inside a Linear layer (by "
+                                        "output rows) when no layer boundary balances them"),
     },
     "dqn": {
         "gamma": Key(0.99, float, "discount", _unit),

@@ -13,12 +13,15 @@ the target network is synced every ``target_update_every`` updates (hard copy, o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .allreduce import GradSync, broadcast_params, check_consistent
-from .flat import FlatModule
+from .flat import FlatModule, _unroll
 from .replay import Batch
 
 
@@ -54,9 +57,72 @@ def td_loss(q_all, actions, target, weights, huber_delta: float):
     return loss, td.detach(), q.detach()
 
 
+@dataclass
+class Dense:
+    """One Linear layer of a plain MLP as plain tensors: views into the flat parameter and
+    gradient buffers (so they follow every in-place update, load and target sync)."""
+    w: torch.Tensor       # [out, in]
+    w_t: torch.Tensor     # w.t(), what addmm takes
+    b: torch.Tensor
+    dw: torch.Tensor      # views into flat.grad
+    db: torch.Tensor
+
+
+def mlp_layers(module: FlatModule) -> list[Dense] | None:
+    """The layers of a plain MLP Q-network (Linear, ReLU, Linear, ..., ReLU, Linear, each with a
+    bias), in order; None for any other network (CNN, dueling head, ...)."""
+    leaves = _unroll(module.net)
+    linears = leaves[0::2]
+    if not (len(leaves) % 2 == 1
+            and all(isinstance(m, nn.Linear) and m.bias is not None for m in linears)
+            and all(isinstance(m, nn.ReLU) for m in leaves[1::2])):
+        return None
+    return [Dense(m.weight.detach(), m.weight.detach().t(), m.bias.detach(), m.weight.grad,
+                  m.bias.grad) for m in linears]
+
+
+def mlp_forward(layers: list[Dense], x: torch.Tensor):
+    """Q-values of an MLP and the input of every layer (for ``mlp_td_backward``): the same ops as
+    its modules (``nn.Linear`` on a batch is ``addmm``), minus the per-call module, Parameter and
+    autograd overhead (for a 1-row greedy step it is most of the time)."""
+    inputs = []
+    for i, layer in enumerate(layers):
+        inputs.append(x)
+        x = torch.addmm(layer.b, x, layer.w_t)
+        if i < len(layers) - 1:
+            x = torch.relu(x)
+    return x, inputs
+
+
+def mlp_td_backward(layers: list[Dense], inputs: list, q_all, q, actions, target, weights,
+                    huber_delta: float) -> None:
+    """The gradient of ``td_loss`` w.r.t. every MLP parameter, written into the flat gradient
+    buffer: the backward pass written out, op for op the ones autograd runs for
+    ``td_loss(mlp(obs)).backward()`` so the result is bitwise the same (tests/test_dqn_math.py),
+    minus autograd's per-node bookkeeping (~70 us of a ~470 us CartPole update).
+    ``q_all, inputs = mlp_forward(...)``; ``q``: Q(s_i, a_i).
+
+    dL/dq_i = w_i / B * clip(q_i - y_i, -delta, delta)   (mean, weights, Huber)
+    dL/dW   = g^T x,  dL/db = sum_i g_i,  g_in = (g W) * [x > 0]   (Linear, ReLU)
+    """
+    g = (torch.ones_like(q) / q.numel()) * weights
+    # Huber's derivative by aten's own kernel (reduction 0: none): clip(...) * g rounds differently
+    g = torch.ops.aten.huber_loss_backward(g, q, target, 0, huber_delta)
+    g = torch.zeros_like(q_all).scatter_add_(1, actions.unsqueeze(1), g.unsqueeze(1))
+    for i in range(len(layers) - 1, -1, -1):
+        layer, x = layers[i], inputs[i]
+        torch.sum(g, 0, out=layer.db)
+        torch.mm(g.t(), x, out=layer.dw)
+        if i > 0:   # x = relu(previous layer): the gradient passes where x > 0 (aten's kernel)
+            g = torch.ops.aten.threshold_backward(g.mm(layer.w), x, 0)
+
+
 def to_tensors(batch: Batch, device) -> dict:
-    def t(x):
-        return torch.as_tensor(x, device=device)
+    on_cpu = torch.device(device).type == "cpu"
+
+    def t(x):   # (from_numpy: the same zero-copy tensor as as_tensor on the CPU, 2x cheaper)
+        return torch.from_numpy(x) if on_cpu and isinstance(x, np.ndarray) else \
+            torch.as_tensor(x, device=device)
 
     return {"obs": t(batch.obs), "actions": t(batch.actions), "returns": t(batch.returns),
             "next_obs": t(batch.next_obs), "discounts": t(batch.discounts),
@@ -85,15 +151,21 @@ class DQNLearner:
         self.dp_comm = dp_comm
         self.updates = 0
         self.n_layers = len(layers)
+        # a plain MLP acts and learns on plain tensors, without autograd (same numbers:
+        # mlp_forward, mlp_td_backward); not with the overlapped allreduce (autograd hooks)
+        self.mlp = None if self.sync.overlap else mlp_layers(self.online)
 
     # -- acting ------------------------------------------------------------------------------
     @torch.no_grad()
     def q_values(self, obs: np.ndarray) -> np.ndarray:
         return self.online(torch.as_tensor(obs, device=self.device)).cpu().numpy()
 
-    @torch.no_grad()
     def greedy(self, obs: np.ndarray) -> np.ndarray:
-        return self.online(torch.as_tensor(obs, device=self.device)).argmax(1).cpu().numpy()
+        x = torch.as_tensor(obs, device=self.device)
+        if self.mlp is not None:
+            return mlp_forward(self.mlp, x)[0].argmax(1).cpu().numpy()
+        with torch.no_grad():
+            return self.online(x).argmax(1).cpu().numpy()
 
     # -- learning ----------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -122,9 +194,16 @@ class DQNLearner:
             q_next_t = self.target(b["next_obs"]) if q_next_target is None else q_next_target
             q_next_o = self.online(b["next_obs"]) if d["double"] else None
             y = td_target(b["returns"], b["discounts"], q_next_t, q_next_o)
-        self.online.zero_grad_()
-        loss, td, q = td_loss(self.online(b["obs"]), b["actions"], y, b["weights"], d["huber_delta"])
-        loss.backward()
+        if self.mlp is None:
+            self.online.zero_grad_()
+            loss, td, q = td_loss(self.online(b["obs"]), b["actions"], y, b["weights"],
+                                  d["huber_delta"])
+            loss.backward()
+        else:   # the same forward and gradients, written out (every gradient is overwritten)
+            q_all, inputs = mlp_forward(self.mlp, b["obs"])
+            loss, td, q = td_loss(q_all, b["actions"], y, b["weights"], d["huber_delta"])
+            mlp_td_backward(self.mlp, inputs, q_all, q, b["actions"], y, b["weights"],
+                            d["huber_delta"])
         self.step_optimizer()
         td_abs = td.abs().cpu().numpy() if self.cfg["replay"]["prioritized"] else None
         return {"loss": float(loss.detach()), "q": float(q.mean()), "td_abs": td_abs}
@@ -174,9 +253,9 @@ class DQNLearner:
         """Run ``run(policy)`` on replica 0 (other replicas return None)."""
         return run(self.greedy) if self.dp_comm.Get_rank() == 0 else None
 
-    def layer_range(self) -> tuple[int, int]:
-        """The layers ``[first, end)`` of the network held by this rank (all of them here)."""
-        return 0, self.n_layers
+    def param_range(self) -> tuple[int, int]:
+        """The range ``[lo, hi)`` of the flattened network's parameters held by this rank (all)."""
+        return 0, self.online.numel
 
     def parameter_bytes(self) -> int:
         """Bytes of online + target parameters + Adam moments held by this rank."""

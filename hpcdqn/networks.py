@@ -1,7 +1,8 @@
 """Q-networks as an ordered sequence of layers.
 
 Every network is a list of ``nn.Module`` *layers*; running them in order maps observations to
-Q-values. The pipeline cuts this list at layer boundaries, so a stage is just ``layers[a:b]``.
+Q-values. The pipeline cuts this list into stages at layer boundaries, or inside a Linear layer
+by output rows (``partition.LinearPiece``).
 
 - MLP: ``[Linear+ReLU] * len(hidden)`` then the head.
 - Nature-DQN CNN (Mnih et al. 2015) for image observations (C, 84, 84) uint8:

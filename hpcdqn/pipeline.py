@@ -1,7 +1,9 @@
 """Pipeline model parallelism: one replica's Q-network cut into ``pp`` stages, one per rank.
 
-Stage ``s`` of a replica holds layers ``[a_s, b_s)`` (see ``partition.py``): its own online and
-target ``FlatModule`` and its own Adam. The stages of a replica talk over ``grid.pp_comm`` with
+Stage ``s`` of a replica holds the layers between two boundaries (see ``partition.py``: whole
+layers, and a row-piece of a Linear layer where a boundary falls inside one), which is one
+contiguous range of the flattened network's parameters: its own online and target
+``FlatModule`` and its own Adam. The stages of a replica talk over ``grid.pp_comm`` with
 buffer-based point-to-point MPI (``Isend`` / ``Recv`` of contiguous CPU float32 numpy views of torch
 tensors, int64 for headers and greedy actions; no pickle). The same stage of every replica shares ``grid.dp_comm``, over which
 its gradients are averaged exactly as in the data-parallel learner.
@@ -51,8 +53,7 @@ from .allreduce import GradSync, broadcast_params
 from .dqn import DQNLearner, _clone, make_adam, td_loss, td_target, to_tensors
 from .flat import FlatModule
 from .grid import mpi
-from .networks import num_params
-from .partition import partition
+from .partition import boundary_offset, describe, layer_offsets, plan_stages, stage_modules
 
 # message kinds (MPI tags on pp_comm)
 TAG_CTRL = 100        # control header: operation, batch size, micro-batches, activation shape
@@ -93,6 +94,49 @@ def bubble_theory(stages: int, micro: int) -> float:
     return (stages - 1) / (micro + stages - 1)
 
 
+def bubble_simulated(stages: int, micro: int, kind: str = "1f1b", forwards: int = 3,
+                     backward_cost: float = 2.0, early_send: bool = True) -> list[float]:
+    """Each stage's idle fraction of its own schedule window (first op to its last, as
+    ``benchmarks/pipeline.py`` measures it) for this module's op order, by event simulation with
+    equal stages, free messages and unit costs: each of the ``forwards`` forward passes of a
+    micro-batch (online on obs; target and, for double DQN, online on next_obs) costs 1, its
+    backward ``backward_cost``. With ``early_send`` each forward is passed on as soon as it is
+    computed (``update`` does this), so the next stage starts after one unit rather than all of
+    them, and the bubble is below the textbook ``(P-1)/(M+P-1)``; with ``early_send=False`` (one
+    fused forward op) stage 0, whose window is the whole step, gets exactly the textbook value."""
+    ops = []
+    for s in range(stages):
+        seq = []
+        for k, m in schedule_ops(kind, s, stages, micro):
+            if k == "B":
+                seq.append((("B", m, 0), backward_cost))
+            elif early_send:
+                seq += [(("F", m, j), 1.0) for j in range(forwards)]
+            else:
+                seq.append((("F", m, 0), float(forwards)))
+        ops.append(seq)
+    done, clock, idle = {}, [0.0] * stages, [0.0] * stages
+    ptr = [0] * stages
+    while any(ptr[s] < len(ops[s]) for s in range(stages)):
+        moved = False
+        for s in range(stages):
+            while ptr[s] < len(ops[s]):
+                (k, m, j), cost = ops[s][ptr[s]]
+                dep = (s - 1, (k, m, j)) if k == "F" and s > 0 else \
+                    (s + 1, (k, m, j)) if k == "B" and s < stages - 1 else None
+                if dep is not None and dep not in done:
+                    break
+                t0 = max(clock[s], done[dep] if dep is not None else 0.0)
+                idle[s] += t0 - clock[s]
+                clock[s] = t0 + cost
+                done[(s, (k, m, j))] = clock[s]
+                ptr[s] += 1
+                moved = True
+        if not moved:
+            raise RuntimeError("pipeline schedule deadlocks")
+    return [idle[s] / clock[s] for s in range(stages)]
+
+
 def _split(n: int, micro: int) -> list[tuple[int, int]]:
     micro = max(1, min(micro, n))
     edges = [i * n // micro for i in range(micro + 1)]
@@ -120,11 +164,18 @@ class PipelineLearner(DQNLearner):
         self.pp_comm, self.dp_comm = grid.pp_comm, grid.dp_comm
         self.first, self.last = grid.is_first_stage, grid.is_last_stage
         self.n_layers = len(layers)
-        self.ranges = partition(layers, grid.pp, cfg["network"]["cuts"])
-        self.stage_sizes = [sum(num_params(m) for m in layers[a:b]) for a, b in self.ranges]
-        a, b = self.ranges[self.stage]
-        mine = list(layers[a:b])
+        self.stages = plan_stages(layers, grid.pp, cfg["network"]["cuts"],
+                                  cfg["network"]["split_layers"])
+        offsets = layer_offsets(layers)
+        self.param_ranges = [(boundary_offset(layers, a, offsets), boundary_offset(layers, b, offsets))
+                             for a, b in self.stages]
+        self.stage_sizes = [b - a for a, b in self.param_ranges]
+        self.ranges = describe(self.stages)
+        mine = stage_modules(layers, *self.stages[self.stage])
         self.online = FlatModule(mine, self.device)
+        if self.online.numel != self.stage_sizes[self.stage]:
+            raise RuntimeError(f"stage {self.stage} holds {self.online.numel} parameters, its "
+                               f"range {self.param_ranges[self.stage]} says {self.stage_sizes[self.stage]}")
         self.target = FlatModule([_clone(m) for m in mine], self.device)
         broadcast_params(self.online, self.dp_comm)
         self.target.load_flat_(self.online.flat.data)
@@ -137,6 +188,8 @@ class PipelineLearner(DQNLearner):
         # only correct with one micro-batch (one backward per parameter per update)
         self.sync = GradSync(self.online, self.dp_comm, cfg["parallel"]["bucket_mb"],
                              cfg["parallel"]["overlap"] and self.micro == 1)
+        if not self.sync.overlap:   # (the overlap's hooks need autograd's per-parameter grads)
+            self.online.accumulate_grads_in_place()
         self.updates = 0
         self._pending: list = []          # (request, buffer) of in-flight sends
         self._out_shapes: dict = {}
@@ -318,22 +371,26 @@ class PipelineLearner(DQNLearner):
             lo, hi = splits[m]
             k = hi - lo
             if kind == "F":
-                if self.first:
-                    x, xt = b["obs"][lo:hi], b["next_obs"][lo:hi]
-                    xd = xt
-                else:
-                    x = self._to_dev(self._recv((k, *in_shape), s - 1, TAG_ACT)).requires_grad_()
-                    xt = self._to_dev(self._recv((k, *in_shape), s - 1, TAG_TGT))
-                    xd = self._to_dev(self._recv((k, *in_shape), s - 1, TAG_DBL)) if double else None
+                # each of the three forwards is sent on as soon as it is computed, so the next
+                # stage starts its online forward while this one runs the TD-target forwards
+                def arrive(tag, grad=False):
+                    if self.first:
+                        return b["obs"][lo:hi] if tag == TAG_ACT else b["next_obs"][lo:hi]
+                    t = self._to_dev(self._recv((k, *in_shape), s - 1, tag))
+                    return t.requires_grad_() if grad else t
+
+                x = arrive(TAG_ACT, grad=True)
                 y = self.online(x)
-                with torch.no_grad():
-                    yt = self.target(xt)
-                    yd = self.online(xd) if double else None
                 if not self.last:
                     self._isend(_as_np(y), s + 1, TAG_ACT)
-                    self._isend(_as_np(yt), s + 1, TAG_TGT)
-                    if double:
+                with torch.no_grad():
+                    yt = self.target(arrive(TAG_TGT))
+                    if not self.last:
+                        self._isend(_as_np(yt), s + 1, TAG_TGT)
+                    yd = self.online(arrive(TAG_DBL)) if double else None
+                    if double and not self.last:
                         self._isend(_as_np(yd), s + 1, TAG_DBL)
+                if not self.last:
                     saved[m] = (x, y)
                 else:
                     with torch.no_grad():
@@ -387,8 +444,9 @@ class PipelineLearner(DQNLearner):
         return torch.tensor(math.sqrt(sq[0]), dtype=g.dtype, device=g.device)
 
     # -- what the training loop and checkpoints ask ---------------------------------------------
-    def layer_range(self) -> tuple[int, int]:
-        return self.ranges[self.stage]
+    def param_range(self) -> tuple[int, int]:
+        """This stage's range ``[lo, hi)`` of the flattened network's parameters."""
+        return self.param_ranges[self.stage]
 
     def _gather(self, module: FlatModule):
         """The full network's flat vector (layer order) on world rank 0; None elsewhere."""

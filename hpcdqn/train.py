@@ -28,6 +28,7 @@ from .evaluate import evaluate
 from .grid import RankGrid, mpi
 from .lifecycle import agree_signal, install_signal_handlers
 from .metrics import MetricsLogger
+from .memory import keep_freed_memory
 from .modelfile import save_model
 from .networks import build_layers
 from .replay import ReplayBuffer
@@ -74,6 +75,7 @@ def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) 
         torch.set_num_threads(cfg["threads"])
     # Adam's second moments decay into denormal floats, which make CPU sqrt ~30x slower.
     torch.set_flush_denormal(True)
+    keep_freed_memory()     # reuse freed blocks instead of fresh kernel pages each step (memory.py)
     device = resolve_device(cfg["device"])
     install_signal_handlers()
     d = cfg["dqn"]
@@ -96,6 +98,12 @@ def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) 
     layers = build_layers(obs_space.shape, n_actions, cfg["network"]["hidden"],
                           cfg["network"]["dueling"], seed=cfg["seed"])
     learner = build_learner(grid, layers, cfg, device)
+    # online + target + Adam moments held by each stage (replica 0's stages are world ranks 0..pp-1)
+    stage_bytes = comm.allgather(learner.parameter_bytes())[:grid.pp]
+    if root and grid.pp > 1 and not quiet:
+        print("hpcdqn: pipeline stages (online + target + Adam bytes): " + "; ".join(
+            f"{i}: {held} ({stage_bytes[i] / 1e6:.1f} MB)" for i, held in enumerate(learner.ranges)),
+              file=sys.stderr, flush=True)
     replay = ReplayBuffer(d["buffer_size"], cfg["num_envs"], obs_space.shape, obs_space.dtype,
                           n_step=d["n_step"], gamma=d["gamma"],
                           prioritized=cfg["replay"]["prioritized"], alpha=cfg["replay"]["alpha"],
@@ -162,11 +170,13 @@ def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) 
             learner.greedy(None)   # middle/last stages take part in the pipelined forward
         if has_envs:
             next_obs, rewards, term, trunc, infos = env.step(actions)
-            replay.add(obs, actions, rewards, final_next_obs(next_obs, term, trunc, infos), term, trunc)
+            done = np.logical_or(term, trunc)
+            any_done = done.any()
+            replay.add(obs, actions, rewards,
+                       final_next_obs(next_obs, done, infos) if any_done else next_obs, term, trunc)
             ep_ret += rewards
             ep_len += 1
-            done = np.logical_or(term, trunc)
-            if done.any():
+            if any_done:
                 for i in np.nonzero(done)[0]:
                     window["ret"] += ep_ret[i]
                     window["len"] += ep_len[i]
@@ -246,7 +256,8 @@ def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) 
     summary = {"env_steps": env_steps, "updates": learner.updates, "wall_s": round(wall, 3),
                "sps": round(env_steps / wall, 1), "ups": round(learner.updates / wall, 1),
                "allreduce_share": round(learner.sync_seconds() / wall, 4),
-               "world": grid.world, "dp": grid.dp, "pp": grid.pp, "run_dir": str(run_dir)}
+               "world": grid.world, "dp": grid.dp, "pp": grid.pp, "run_dir": str(run_dir),
+               "parameter_bytes_per_stage": stage_bytes}
     summary.update(ckpt.summary(), checkpoint_io=ckpt.mode)
     if stopped_by:
         summary["stopped_by_signal"] = int(stopped_by)

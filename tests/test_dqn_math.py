@@ -106,3 +106,36 @@ def test_phase_targets_give_the_same_updates(double):
     # Polyak averaging changes the target inside a phase: no phase-wide pass
     cfg["dqn"]["tau"] = 0.5
     assert DQNLearner(build_layers((4,), 2, [32, 32]), cfg, MPI.COMM_SELF).phase_targets(batches) is None
+
+
+@pytest.mark.parametrize("hidden, B, delta, per", [([64, 64], 64, 1.0, False),
+                                                    ([32, 16], 37, 0.3, True), ([], 8, 2.0, True)])
+def test_mlp_hand_backward_is_bitwise_autograd(hidden, B, delta, per):
+    """The plain-MLP fast path (mlp_forward + mlp_td_backward) gives the same actions, gradients
+    and, over many updates (clipping included), the same parameters as autograd, bit for bit."""
+    from mpi4py import MPI
+
+    from hpcdqn.dqn import DQNLearner
+    from hpcdqn.networks import build_layers
+    from hpcdqn.replay import Batch
+
+    cfg = load_config(overrides=[f"dqn.huber_delta={delta}", "dqn.max_grad_norm=1.0",
+                                 "dqn.target_update_every=5"])
+    fast = DQNLearner(build_layers((4,), 3, hidden, seed=3), cfg, MPI.COMM_SELF)
+    slow = DQNLearner(build_layers((4,), 3, hidden, seed=3), cfg, MPI.COMM_SELF)
+    assert fast.mlp is not None
+    slow.mlp = None   # autograd
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        w = rng.uniform(0.1, 1.0, B).astype(np.float32) if per else np.ones(B, np.float32)
+        batch = Batch(rng.standard_normal((B, 4)).astype(np.float32) * 3, rng.integers(0, 3, B),
+                      rng.standard_normal(B).astype(np.float32) * 5,
+                      rng.standard_normal((B, 4)).astype(np.float32),
+                      np.where(rng.random(B) < 0.1, 0.0, 0.99).astype(np.float32), w, np.arange(B))
+        a, b = fast.update(batch), slow.update(batch)
+        assert a["loss"] == b["loss"] and a["q"] == b["q"]
+        assert torch.equal(fast.online.flat.grad, slow.online.flat.grad)
+        assert torch.equal(fast.online.flat, slow.online.flat)
+        assert np.array_equal(fast.greedy(batch.obs), slow.greedy(batch.obs))
+    # anything but a plain MLP keeps autograd
+    assert DQNLearner(build_layers((4,), 2, [8], dueling=True), cfg, MPI.COMM_SELF).mlp is None

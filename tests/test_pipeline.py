@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from hpcdqn.networks import build_layers, num_params
-from hpcdqn.partition import PartitionError, balanced_cuts, partition
+import torch
+
+from hpcdqn.flat import FlatModule
+from hpcdqn.partition import (PartitionError, balanced_cuts, boundary_offset, layer_offsets,
+                              partition, plan_stages, stage_modules)
 from hpcdqn.pipeline import _split, bubble_theory, schedule_ops
 from mpi_util import SCRIPTS, hpcdqn, run_mpi
 
@@ -20,13 +24,53 @@ def test_balanced_partition_minimises_largest_stage():
     assert balanced_cuts([10, 10, 10, 10], 2) == [2]
     assert balanced_cuts([1, 100, 1, 1, 1], 2) == [2]
     assert balanced_cuts([5, 1, 1, 1, 1, 1, 5], 3) == [1, 6]
-    # the 512 -> 4096 x 4 -> 18 benchmark net: the best contiguous split by parameters
+    # the 512 -> 4096 x 4 -> 18 benchmark net: the best contiguous split at layer boundaries
     layers = build_layers((512,), 18, [4096] * 4)
     r = partition(layers, 2)
     assert r == [(0, 2), (2, 5)]
     sizes = [sum(num_params(m) for m in layers[a:b]) for a, b in r]
     assert max(sizes) == min(max(sum(num_params(m) for m in layers[:c]),
                                  sum(num_params(m) for m in layers[c:])) for c in range(1, 5))
+    assert plan_stages(layers, 2, split_layers=False) == [((0, 0), (2, 0)), ((2, 0), (5, 0))]
+    # ... is 18.9M vs 33.6M parameters; cutting inside layer 2 by rows balances it
+    st = plan_stages(layers, 2)
+    assert st[0][1] == st[1][0] and st[0][1][0] == 2 and 0 < st[0][1][1] < 4096
+    off = layer_offsets(layers)
+    n = [boundary_offset(layers, b, off) - boundary_offset(layers, a, off) for a, b in st]
+    assert sum(n) == off[-1] and abs(n[0] - n[1]) <= 4096
+
+
+@pytest.mark.parametrize("obs,hidden,dueling,pp", [((6,), [32, 32], False, 2), ((6,), [32] * 4, False, 4),
+                                                     ((6,), [32, 32], True, 4), ((4,), [16, 16], False, 7),
+                                                     ((4, 84, 84), [32], False, 2)])
+def test_stages_cut_inside_layers_compose_to_the_whole_network(obs, hidden, dueling, pp):
+    layers = build_layers(obs, 5, hidden, dueling, seed=3)
+    whole = FlatModule(layers)
+    x = torch.randn(7, *obs) if len(obs) == 1 else torch.randint(0, 256, (7, *obs), dtype=torch.uint8)
+    y, z, flats = whole(x), x, []
+    stages = plan_stages(layers, pp)
+    assert any(a[1] or b[1] for a, b in stages)            # some boundary is inside a layer
+    for a, b in stages:
+        m = FlatModule(stage_modules(layers, a, b))
+        assert m.numel > 0
+        z = m(z)
+        flats.append(m.flat.data)
+    assert torch.allclose(z, y, atol=1e-6)
+    assert torch.equal(torch.cat(flats), whole.flat.data)   # stage ranges tile the flat vector
+    # gradients too: the pass-through columns carry the input's gradient back
+    z = x.float().requires_grad_() if len(obs) == 1 else x
+    mods = [FlatModule(stage_modules(layers, a, b)) for a, b in stages]
+    out = z
+    for m in mods:
+        out = m(out)
+    out.square().sum().backward()
+    whole2 = FlatModule(build_layers(obs, 5, hidden, dueling, seed=3))
+    z2 = x.float().requires_grad_() if len(obs) == 1 else x
+    whole2(z2).square().sum().backward()
+    g = torch.cat([m.flat.grad for m in mods])
+    assert torch.allclose(g, whole2.flat.grad, atol=1e-5, rtol=1e-5)
+    if len(obs) == 1:
+        assert torch.allclose(z.grad, z2.grad, atol=1e-6)
 
 
 @pytest.mark.parametrize("obs,hidden,dueling,pp", [((4,), [64, 64], False, 2), ((4,), [8] * 4, True, 4),
@@ -51,6 +95,11 @@ def test_explicit_cuts_and_clear_errors():
         partition(layers, 4)
     with pytest.raises(PartitionError, match="only 3 layers"):
         partition(layers, 4, [1, 2, 3])
+    with pytest.raises(PartitionError, match="only 3 layers"):
+        plan_stages(layers, 4, split_layers=False)
+    assert len(plan_stages(layers, 4)) == 4                 # rows of the 16-wide layers
+    with pytest.raises(PartitionError, match="cannot each get parameters"):
+        plan_stages(build_layers((1,), 1, [1]), 5)
 
 
 # -- schedules ------------------------------------------------------------------------------------
@@ -68,6 +117,18 @@ def test_schedules_run_each_step_once_forward_before_backward(kind, P, M):
             live += 1 if k == "F" else -1
             peak = max(peak, live)
         assert peak == (M if kind == "gpipe" else min(M, P - s))
+
+
+@pytest.mark.parametrize("P,M", [(2, 1), (2, 4), (3, 5), (4, 8)])
+def test_bubble_simulation_reproduces_textbook_and_early_send_beats_it(P, M):
+    from hpcdqn.pipeline import bubble_simulated
+
+    for kind in ("gpipe", "1f1b"):
+        fused = bubble_simulated(P, M, kind, early_send=False)
+        assert fused[0] == pytest.approx(bubble_theory(P, M))   # stage 0 spans the whole step
+        early = bubble_simulated(P, M, kind)
+        assert all(e <= f + 1e-12 for e, f in zip(early, fused))
+        assert early[-1] < fused[-1]
 
 
 def test_split_and_bubble_theory():
@@ -103,7 +164,7 @@ def _cases(suite):
         return [f"mlp_pp{pp}_{s}_{d}_M{m}" for s in ("gpipe", "1f1b") for d in ("single", "double")
                 for m in ((1, 4) if pp == 2 else (2, 6))]
     if name == "arch":
-        return ["dueling_mlp", "cnn", "dueling_cnn_cut3"]
+        return ["dueling_mlp", "cnn", "dueling_cnn_cut3", "mlp_whole_layers"]
     return ["dp2_pp2_gpipe", "dp2_pp2_1f1b"]
 
 

@@ -142,3 +142,36 @@ def test_sample_many_cuts_one_uniform_draw_into_batches():
     big = ref.sample(80)
     assert np.array_equal(np.concatenate([b.returns for b in bs]), big.returns)
     assert np.array_equal(np.concatenate([b.obs for b in bs]), big.obs)
+
+
+@pytest.mark.parametrize("num_envs", [1, 3])
+def test_sync_vector_env_steps_exactly_like_gymnasium(num_envs):
+    """hpcdqn's lean SyncVectorEnv.step: the same observations, rewards, flags, final_obs and
+    state as gymnasium's SyncVectorEnv, step for step, over many autoresets."""
+    import gymnasium as gym
+
+    from hpcdqn.envs import SyncVectorEnv, _make_one
+
+    mode = gym.vector.AutoresetMode.SAME_STEP
+    ref = gym.vector.SyncVectorEnv([_make_one("CartPole-v1") for _ in range(num_envs)],
+                                   autoreset_mode=mode)
+    ours = SyncVectorEnv([_make_one("CartPole-v1") for _ in range(num_envs)], autoreset_mode=mode)
+    assert np.array_equal(ref.reset(seed=5)[0], ours.reset(seed=5)[0])
+    rng = np.random.default_rng(0)
+    ends = 0
+    for _ in range(3000):
+        a = rng.integers(0, 2, num_envs)
+        r, o = ref.step(a), ours.step(a)
+        for x, y in zip(r[:4], o[:4]):
+            assert x.dtype == y.dtype and np.array_equal(x, y)
+        assert r[4].keys() == o[4].keys()
+        if "final_obs" in r[4]:
+            ends += 1
+            assert np.array_equal(r[4]["_final_obs"], o[4]["_final_obs"])
+            for x, y in zip(r[4]["final_obs"], o[4]["final_obs"]):
+                assert (x is None and y is None) or np.array_equal(x, y)
+        assert o[0] is not ours._observations     # a copy, as gymnasium's (copy=True)
+    assert ends > 50
+    for k, v in vars(ref).items():                # the state a checkpoint captures
+        if isinstance(v, np.ndarray):
+            assert np.array_equal(v, getattr(ours, k)), k

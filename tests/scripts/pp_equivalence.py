@@ -2,8 +2,9 @@
 
     mpirun -n W python pp_equivalence.py OUTDIR SUITE PP [K]
 
-SUITE: ``mlp`` (every schedule x double x two micro-batch counts), ``arch`` (dueling MLP, CNN,
-dueling CNN with an explicit cut inside the conv stack) or ``dp`` (dp = W / PP replicas, each
+SUITE: ``mlp`` (every schedule x double x two micro-batch counts; the balanced default cuts
+inside Linear layers here), ``arch`` (dueling MLP, CNN, dueling CNN with an explicit cut inside
+the conv stack, an MLP cut only at layer boundaries) or ``dp`` (dp = W / PP replicas, each
 taking its slice of the global batch; reference: one rank with the whole batch).
 
 For every case world rank 0 writes ``CASE.npz``-like plain ``.npy`` files into OUTDIR:
@@ -34,6 +35,7 @@ grid = RankGrid(world, pp)
 root = world.Get_rank() == 0
 
 cases = []   # (name, obs_shape, n_actions, hidden, dueling, cuts, schedule, double, M, global_B)
+WHOLE = "whole"   # as cuts: balanced at layer boundaries only (network.split_layers=false)
 if suite == "mlp":
     hidden = [32, 32] if pp == 2 else [32, 32, 32, 32]
     for sched in ("gpipe", "1f1b"):
@@ -44,7 +46,8 @@ if suite == "mlp":
 elif suite == "arch":
     cases = [("dueling_mlp", (6,), 4, [32, 32], True, [], "1f1b", True, 4, 48),
              ("cnn", (4, 84, 84), 5, [32], False, [], "gpipe", True, 1, 8),
-             ("dueling_cnn_cut3", (4, 84, 84), 5, [32], True, [3], "1f1b", False, 2, 8)]
+             ("dueling_cnn_cut3", (4, 84, 84), 5, [32], True, [3], "1f1b", False, 2, 8),
+             ("mlp_whole_layers", (6,), 3, [32, 32], False, WHOLE, "1f1b", True, 4, 48)]
 elif suite == "dp":
     cases = [(f"dp{grid.dp}_pp{pp}_{s}", (6,), 3, [32, 32], False, [], s, True, 4, 48)
              for s in ("gpipe", "1f1b")]
@@ -70,11 +73,14 @@ for name, obs_shape, n_actions, hidden, dueling, cuts, sched, double, M, GB in c
     cfg = load_config(overrides={
         "pp": pp, "micro_batches": M, "schedule": sched, "dqn.double": double,
         "dqn.batch_size": GB // grid.dp, "dqn.target_update_every": 2, "dqn.max_grad_norm": 0.1,
-        "dqn.lr": 1e-3, "network.hidden": hidden, "network.dueling": dueling, "network.cuts": cuts,
+        "dqn.lr": 1e-3, "network.hidden": hidden, "network.dueling": dueling,
+        "network.cuts": [] if cuts == WHOLE else cuts, "network.split_layers": cuts != WHOLE,
         "parallel.bucket_mb": 0.01, "replay.prioritized": True})   # (so |TD| is returned)
     # replicas other than 0 start from other weights: the per-stage broadcast must fix that
     layers = build_layers(obs_shape, n_actions, hidden, dueling, seed=7 if grid.dp_rank == 0 else 8)
     learner = PipelineLearner(layers, cfg, grid)
+    if root:
+        print(name, learner.ranges, flush=True)
     ref = None
     if root:
         ref = DQNLearner(build_layers(obs_shape, n_actions, hidden, dueling, seed=7), cfg, MPI.COMM_SELF)
