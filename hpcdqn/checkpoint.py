@@ -8,7 +8,8 @@ File format ``hpcdqn-checkpoint-1`` (arrays and JSON attributes only, no pickle)
     params/target/<i>          float32 [n_i]
     adam/exp_avg/<i>           float32 [n_i]
     adam/exp_avg_sq/<i>        float32 [n_i]
-    replay/obs, replay/next_obs  [dp * rows, num_envs, *obs_shape]   (chunked)
+    replay/obs, replay/next_obs  [dp * rows, num_envs, *obs_shape]   (contiguous when written
+                               in parallel: a shard is one byte range; chunked by the serial path)
     replay/actions (int64), rewards (float32), terminated, truncated (bool)  [dp * rows, num_envs]
     replay/priorities          float64 [dp * rows, num_envs]  (prioritized replay only: leaf values)
     replay/pos, replay/filled  int64 [dp];  replay/max_priority float64 [dp]
@@ -17,7 +18,8 @@ File format ``hpcdqn-checkpoint-1`` (arrays and JSON attributes only, no pickle)
                                accumulators, metric window); rank_state_len int64 [world]
 
 Every dataset is cut along axis 0 into *parts*, each written by one rank (a replay shard by
-its data-parallel rank, a layer by replica 0 of the stage that holds it, row r of rank_state by
+its data-parallel rank, a layer by replica 0 of the stage that holds it -- or one slice per stage
+where a stage boundary falls inside the layer, see ``partition.py`` -- row r of rank_state by
 world rank r). Each dataset carries ``parts`` ([[start, stop], ...]) and ``crc32`` (one CRC-32
 per part) attributes; validation re-reads every part and compares.
 
@@ -36,7 +38,9 @@ collective); the outcome is agreed with an allreduce.
 
 Reshard rules (a checkpoint loads into another layout):
 
-- Layers: layer i is stored on its own, so a stage holding layers [a, b) reads those.
+- Layers: layer i is stored on its own; a stage holds one contiguous range [lo, hi) of the
+  flattened network's parameters (``param_range``: whole layers, and row slices of a layer cut
+  by a stage boundary) and reads exactly that range from the layers it overlaps.
 - Replay: the old replay is ``S_old = dp_old * num_envs_old`` env *streams* (one per column of
   a shard, in time order). Each stream keeps its newest ``L = min(filled, S_new * rows_new //
   S_old)`` transitions; the streams are concatenated in stream order (shard 0 env 0, shard 0
