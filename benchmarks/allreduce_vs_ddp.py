@@ -17,7 +17,6 @@ Models: the CartPole Q-network (4 -> 256 x 2 -> 2, batch 64) and a large one
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -126,7 +125,9 @@ def main():
     if a.worker:
         worker(a.worker, a.model, a.iters, a.port)
         return
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    from hpcdqn.scale import child_env
+
+    env = child_env()
     results = {}
     for model in a.models.split(","):
         iters = a.iters if model == "cartpole" else max(5, a.iters // 3)

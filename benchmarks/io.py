@@ -73,10 +73,10 @@ def worker(case: str, n: int, out_dir: Path, repeats: int) -> None:
             "replay/max_priority": np.array([1.0])}
     sizes = [64]
     if rank == 0:
-        for g in ("params/online", "params/target", "adam/exp_avg", "adam/exp_avg_sq"):
+        for _, g in ck.PARAM_GROUPS:
             mine[f"{g}/0"] = np.zeros(64, np.float32)
     layout = {"world": world, "dp": world, "pp": 1, "num_envs": 1, "rows": rows,
-              "stage_ranges": [[0, 1]], "prioritized": False}
+              "stage_params": [[0, 64]], "prioritized": False}
     env = {"env_id": case, "obs_shape": list(obs_shape), "obs_dtype": np.dtype(obs_dtype).str,
            "n_actions": 4}
     run = out_dir / f"{case}-{world}"
@@ -116,7 +116,7 @@ def worker(case: str, n: int, out_dir: Path, repeats: int) -> None:
     import h5py
 
     with h5py.File(path, "r") as f:
-        for k in ("obs", "next_obs", "actions", "rewards", "terminated", "truncated"):
+        for k in ck.REPLAY_ROWS:
             dst = mine[f"replay/{k}"]
             f[f"replay/{k}"].read_direct(dst, np.s_[rank * rows:(rank + 1) * rows])
     read_s = comm.allreduce(time.perf_counter() - t, op=MPI.MAX)
@@ -173,9 +173,9 @@ def main() -> int:
     if a.worker:
         worker(a.worker[0], int(a.worker[1]), out, max(1, a.repeats))
         return 0
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    from hpcdqn.scale import child_env
+
+    env = dict(child_env(), OMPI_MCA_rmaps_base_oversubscribe="1")
     import h5py
 
     from hpcdqn.checkpoint import io_mode

@@ -90,8 +90,9 @@ def worker(a) -> None:
     allv = np.empty((comm.Get_size(), mine.size)) if comm.Get_rank() == 0 else None
     comm.Gather(mine, allv, root=0)
     if comm.Get_rank() == 0:
-        sim = bubble_simulated(a.pp, a.micro, a.schedule) if a.pp > 1 else [0.0]
-        stages = [{"stage": i, "holds": learner.ranges[i] if a.pp > 1 else "the whole network",
+        sim = bubble_simulated(a.pp, a.micro, a.schedule, forwards=3 if cfg["dqn"]["double"] else 2) \
+            if a.pp > 1 else [0.0]
+        stages = [{"stage": i, "holds": learner.stage_contents[i] if a.pp > 1 else "the whole network",
                    "bubble_sim": round(sim[i], 4),
                    "parameters": int(v[4]) // 16,
                    "bubble": round(float(v[0]), 4), "bubble_step": round(float(v[1]), 4),
@@ -107,9 +108,9 @@ def worker(a) -> None:
 
 
 def launch(n: int, args: list[str], timeout: int) -> dict:
-    env = dict(os.environ)
-    env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-                "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
+    from hpcdqn.scale import child_env
+
+    env = child_env()
     exe = shutil.which("mpirun") or shutil.which("mpiexec")
     cmd = [exe, "-n", str(n), "--bind-to", "none", sys.executable, __file__, "--worker", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

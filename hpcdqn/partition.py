@@ -102,11 +102,7 @@ def partition(layers, pp: int, cuts: list[int] | None = None) -> list[tuple[int,
     if cuts:
         check_cuts(list(cuts), n, pp)
         return stage_ranges(list(cuts), n)
-    if pp > n:
-        check_cuts([0] * (pp - 1), n, pp)
-    c = balanced_cuts([num_params(m) for m in layers], pp)
-    check_cuts(c, n, pp)
-    return stage_ranges(c, n)
+    return stage_ranges(balanced_cuts([num_params(m) for m in layers], pp), n)
 
 
 # -- cutting inside Linear layers --------------------------------------------------------------------
@@ -129,9 +125,9 @@ def layer_offsets(layers) -> list[int]:
     return off
 
 
-def boundary_offset(layers, b: Boundary, offsets: list[int] | None = None) -> int:
+def boundary_offset(layers, b: Boundary, offsets: list[int]) -> int:
+    """Where boundary ``b`` falls in the flattened parameters (``offsets``: ``layer_offsets``)."""
     i, r = b
-    offsets = offsets or layer_offsets(layers)
     if r == 0:
         return offsets[i]
     return offsets[i] + r * splittable(layers[i])[0].in_features

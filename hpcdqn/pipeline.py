@@ -49,8 +49,8 @@ import time
 import numpy as np
 import torch
 
-from .allreduce import GradSync, broadcast_params
-from .dqn import DQNLearner, _clone, make_adam, td_loss, td_target, to_tensors
+from .allreduce import GradSync
+from .dqn import DQNLearner, td_loss, td_target, to_tensors
 from .flat import FlatModule
 from .grid import mpi
 from .partition import boundary_offset, describe, layer_offsets, plan_stages, stage_modules
@@ -157,31 +157,24 @@ class PipelineLearner(DQNLearner):
     """One pipeline stage of one data-parallel replica (``grid.pp_rank`` of ``grid.pp``)."""
 
     def __init__(self, layers, cfg: dict, grid, device="cpu"):
-        d = cfg["dqn"]
-        self.cfg, self.d, self.device = cfg, d, torch.device(device)
+        if grid.pp < 2:
+            raise ValueError("PipelineLearner needs pp >= 2; use DQNLearner for pp=1")
+        self.cfg, self.d, self.device = cfg, cfg["dqn"], torch.device(device)
         self.grid = grid
         self.P, self.stage = grid.pp, grid.pp_rank
         self.pp_comm, self.dp_comm = grid.pp_comm, grid.dp_comm
         self.first, self.last = grid.is_first_stage, grid.is_last_stage
-        self.n_layers = len(layers)
         self.stages = plan_stages(layers, grid.pp, cfg["network"]["cuts"],
                                   cfg["network"]["split_layers"])
         offsets = layer_offsets(layers)
         self.param_ranges = [(boundary_offset(layers, a, offsets), boundary_offset(layers, b, offsets))
                              for a, b in self.stages]
         self.stage_sizes = [b - a for a, b in self.param_ranges]
-        self.ranges = describe(self.stages)
-        mine = stage_modules(layers, *self.stages[self.stage])
-        self.online = FlatModule(mine, self.device)
+        self.stage_contents = describe(self.stages)
+        self._init_nets(stage_modules(layers, *self.stages[self.stage]), self.dp_comm)
         if self.online.numel != self.stage_sizes[self.stage]:
             raise RuntimeError(f"stage {self.stage} holds {self.online.numel} parameters, its "
                                f"range {self.param_ranges[self.stage]} says {self.stage_sizes[self.stage]}")
-        self.target = FlatModule([_clone(m) for m in mine], self.device)
-        broadcast_params(self.online, self.dp_comm)
-        self.target.load_flat_(self.online.flat.data)
-        for p in self.target.parameters():
-            p.requires_grad_(False)
-        self.opt = make_adam(self.online.flat, d)
         self.micro = cfg["micro_batches"]
         self.schedule = cfg["schedule"]
         # the overlap hooks start a bucket's allreduce when its first backward completes it:
@@ -217,9 +210,10 @@ class PipelineLearner(DQNLearner):
         return buf
 
     def _progress(self) -> None:
-        """Let in-flight sends advance (MPI progresses large messages only inside MPI calls)."""
+        """Let in-flight sends advance (MPI progresses large messages only inside MPI calls),
+        and let go of the buffers of those that completed."""
         if self._pending:
-            mpi().Request.Testall([r for r, _ in self._pending])
+            self._pending = [(r, buf) for r, buf in self._pending if not r.Test()]
 
     def _finish_sends(self) -> None:
         if self._pending:
@@ -277,9 +271,6 @@ class PipelineLearner(DQNLearner):
             self._serve_infer(op, batch, in_shape)
             return None
         x = torch.as_tensor(obs, device=self.device)
-        if self.P == 1:
-            y = self.online(x)
-            return (y.argmax(1) if op == OP_GREEDY else y).cpu().numpy()
         batch = x.shape[0]
         self._send_header(op, batch, 1, self._out_shape(tuple(x.shape[1:]), x.dtype))
         self._isend(_as_np(self.online(x)), self.stage + 1, TAG_INFER)
@@ -338,30 +329,23 @@ class PipelineLearner(DQNLearner):
         b = None
         if self.first:
             b = to_tensors(batch, self.device)
-            n = int(b["obs"].shape[0])
-            splits = _split(n, self.micro)
-            self._send_header(OP_UPDATE, n, len(splits),
-                              self._out_shape(tuple(b["obs"].shape[1:]), b["obs"].dtype))
-            if P > 1:
-                labels = np.stack([batch.actions.astype(np.float32), batch.returns, batch.discounts,
-                                   batch.weights]).astype(np.float32)
-                self._isend(labels, P - 1, TAG_LABELS)
-            in_shape = None
+            n, micro = int(b["obs"].shape[0]), self.micro
+            in_shape, in_dtype = tuple(b["obs"].shape[1:]), b["obs"].dtype
         else:
             _, n, micro, in_shape = self._recv_header(expect=(OP_UPDATE,))
-            splits = _split(n, micro)
-            self._send_header(OP_UPDATE, n, micro, self._out_shape(in_shape, torch.float32))
+            in_dtype = torch.float32
+        splits = _split(n, micro)
+        out_shape = None if self.last else self._out_shape(in_shape, in_dtype)
+        self._send_header(OP_UPDATE, n, len(splits), out_shape)
+        if self.first:
+            labels = np.stack([batch.actions.astype(np.float32), batch.returns, batch.discounts,
+                               batch.weights]).astype(np.float32)
+            self._isend(labels, P - 1, TAG_LABELS)
         if self.last:
-            if self.first:
-                lab = {k: b[k] for k in ("actions", "returns", "discounts", "weights")}
-            else:
-                raw = self._to_dev(self._recv((4, n), 0, TAG_LABELS))
-                lab = {"actions": raw[0].long(), "returns": raw[1], "discounts": raw[2],
-                       "weights": raw[3]}
+            raw = self._to_dev(self._recv((4, n), 0, TAG_LABELS))
+            lab = {"actions": raw[0].long(), "returns": raw[1], "discounts": raw[2],
+                   "weights": raw[3]}
             loss_sum, td_parts, q_parts = 0.0, {}, {}
-        out_shape = None if self.last else self._out_shape(
-            tuple(b["obs"].shape[1:]) if self.first else in_shape,
-            b["obs"].dtype if self.first else torch.float32)
         self.online.zero_grad_()
         saved: dict[int, tuple] = {}
         t_sched, w_sched = time.perf_counter(), self.wait_seconds
@@ -423,10 +407,7 @@ class PipelineLearner(DQNLearner):
             out["loss"], out["q"] = loss_sum, float(q.mean())
             if need_td:
                 td_abs = torch.cat([td_parts[m] for m in range(len(splits))]).abs()
-                if self.first:
-                    out["td_abs"] = td_abs.cpu().numpy()
-                else:
-                    self._isend(_as_np(td_abs), 0, TAG_RESULT)
+                self._isend(_as_np(td_abs), 0, TAG_RESULT)
         elif self.first and need_td:
             out["td_abs"] = self._recv(n, P - 1, TAG_RESULT)
         self._finish_sends()
@@ -438,9 +419,7 @@ class PipelineLearner(DQNLearner):
         """The norm of the whole replica's gradient: squared stage norms summed over pp_comm."""
         g = self.online.flat.grad
         sq = np.array([float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 if g.numel() else 0.0])
-        if self.P > 1:
-            MPI = mpi()
-            self.pp_comm.Allreduce(MPI.IN_PLACE, [sq, MPI.DOUBLE], op=MPI.SUM)
+        self.pp_comm.Allreduce(mpi().IN_PLACE, [sq, mpi().DOUBLE], op=mpi().SUM)
         return torch.tensor(math.sqrt(sq[0]), dtype=g.dtype, device=g.device)
 
     # -- what the training loop and checkpoints ask ---------------------------------------------
@@ -453,8 +432,6 @@ class PipelineLearner(DQNLearner):
         if self.grid.dp_rank != 0:
             return None
         mine = np.ascontiguousarray(module.numpy_data(), dtype=np.float32)
-        if self.P == 1:
-            return mine.copy()
         MPI = mpi()
         sizes = np.array(self.stage_sizes, dtype=np.int64)
         displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])

@@ -102,7 +102,8 @@ def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) 
     stage_bytes = comm.allgather(learner.parameter_bytes())[:grid.pp]
     if root and grid.pp > 1 and not quiet:
         print("hpcdqn: pipeline stages (online + target + Adam bytes): " + "; ".join(
-            f"{i}: {held} ({stage_bytes[i] / 1e6:.1f} MB)" for i, held in enumerate(learner.ranges)),
+            f"{i}: {held} ({stage_bytes[i] / 1e6:.1f} MB)"
+            for i, held in enumerate(learner.stage_contents)),
               file=sys.stderr, flush=True)
     replay = ReplayBuffer(d["buffer_size"], cfg["num_envs"], obs_space.shape, obs_space.dtype,
                           n_step=d["n_step"], gamma=d["gamma"],
@@ -173,7 +174,7 @@ def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) 
             done = np.logical_or(term, trunc)
             any_done = done.any()
             replay.add(obs, actions, rewards,
-                       final_next_obs(next_obs, done, infos) if any_done else next_obs, term, trunc)
+                       final_next_obs(next_obs, done, infos), term, trunc)
             ep_ret += rewards
             ep_len += 1
             if any_done:

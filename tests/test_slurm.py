@@ -5,7 +5,6 @@ train.sbatch runs to the end, survives USR1 by checkpointing + requeueing + resu
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 import time

@@ -80,7 +80,7 @@ for name, obs_shape, n_actions, hidden, dueling, cuts, sched, double, M, GB in c
     layers = build_layers(obs_shape, n_actions, hidden, dueling, seed=7 if grid.dp_rank == 0 else 8)
     learner = PipelineLearner(layers, cfg, grid)
     if root:
-        print(name, learner.ranges, flush=True)
+        print(name, learner.stage_contents, flush=True)
     ref = None
     if root:
         ref = DQNLearner(build_layers(obs_shape, n_actions, hidden, dueling, seed=7), cfg, MPI.COMM_SELF)
