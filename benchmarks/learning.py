@@ -1,6 +1,6 @@
 """Learning benchmark: the default CartPole-v1 config, one rank, several seeds.
 
-    python benchmarks/learning.py [--seeds 1,2,3,4,5] [--parallel 2] [KEY=VALUE ...]
+    python benchmarks/learning.py [--seeds 1,2,3,4,5 | --seeds 1-30] [--parallel 2] [KEY=VALUE ...]
 
 Runs ``hpcdqn train`` once per seed (``--parallel`` at a time, one thread each) and prints one
 JSON object: each seed's final greedy evaluation (100 episodes) and how many reached the bar.
@@ -35,7 +35,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
-    seeds = [int(s) for s in a.seeds.split(",")]
+    seeds = [i for part in a.seeds.split(",")            # "1,2,5" or "1-30"
+             for i in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)]
     out = a.out or tempfile.mkdtemp(prefix="hpcdqn-learning-")
     t = time.perf_counter()
     with ThreadPoolExecutor(a.parallel) as ex:

@@ -96,9 +96,12 @@ SCHEMA: dict[str, Any] = {
         "batch_size": Key(64, int, "minibatch size PER DATA-PARALLEL RANK", _pos),
         "buffer_size": Key(100_000, int, "replay capacity PER DATA-PARALLEL RANK (transitions)", _pos),
         "learning_starts": Key(1_000, int, "env steps (per rank) before learning", _nonneg),
-        "train_frequency": Key(256, int, "env steps (per rank) between training phases", _pos),
+        "uniform_warmup": Key(True, bool, "act uniformly at random before learning_starts (SB3); "
+                                          "false: epsilon-greedy from step 0 (CleanRL)"),
+        "train_frequency": Key(256, int, "a training phase after every this many env steps (per "
+                                         "rank), once past learning_starts (SB3, CleanRL)", _pos),
         "gradient_steps": Key(128, int, "updates per training phase", _pos),
-        "target_update_every": Key(128, int, "updates between target syncs", _pos),
+        "target_update_every": Key(256, int, "updates between target syncs", _pos),
         "tau": Key(1.0, float, "target sync: 1 = hard copy, < 1 = Polyak averaging", _unit_open),
         "double": Key(True, bool, "double DQN target"),
         "n_step": Key(3, int, "n-step returns", _pos),
@@ -268,7 +271,8 @@ def validate(cfg: dict) -> None:
             f"eval.episodes={cfg['eval']['episodes']} must be a multiple of eval.num_envs="
             f"{cfg['eval']['num_envs']} (each env runs the same number of episodes, so short "
             "episodes are not over-counted)")
-    first_rows = d["learning_starts"] // cfg["num_envs"] + max(1, d["train_frequency"] // cfg["num_envs"])
+    every = max(1, d["train_frequency"] // cfg["num_envs"])
+    first_rows = (d["learning_starts"] // cfg["num_envs"] // every + 1) * every
     if first_rows < d["n_step"]:
         raise ConfigError(
             f"dqn.learning_starts={d['learning_starts']} is too small for dqn.n_step={d['n_step']}: "

@@ -117,7 +117,8 @@ def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) 
     train_every = max(1, d["train_frequency"] // E)
     learn_start = d["learning_starts"] // E
     log_every = max(1, cfg["log"]["every"] // steps_per_iter)
-    n_phases = max(1, (n_iters - learn_start) // train_every)
+    # a phase after vector steps j = train_every, 2 train_every, ... with j > learn_start
+    n_phases = max(1, n_iters // train_every - learn_start // train_every)
     total_updates = n_phases * d["gradient_steps"]
     check_every = cfg["parallel"]["check_every"]
 
@@ -161,6 +162,8 @@ def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) 
         global_step = it * steps_per_iter
         # -- act --------------------------------------------------------------------------------
         eps = epsilon_at(d, cfg["total_steps"], global_step, grid.dp_rank, dp, d["epsilon_ladder"])
+        if d["uniform_warmup"] and it < learn_start:
+            eps = 1.0                                  # uniform actions until learning starts
         if has_envs:
             explore = rng.random(E) < eps
             actions = rng.integers(0, n_actions, E)
@@ -186,7 +189,8 @@ def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) 
                 ep_len[done] = 0
             obs = next_obs
         # -- learn ------------------------------------------------------------------------------
-        if it >= learn_start and (it + 1 - learn_start) % train_every == 0:
+        # after vector steps train_every, 2 train_every, ... once past learning_starts (as SB3)
+        if it >= learn_start and (it + 1) % train_every == 0:
             frac = learner.updates / max(1, total_updates)
             lr = linear_schedule(d["lr"], d["lr"] * d["lr_final_fraction"], 1.0, frac)
             learner.set_lr(lr)

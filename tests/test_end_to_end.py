@@ -70,3 +70,23 @@ def test_unknown_env_is_clear(tmp_path):
 def test_console_script_installed():
     exe = Path(sys.executable).parent / "hpcdqn"
     assert exe.exists(), "pip install -e . should install the hpcdqn console script"
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_training_grid_and_warmup_follow_sb3(tmp_path, warmup):
+    """A phase after every train_frequency env steps once past learning_starts (SB3 trains after
+    steps 1024, 1280, ... for learning_starts=1000, train_freq=256); uniform actions before
+    learning_starts unless dqn.uniform_warmup=false."""
+    run = tmp_path / "run"
+    r = hp("train", "total_steps=2600", "dqn.learning_starts=1000", "dqn.train_frequency=256",
+           "dqn.gradient_steps=3", "network.hidden=[16]", "eval.episodes=0", "log.every=200",
+           "checkpoint=false", "dqn.exploration_fraction=0.5", f"dqn.uniform_warmup={str(warmup).lower()}", f"run_dir={run}")
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    phases = [t for t in range(256, 2601, 256) if t > 1000]     # 1024, 1280, ..., 2560
+    assert summary["updates"] == len(phases) * 3 == 21
+    rows = {int(x["env_steps"]): x for x in csv.DictReader(open(run / "metrics.csv"))}
+    # epsilon logged after env step 1000 (acting at step 999): 1.0 in the warm-up, else the schedule
+    eps_999 = 1.0 - (1.0 - 0.04) * 999 / (0.5 * 2600)
+    assert float(rows[1000]["epsilon"]) == pytest.approx(1.0 if warmup else eps_999)
+    assert float(rows[1200]["epsilon"]) == pytest.approx(1.0 - 0.96 * 1199 / 1300)
+    assert int(rows[1000]["updates"]) == 0 and int(rows[1200]["updates"]) == 3

@@ -58,8 +58,9 @@ def metrics(run_dir) -> list[dict]:
 
 
 def expected_updates(total, dp, learning_starts=500, train_frequency=100, gradient_steps=20):
+    """A phase after every train_frequency env steps per replica, once past learning_starts."""
     n_iters = math.ceil(total / dp)
-    return ((n_iters - learning_starts) // train_frequency) * gradient_steps
+    return (n_iters // train_frequency - learning_starts // train_frequency) * gradient_steps
 
 
 def check_checkpoint(run_dir, env_steps):
