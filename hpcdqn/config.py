@@ -259,6 +259,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return cfg
 
 
+def training_grid(cfg: dict) -> tuple[int, int]:
+    """(train_every, learn_start) in vector steps per replica: a training phase runs after vector
+    steps train_every, 2 train_every, ... that lie past learn_start (SB3's and CleanRL's grid)."""
+    d, E = cfg["dqn"], cfg["num_envs"]
+    return max(1, d["train_frequency"] // E), d["learning_starts"] // E
+
+
 def validate(cfg: dict) -> None:
     """Cross-key checks: things each key alone cannot know."""
     d = cfg["dqn"]
@@ -271,8 +278,8 @@ def validate(cfg: dict) -> None:
             f"eval.episodes={cfg['eval']['episodes']} must be a multiple of eval.num_envs="
             f"{cfg['eval']['num_envs']} (each env runs the same number of episodes, so short "
             "episodes are not over-counted)")
-    every = max(1, d["train_frequency"] // cfg["num_envs"])
-    first_rows = (d["learning_starts"] // cfg["num_envs"] // every + 1) * every
+    every, start = training_grid(cfg)
+    first_rows = (start // every + 1) * every
     if first_rows < d["n_step"]:
         raise ConfigError(
             f"dqn.learning_starts={d['learning_starts']} is too small for dqn.n_step={d['n_step']}: "

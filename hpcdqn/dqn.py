@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .allreduce import GradSync, broadcast_params, check_consistent
-from .flat import FlatModule, _unroll
+from .flat import FlatModule, unroll
 from .replay import Batch
 
 
@@ -71,7 +71,7 @@ class Dense:
 def mlp_layers(module: FlatModule) -> list[Dense] | None:
     """The layers of a plain MLP Q-network (Linear, ReLU, Linear, ..., ReLU, Linear, each with a
     bias), in order; None for any other network (CNN, dueling head, ...)."""
-    leaves = _unroll(module.net)
+    leaves = unroll(module.net)
     linears = leaves[0::2]
     if not (len(leaves) % 2 == 1
             and all(isinstance(m, nn.Linear) and m.bias is not None for m in linears)

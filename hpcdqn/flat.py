@@ -36,7 +36,7 @@ class FlatModule(nn.Module):
                 self.slices.append((off, n))
                 off += n
         self._params = params
-        self._leaf_forwards = [m.forward for m in _unroll(self.net)]
+        self._leaf_forwards = [m.forward for m in unroll(self.net)]
 
     def accumulate_grads_in_place(self) -> None:
         """Backward through every Linear (and ``LinearPiece``) adds its weight gradient straight
@@ -44,7 +44,7 @@ class FlatModule(nn.Module):
         gradients accumulate over micro-batches and nothing hooks the per-parameter gradients
         (not with the overlapped allreduce)."""
         fwd = []
-        for m in _unroll(self.net):
+        for m in unroll(self.net):
             if hasattr(m, "accumulate_in_place"):
                 m.accumulate_in_place = True
                 fwd.append(m.forward)
@@ -112,8 +112,8 @@ def linear_accumulating(x, weight, bias=None):
     return _LinearAccumulating.apply(x, weight, bias)
 
 
-def _unroll(m: nn.Module) -> list[nn.Module]:
+def unroll(m: nn.Module) -> list[nn.Module]:
     """The modules a (nested) nn.Sequential runs, in order; other modules stay whole."""
     if isinstance(m, nn.Sequential):
-        return [leaf for child in m for leaf in _unroll(child)]
+        return [leaf for child in m for leaf in unroll(child)]
     return [m]

@@ -419,7 +419,8 @@ class PipelineLearner(DQNLearner):
         """The norm of the whole replica's gradient: squared stage norms summed over pp_comm."""
         g = self.online.flat.grad
         sq = np.array([float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 if g.numel() else 0.0])
-        self.pp_comm.Allreduce(mpi().IN_PLACE, [sq, mpi().DOUBLE], op=mpi().SUM)
+        MPI = mpi()
+        self.pp_comm.Allreduce(MPI.IN_PLACE, [sq, MPI.DOUBLE], op=MPI.SUM)
         return torch.tensor(math.sqrt(sq[0]), dtype=g.dtype, device=g.device)
 
     # -- what the training loop and checkpoints ask ---------------------------------------------

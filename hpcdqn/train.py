@@ -114,10 +114,8 @@ def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) 
     E, dp = cfg["num_envs"], grid.dp
     steps_per_iter = E * dp                                   # global env steps per vector step
     n_iters = math.ceil(cfg["total_steps"] / steps_per_iter)
-    train_every = max(1, d["train_frequency"] // E)
-    learn_start = d["learning_starts"] // E
+    train_every, learn_start = config_mod.training_grid(cfg)
     log_every = max(1, cfg["log"]["every"] // steps_per_iter)
-    # a phase after vector steps j = train_every, 2 train_every, ... with j > learn_start
     n_phases = max(1, n_iters // train_every - learn_start // train_every)
     total_updates = n_phases * d["gradient_steps"]
     check_every = cfg["parallel"]["check_every"]
@@ -175,12 +173,11 @@ def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) 
         if has_envs:
             next_obs, rewards, term, trunc, infos = env.step(actions)
             done = np.logical_or(term, trunc)
-            any_done = done.any()
             replay.add(obs, actions, rewards,
                        final_next_obs(next_obs, done, infos), term, trunc)
             ep_ret += rewards
             ep_len += 1
-            if any_done:
+            if done.any():
                 for i in np.nonzero(done)[0]:
                     window["ret"] += ep_ret[i]
                     window["len"] += ep_len[i]

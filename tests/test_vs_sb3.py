@@ -126,9 +126,11 @@ def test_update_matches_sb3():
             learner.update(ours[k], q_next[k])
     assert learner.updates == model._n_updates == 2 * K
 
-    sb3_flat = torch.cat([p.detach().reshape(-1) for m in sb3_linears for p in (m.weight, m.bias)])
-    sb3_target = torch.cat([p.detach().reshape(-1) for m in model.q_net_target.q_net
-                            if isinstance(m, torch.nn.Linear) for p in (m.weight, m.bias)])
+    def flat(seq):     # an SB3 q_net's Linear layers as one vector, in hpcdqn's order
+        return torch.cat([p.detach().reshape(-1) for m in seq if isinstance(m, torch.nn.Linear)
+                          for p in (m.weight, m.bias)])
+
+    sb3_flat, sb3_target = flat(model.q_net.q_net), flat(model.q_net_target.q_net)
     ours_flat = torch.as_tensor(learner.gather_online())
     moved = (ours_flat - torch.as_tensor(start)).abs().max().item()
     assert moved > 1e-2                               # the phases did change the network
