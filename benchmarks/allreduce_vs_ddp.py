@@ -5,7 +5,7 @@
 Both sides run the same update on the same model and per-process batch, with 2 processes and
 one thread each, one after the other in the same run: target forward (no grad), online forward,
 Huber TD loss, backward, gradient averaging across processes, global-norm clip, Adam step.
-- hpcdqn: ``DQNLearner.update`` (gradients live in one flat buffer; one in-place Allreduce
+- hpcdqn: ``DataParallelLearner.update`` (gradients live in one flat buffer; one in-place Allreduce
   per 25 MiB bucket over MPI; Adam on the flat parameter).
 - hpcdqn_overlap: the same with ``parallel.overlap=true`` (an ``Iallreduce`` per bucket started
   from autograd hooks during backward).
@@ -45,8 +45,8 @@ def worker(side, model, iters, port):
     from mpi4py import MPI
 
     from hpcdqn.config import load_config
-    from hpcdqn.networks import build_layers
-    from hpcdqn.replay import Batch
+    from hpcdqn.rl.networks import build_layers
+    from hpcdqn.rl.replay import Batch
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -57,9 +57,9 @@ def worker(side, model, iters, port):
     obs, act, ret, nxt, disc = _data(spec, rank)
     warm = 3
     if side.startswith("hpcdqn"):
-        from hpcdqn.dqn import DQNLearner
+        from hpcdqn.learner import DataParallelLearner
 
-        learner = DQNLearner(layers, cfg, comm)
+        learner = DataParallelLearner(layers, cfg, comm)
         batch = Batch(obs, act, ret, nxt, disc, np.ones(len(act), np.float32), np.arange(len(act)))
 
         def step():
@@ -125,7 +125,7 @@ def main():
     if a.worker:
         worker(a.worker, a.model, a.iters, a.port)
         return
-    from hpcdqn.scale import child_env
+    from hpcdqn.cluster.scale import child_env
 
     env = child_env()
     results = {}

@@ -1,4 +1,4 @@
-"""Checkpoint I/O bandwidth: the replay written and read through ``hpcdqn.checkpoint``, with 1 and
+"""Checkpoint I/O bandwidth: the replay written and read through ``hpcdqn.store``, with 1 and
 2 ranks, next to the disk's raw sequential write bandwidth (``dd ... conv=fdatasync``) measured in
 the same run. Prints one JSON document.
 
@@ -29,7 +29,7 @@ apart). Each write is compared with the mean of the dd right before and right af
   also runs dd alone right before and right after each job (``dd_standalone_MBps``) and reports
   ``write_vs_dd_standalone`` (the median write against it); the target check uses the smaller of
   the two ratios.
-- ``mpi_io``: the ``OMPI_MCA_io`` component in effect (``hpcdqn.checkpoint`` prefers ROMIO).
+- ``mpi_io``: the ``OMPI_MCA_io`` component in effect (``hpcdqn.store.mpiio`` prefers ROMIO).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def worker(case: str, n: int, out_dir: Path, repeats: int) -> None:
     from mpi4py import MPI
 
     sys.path.insert(0, str(ROOT))
-    from hpcdqn import checkpoint as ck
+    from hpcdqn.store import PARAM_GROUPS, REPLAY_ROWS, crc, verify, write_checkpoint
 
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
@@ -73,7 +73,7 @@ def worker(case: str, n: int, out_dir: Path, repeats: int) -> None:
             "replay/max_priority": np.array([1.0])}
     sizes = [64]
     if rank == 0:
-        for _, g in ck.PARAM_GROUPS:
+        for _, g in PARAM_GROUPS:
             mine[f"{g}/0"] = np.zeros(64, np.float32)
     layout = {"world": world, "dp": world, "pp": 1, "num_envs": 1, "rows": rows,
               "stage_params": [[0, 64]], "prioritized": False}
@@ -86,7 +86,7 @@ def worker(case: str, n: int, out_dir: Path, repeats: int) -> None:
     # checksum cost alone (same arrays), to separate compute from I/O
     t = time.perf_counter()
     for v in mine.values():
-        ck._crc(v)
+        crc(v)
     crc_s = comm.allreduce(time.perf_counter() - t, op=MPI.MAX)
     # interleaved: dd, write, dd, write, ..., dd (rank 0 runs dd while the others wait), so each
     # write sits between two raw-disk measurements taken with the same memory in use
@@ -101,8 +101,8 @@ def worker(case: str, n: int, out_dir: Path, repeats: int) -> None:
         if r == repeats:
             break
         t = time.perf_counter()
-        info = ck.write_checkpoint(run, comm, layout, env, sizes, {"bench": True},
-                                   {"env_steps": n + r, "wall_s": 0.0}, mine, b"{}", keep_last=1)
+        info = write_checkpoint(run, comm, layout, env, sizes, {"bench": True},
+                                {"env_steps": n + r, "wall_s": 0.0}, mine, b"{}", keep_last=1)
         writes.append(comm.allreduce(time.perf_counter() - t, op=MPI.MAX))
     path = Path(info["path"])
     size = path.stat().st_size
@@ -116,12 +116,12 @@ def worker(case: str, n: int, out_dir: Path, repeats: int) -> None:
     import h5py
 
     with h5py.File(path, "r") as f:
-        for k in ck.REPLAY_ROWS:
+        for k in REPLAY_ROWS:
             dst = mine[f"replay/{k}"]
             f[f"replay/{k}"].read_direct(dst, np.s_[rank * rows:(rank + 1) * rows])
     read_s = comm.allreduce(time.perf_counter() - t, op=MPI.MAX)
     t = time.perf_counter()
-    ck.verify(path, comm)               # full checksum pass (pages now cached)
+    verify(path, comm)               # full checksum pass (pages now cached)
     verify_s = comm.allreduce(time.perf_counter() - t, op=MPI.MAX)
     if rank == 0:
         mb = size / 1e6
@@ -173,12 +173,12 @@ def main() -> int:
     if a.worker:
         worker(a.worker[0], int(a.worker[1]), out, max(1, a.repeats))
         return 0
-    from hpcdqn.scale import child_env
+    from hpcdqn.cluster.scale import child_env
 
     env = dict(child_env(), OMPI_MCA_rmaps_base_oversubscribe="1")
     import h5py
 
-    from hpcdqn.checkpoint import io_mode
+    from hpcdqn.store import io_mode
 
     report = {"io_mode": io_mode(), "h5py_mpi": bool(h5py.get_config().mpi),
               "hdf5": h5py.version.hdf5_version, "dir": str(out), "results": []}

@@ -8,13 +8,13 @@ Linear layer by output rows (26.2M parameters per stage); ``--layer-boundaries``
 cut at layer boundaries instead (18.9M vs 33.6M parameters, which caps pp=2 at 1.56x). For each configuration the driver launches
 ``mpirun -n PP python benchmarks/pipeline.py --worker ...`` and prints one JSON object:
 
-- ``pp1``: the unpartitioned ``DQNLearner`` (micro-batching does not apply to it);
+- ``pp1``: the unpartitioned ``DataParallelLearner`` (micro-batching does not apply to it);
 - ``pp2[M]``: ``PipelineLearner`` with ``M`` micro-batches: updates/s, speedup over pp=1, and per
   stage the measured bubble = time blocked in Recv during the forward/backward schedule / that
   schedule's wall time (``bubble_step`` divides all waiting by the whole update instead), next to
   the textbook theory ``(P-1)/(M+P-1)`` for equal stages (``bubble_theory``) and to
   ``bubble_sim``: the same quantity for this implementation's exact op order by event simulation
-  (``hpcdqn.pipeline.bubble_simulated``: unit-cost forwards passed on one by one, backward = 2
+  (``hpcdqn.parallel.pipeline.bubble_simulated``: unit-cost forwards passed on one by one, backward = 2
   forwards). Each micro-batch runs three forwards (online on obs, target and online on next_obs),
   and each is sent on as soon as it is done, so stages overlap more than the textbook's one fused
   forward and the bubble is *below* ``(P-1)/(M+P-1)`` for small M;
@@ -42,12 +42,12 @@ def worker(a) -> None:
     from mpi4py import MPI
 
     from hpcdqn.config import load_config
-    from hpcdqn.grid import RankGrid
-    from hpcdqn.memory import keep_freed_memory
-    from hpcdqn.networks import build_layers
-    from hpcdqn.pipeline import bubble_simulated, bubble_theory
-    from hpcdqn.replay import Batch
-    from hpcdqn.train import build_learner
+    from hpcdqn.parallel.grid import RankGrid
+    from hpcdqn.parallel.memory import keep_freed_memory
+    from hpcdqn.rl.networks import build_layers
+    from hpcdqn.parallel.pipeline import bubble_simulated, bubble_theory
+    from hpcdqn.rl.replay import Batch
+    from hpcdqn.learner import build_learner
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
@@ -108,7 +108,7 @@ def worker(a) -> None:
 
 
 def launch(n: int, args: list[str], timeout: int) -> dict:
-    from hpcdqn.scale import child_env
+    from hpcdqn.cluster.scale import child_env
 
     env = child_env()
     exe = shutil.which("mpirun") or shutil.which("mpiexec")

@@ -18,7 +18,7 @@ import tempfile
 
 
 def run(n, steps, overrides, out):
-    from hpcdqn.scale import child_env
+    from hpcdqn.cluster.scale import child_env
 
     env = child_env()
     cmd = ["mpirun", "-n", str(n), "--oversubscribe", "--bind-to", "core" if n <= os.cpu_count() else "none",

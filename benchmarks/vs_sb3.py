@@ -81,7 +81,7 @@ def one_sb3(steps, seed):
     import torch
     from stable_baselines3 import DQN
 
-    from hpcdqn.evaluate import evaluate
+    from hpcdqn.rl.evaluate import evaluate
 
     torch.set_num_threads(1)
     model = DQN("MlpPolicy", "CartPole-v1", **sb3_kwargs(), seed=seed, device="cpu", verbose=0)

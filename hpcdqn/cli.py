@@ -22,23 +22,23 @@ EXIT_CHECKPOINTED = 3
 
 
 def _cmd_train(args) -> int:
-    from .lifecycle import install_signal_handlers
+    from hpcdqn.parallel.lifecycle import install_signal_handlers
 
     install_signal_handlers()   # before the slow imports: an early USR1/TERM must not kill a rank
-    from .config import load_config
-    from .lifecycle import abort_on_exception, is_user_error, user_error_kind
+    from hpcdqn.config import load_config
+    from hpcdqn.parallel.lifecycle import abort_on_exception, is_user_error, user_error_kind
 
     try:
         if args.resume:
             if args.config:
                 print("hpcdqn train: --config is ignored with --resume (the checkpoint holds the "
                       "config; pass KEY=VALUE overrides)", file=sys.stderr)
-            from .checkpoint import resume_config
+            from hpcdqn.store import resume_config
 
             cfg = resume_config(args.resume, args.overrides)
         else:
             cfg = load_config(args.config, args.overrides)
-        from .train import train
+        from hpcdqn.train import train
 
         summary = abort_on_exception(train, cfg, resume=args.resume)
     except Exception as e:   # one process: a user error is a message, anything else a traceback
@@ -58,7 +58,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_scale(args) -> int:
-    from .scale import main_cli
+    from hpcdqn.cluster.scale import main_cli
 
     return main_cli(args)
 
@@ -68,8 +68,8 @@ def _cmd_eval(args) -> int:
 
     import torch
 
-    from .evaluate import evaluate
-    from .modelfile import load_model
+    from hpcdqn.rl.evaluate import evaluate
+    from hpcdqn.store.modelfile import load_model
 
     run = Path(args.run_dir)
     path = run / "model.h5" if run.is_dir() else run
@@ -96,8 +96,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .checkpoint import CheckpointError
-    from .export import export_minari
+    from hpcdqn.store import CheckpointError
+    from hpcdqn.store.export import export_minari
 
     if args.format != "minari":
         print(f"hpcdqn export: unknown format {args.format!r} (supported: minari)", file=sys.stderr)
@@ -112,7 +112,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .info import collect
+    from hpcdqn.info import collect
 
     info = collect()
     if args.json:
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["train"] and any(a in ("-h", "--help") for a in argv[1:]):
-        from .config import describe
+        from hpcdqn.config import describe
 
         t.description += describe()
     args = p.parse_args(argv)

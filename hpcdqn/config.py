@@ -123,6 +123,8 @@ SCHEMA: dict[str, Any] = {
         "bucket_mb": Key(25.0, float, "gradient allreduce bucket size cap (MiB)", _pos),
         "overlap": Key(False, bool, "overlap allreduce with backward (Iallreduce per bucket)"),
         "check_every": Key(1000, int, "updates between cross-rank parameter checksums (0: off)", _nonneg),
+        "manual_backward": Key(True, bool, "plain MLPs: the hand-written backward (checked against "
+                                           "autograd at start; false: autograd)"),
     },
     "eval": {
         "episodes": Key(100, int, "greedy episodes at the end of training (0: none)", _nonneg),
@@ -197,12 +199,12 @@ def _close(word: str, options: list[str]) -> str | None:
     return m[0] if m else None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
         p = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, p + "."))
+            out.update(flatten(v, p + "."))
         else:
             out[p] = v
     return out
@@ -246,10 +248,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file '{p}' is not valid TOML: {e}") from None
-        for k, v in _flatten(data).items():
+        for k, v in flatten(data).items():
             _set(cfg, k, _coerce(k, _lookup(k), v))
     if isinstance(overrides, dict):
-        items = list(_flatten(overrides).items()) if any(isinstance(v, dict) for v in overrides.values()) \
+        items = list(flatten(overrides).items()) if any(isinstance(v, dict) for v in overrides.values()) \
             else list(overrides.items())
     else:
         items = parse_overrides(overrides)
@@ -309,6 +311,6 @@ def to_toml(cfg: dict) -> str:
 def describe() -> str:
     """Every key with its default and help, for `hpcdqn train --help-config`."""
     rows = []
-    for k, v in _flatten(SCHEMA).items():
+    for k, v in flatten(SCHEMA).items():
         rows.append(f"  {k:<28} {json.dumps(v.default):<14} {v.help}")
     return "\n".join(rows)

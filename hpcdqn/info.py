@@ -12,12 +12,12 @@ def collect() -> dict:
     import torch
     from mpi4py import MPI
 
-    from . import __version__
+    from hpcdqn import __version__
 
     thread_levels = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
                      MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple"}
     cuda = torch.cuda.is_available()
-    from .checkpoint import io_mode
+    from hpcdqn.store import io_mode
 
     h5mpi = bool(h5py.get_config().mpi)
     return {

@@ -81,10 +81,10 @@ def test_update_matches_sb3():
     from stable_baselines3.common.type_aliases import ReplayBufferSamples
 
     from hpcdqn.config import load_config
-    from hpcdqn.dqn import DQNLearner
-    from hpcdqn.grid import mpi
-    from hpcdqn.networks import build_layers
-    from hpcdqn.replay import Batch
+    from hpcdqn.learner import DataParallelLearner
+    from hpcdqn.parallel.grid import mpi
+    from hpcdqn.rl.networks import build_layers
+    from hpcdqn.rl.replay import Batch
 
     torch.set_num_threads(1)
     model = sb3.DQN("MlpPolicy", "CartPole-v1", **vs_sb3.sb3_kwargs(), seed=3, device="cpu")
@@ -97,7 +97,7 @@ def test_update_matches_sb3():
         for a, b in zip(our_linears, sb3_linears, strict=True):
             a.weight.copy_(b.weight)
             a.bias.copy_(b.bias)
-    learner = DQNLearner(layers, cfg, mpi().COMM_SELF)
+    learner = DataParallelLearner(layers, cfg, mpi().COMM_SELF)
     start = learner.gather_online()
 
     data = _transitions(2000, seed=3)

@@ -3,20 +3,20 @@ import sys
 
 from mpi4py import MPI
 
-from hpcdqn import dqn
+from hpcdqn.learner import data_parallel
 from hpcdqn.config import load_config
-from hpcdqn.lifecycle import abort_on_exception
+from hpcdqn.parallel.lifecycle import abort_on_exception
 from hpcdqn.train import train
 
 if MPI.COMM_WORLD.Get_rank() == 1:
-    orig = dqn.DQNLearner.update
+    orig = data_parallel.DataParallelLearner.update
 
     def update(self, batch, *args, **kwargs):
         if self.updates == 4:
             raise ZeroDivisionError("injected failure on rank 1")
         return orig(self, batch, *args, **kwargs)
 
-    dqn.DQNLearner.update = update
+    data_parallel.DataParallelLearner.update = update
 
 cfg = load_config(overrides=["total_steps=100000", "dqn.learning_starts=200", "log.progress=false",
                              f"run_dir={sys.argv[1]}"])

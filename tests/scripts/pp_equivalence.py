@@ -1,4 +1,4 @@
-"""Pipeline (dp x pp ranks) against one unpartitioned DQNLearner on world rank 0, on fixed data.
+"""Pipeline (dp x pp ranks) against one unpartitioned DataParallelLearner on world rank 0, on fixed data.
 
     mpirun -n W python pp_equivalence.py OUTDIR SUITE PP [K]
 
@@ -21,11 +21,11 @@ import torch
 from mpi4py import MPI
 
 from hpcdqn.config import load_config
-from hpcdqn.dqn import DQNLearner
-from hpcdqn.grid import RankGrid
-from hpcdqn.networks import build_layers
-from hpcdqn.pipeline import PipelineLearner
-from hpcdqn.replay import Batch
+from hpcdqn.learner import DataParallelLearner
+from hpcdqn.parallel.grid import RankGrid
+from hpcdqn.rl.networks import build_layers
+from hpcdqn.learner import PipelineLearner
+from hpcdqn.rl.replay import Batch
 
 outdir, suite, pp = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 K = int(sys.argv[4]) if len(sys.argv) > 4 else 4
@@ -83,7 +83,7 @@ for name, obs_shape, n_actions, hidden, dueling, cuts, sched, double, M, GB in c
         print(name, learner.stage_contents, flush=True)
     ref = None
     if root:
-        ref = DQNLearner(build_layers(obs_shape, n_actions, hidden, dueling, seed=7), cfg, MPI.COMM_SELF)
+        ref = DataParallelLearner(build_layers(obs_shape, n_actions, hidden, dueling, seed=7), cfg, MPI.COMM_SELF)
         np.save(outdir / f"{name}_init.npy", ref.online.numpy_data().copy())
         norms = []
         ref_norm = ref.grad_norm

@@ -6,20 +6,20 @@ import sys
 
 from mpi4py import MPI
 
-from hpcdqn import pipeline
+from hpcdqn.learner import pipelined
 from hpcdqn.config import load_config
-from hpcdqn.lifecycle import abort_on_exception
+from hpcdqn.parallel.lifecycle import abort_on_exception
 from hpcdqn.train import train
 
 if MPI.COMM_WORLD.Get_rank() == int(sys.argv[2]):
-    orig = pipeline.PipelineLearner.update
+    orig = pipelined.PipelineLearner.update
 
-    def update(self, batch):
+    def update(self, batch, *args, **kwargs):
         if self.updates == 4:
             raise ZeroDivisionError(f"injected failure on pipeline stage {self.stage}")
-        return orig(self, batch)
+        return orig(self, batch, *args, **kwargs)
 
-    pipeline.PipelineLearner.update = update
+    pipelined.PipelineLearner.update = update
 
 cfg = load_config(overrides=["total_steps=100000", "dqn.learning_starts=200", "log.progress=false",
                              "pp=2", "micro_batches=4", "network.hidden=[32, 32]",

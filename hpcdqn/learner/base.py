@@ -1,0 +1,168 @@
+"""What every learner is: the ``Learner`` protocol the training loop, evaluation and checkpoints
+use, and ``StageLearner``, the state and optimizer step both learners share.
+
+A learner holds one replica's part of the Q-network on this rank (the whole network, or one
+pipeline stage): online and target ``FlatModule``, Adam, and the gradient sync over the
+stage's data-parallel communicator. Methods marked *collective* must be called by every rank of
+the communicator named, in the same order; the training loop calls the same sequence on every
+rank, so a rank that holds no environments passes ``None`` where it has no data.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from hpcdqn.learner import plan as plan_mod
+from hpcdqn.parallel.allreduce import GradSync, broadcast_params, check_consistent
+from hpcdqn.parallel.flat import FlatModule
+from hpcdqn.rl.optim import adam_state, adam_step, make_adam, restore_adam
+
+# the protocol's collectives: (method, over which ranks)
+COLLECTIVES = {"greedy": "the replica's stages (pp_comm)",
+               "q_values": "the replica's stages (pp_comm)",
+               "update": "the replica's stages (pp_comm), then the stage's replicas (dp_comm)",
+               "evaluate": "the replica's stages (pp_comm)",
+               "gather_online": "the replica's stages (pp_comm)",
+               "check_consistency": "the stage's replicas (dp_comm)"}
+
+
+class Learner(Protocol):
+    """The learner interface (see ``COLLECTIVES`` for the methods that are collective)."""
+    plan: plan_mod.ExecutionPlan
+    updates: int
+    device: torch.device
+    param_ranges: list[tuple[int, int]]   # every stage's [lo, hi) of the flattened network
+    stage_contents: list[str]             # every stage's layers, for people
+
+    # collectives
+    def greedy(self, obs: np.ndarray | None, needed: bool = True) -> np.ndarray | None:
+        """Greedy actions for ``obs`` (first stage; None elsewhere). ``needed=False``: every
+        action is exploratory, a learner that can may skip the forward (returns None)."""
+
+    def update(self, batch, q_next_target=None) -> dict:
+        """One gradient update on ``batch`` (first stage; None elsewhere): {'loss', 'q',
+        'td_abs'} where known on this rank, else None values."""
+
+    def evaluate(self, run):
+        """``run(greedy)`` on replica 0; its result on world rank 0, None elsewhere."""
+
+    def gather_online(self) -> np.ndarray | None:
+        """The whole online network's flat parameters on world rank 0 (None elsewhere)."""
+
+    def check_consistency(self) -> None:
+        """Stop loudly if the replicas' parameters differ."""
+
+    # local
+    def phase_targets(self, batches) -> list | None: ...
+    def set_lr(self, lr: float) -> None: ...
+    def sync_seconds(self) -> float: ...
+    def param_range(self) -> tuple[int, int]: ...
+    def parameter_bytes(self) -> int: ...
+    def state_arrays(self) -> dict: ...
+    def state_scalars(self) -> dict: ...
+    def load_state(self, arrays: dict, scalars: dict) -> None: ...
+
+
+class StageLearner:
+    """Online + target network, Adam and gradient sync for ``modules`` (the whole network or one
+    pipeline stage), and the optimizer step: allreduce-average, clip by the global norm, Adam,
+    target sync. ``pipeline``: whether ``modules`` are one stage of several (the plan differs)."""
+
+    def __init__(self, modules, cfg: dict, dp_comm, device="cpu", pipeline: bool = False):
+        self.cfg, self.d, self.device = cfg, cfg["dqn"], torch.device(device)
+        self.dp_comm = dp_comm
+        self.online = FlatModule(modules, self.device)
+        self.target = FlatModule([copy.deepcopy(m) for m in modules], self.device)
+        broadcast_params(self.online, dp_comm)    # every replica starts from replica 0's values
+        self.target.load_flat_(self.online.flat.data)
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.opt = make_adam(self.online.flat, self.d)
+        buckets = GradSync.bucket_bounds(self.online, cfg["parallel"]["bucket_mb"])
+        self.plan = plan_mod.decide(cfg, self.online, self.opt, dp_comm, pipeline, len(buckets))
+        self.sync = GradSync(self.online, dp_comm, cfg["parallel"]["bucket_mb"], self.plan.overlap)
+        if self.plan.gradient == "autograd-accumulate":
+            self.online.accumulate_grads_in_place()
+        self.updates = 0
+
+    # -- optimizer step -------------------------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return float(self.opt.param_groups[0]["lr"])
+
+    def step_optimizer(self) -> None:
+        """Collective over dp_comm (and, for a pipeline stage's norm, pp_comm): allreduce-average
+        the gradients, clip, Adam, maybe sync the target."""
+        self.sync()
+        if self.d["max_grad_norm"] > 0:
+            g = self.online.flat.grad
+            coef = self.d["max_grad_norm"] / (float(self.grad_norm()) + 1e-6)
+            if coef < 1.0:          # (a factor of 1 would change nothing: skip the pass)
+                g.mul_(coef)
+        adam_step(self.opt)
+        self.updates += 1
+        if self.updates % self.d["target_update_every"] == 0:
+            self.sync_target()
+
+    def grad_norm(self) -> torch.Tensor:
+        """The L2 norm of this learner's (averaged) gradient."""
+        return torch.linalg.vector_norm(self.online.flat.grad)
+
+    @torch.no_grad()
+    def sync_target(self) -> None:
+        tau = self.d["tau"]
+        if tau >= 1.0:
+            self.target.flat.data.copy_(self.online.flat.data)
+        else:
+            self.target.flat.data.lerp_(self.online.flat.data, tau)
+
+    # -- what the loop and the reports ask -------------------------------------------------------
+    def check_consistency(self) -> None:
+        """Collective over dp_comm: the replicas' parameter checksums must agree."""
+        check_consistent(self.online.checksum(), self.dp_comm)
+
+    def sync_seconds(self) -> float:
+        return self.sync.seconds
+
+    def parameter_bytes(self) -> int:
+        """Bytes of online + target parameters + Adam moments held by this rank."""
+        n = self.online.flat.numel() + self.target.flat.numel()
+        _, m1, m2 = adam_state(self.opt, self.online.flat)
+        n_moments = m1.numel() + m2.numel() if m1 is not None else 2 * self.online.flat.numel()
+        return 4 * (n + n_moments)
+
+    # -- state (what a checkpoint stores of this rank's learner) --------------------------------
+    def state_arrays(self) -> dict:
+        """{'online'|'target'|'exp_avg'|'exp_avg_sq': this stage's flat float32 vector} (the Adam
+        moments are zeros before the first update)."""
+        _, m1, m2 = adam_state(self.opt, self.online.flat)
+        flat = {"online": self.online.numpy_data(), "target": self.target.numpy_data()}
+        if m1 is not None:
+            flat["exp_avg"] = m1.detach().cpu().numpy()
+            flat["exp_avg_sq"] = m2.detach().cpu().numpy()
+        else:
+            flat["exp_avg"] = flat["exp_avg_sq"] = np.zeros(self.online.numel, np.float32)
+        return flat
+
+    def state_scalars(self) -> dict:
+        """{'updates', 'adam_step', 'lr'}."""
+        step, _, _ = adam_state(self.opt, self.online.flat)
+        return {"updates": int(self.updates), "adam_step": step, "lr": self.lr}
+
+    def load_state(self, arrays: dict, scalars: dict) -> None:
+        """Load ``state_arrays``/``state_scalars`` (from a checkpoint) bit for bit."""
+        self.online.load_flat_(arrays["online"])
+        self.target.load_flat_(arrays["target"])
+        step = float(scalars["adam_step"])
+        restore_adam(self.opt, self.online.flat, step, arrays.get("exp_avg") if step > 0 else None,
+                     arrays.get("exp_avg_sq") if step > 0 else None)
+        self.updates = int(scalars["updates"])
+        self.set_lr(scalars["lr"])

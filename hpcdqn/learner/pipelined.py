@@ -1,0 +1,289 @@
+"""The pipeline learner: one stage of one data-parallel replica's Q-network on this rank.
+
+The stages of a replica run the operations of ``hpcdqn.parallel.pipeline`` (its docstring has
+the protocol: header, micro-batches, schedules, tags) over ``grid.pp_comm``; each stage's
+gradients are averaged over ``grid.dp_comm`` by the shared ``StageLearner`` step. Every public
+operation here is a collective over the replica's stages: the first stage passes data, the
+others pass ``None`` and learn what to do from the header.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from hpcdqn.learner.base import StageLearner
+from hpcdqn.parallel.flat import FlatModule
+from hpcdqn.parallel.grid import mpi
+from hpcdqn.parallel.partition import (boundary_offset, describe, layer_offsets, plan_stages,
+                                       stage_modules)
+from hpcdqn.parallel.pipeline import (OP_GREEDY, OP_QVALUES, OP_STOP, OP_UPDATE, TAG_ACT,
+                                      TAG_DBL, TAG_GRAD, TAG_INFER, TAG_INFER_OUT, TAG_LABELS,
+                                      TAG_RESULT, TAG_TGT, StageLink, as_np, micro_splits,
+                                      schedule_ops)
+from hpcdqn.rl.td import td_loss, td_target, to_tensors
+
+
+class PipelineLearner(StageLearner):
+    """One pipeline stage of one data-parallel replica (``grid.pp_rank`` of ``grid.pp``)."""
+
+    def __init__(self, layers, cfg: dict, grid, device="cpu"):
+        if grid.pp < 2:
+            raise ValueError("PipelineLearner needs pp >= 2; use DataParallelLearner for pp=1")
+        self.grid = grid
+        self.P, self.stage = grid.pp, grid.pp_rank
+        self.first, self.last = grid.is_first_stage, grid.is_last_stage
+        self.stages = plan_stages(layers, grid.pp, cfg["network"]["cuts"],
+                                  cfg["network"]["split_layers"])
+        offsets = layer_offsets(layers)
+        self.param_ranges = [(boundary_offset(layers, a, offsets), boundary_offset(layers, b, offsets))
+                             for a, b in self.stages]
+        self.stage_sizes = [b - a for a, b in self.param_ranges]
+        self.stage_contents = describe(self.stages)
+        super().__init__(stage_modules(layers, *self.stages[self.stage]), cfg, grid.dp_comm,
+                         device, pipeline=True)
+        if self.online.numel != self.stage_sizes[self.stage]:
+            raise RuntimeError(f"stage {self.stage} holds {self.online.numel} parameters, its "
+                               f"range {self.param_ranges[self.stage]} says {self.stage_sizes[self.stage]}")
+        self.pp_comm = grid.pp_comm
+        self.link = StageLink(grid.pp_comm, self.stage, self.P)
+        self.micro = cfg["micro_batches"]
+        self.schedule = cfg["schedule"]
+        self._out_shapes: dict = {}
+        # timing (seconds): blocked inside the F/B schedule, inside it, whole updates
+        self.schedule_wait_seconds = 0.0
+        self.schedule_seconds = 0.0
+        self.update_seconds = 0.0
+
+    @torch.no_grad()
+    def _out_shape(self, in_shape: tuple, dtype) -> tuple:
+        """Per-sample shape of this stage's output for a per-sample input shape (cached)."""
+        key = (tuple(in_shape), str(dtype))
+        if key not in self._out_shapes:
+            y = self.online(torch.zeros((1, *in_shape), dtype=dtype, device=self.device))
+            self._out_shapes[key] = tuple(y.shape[1:])
+        return self._out_shapes[key]
+
+    def _to_dev(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(arr)
+        return t.to(self.device) if self.device.type != "cpu" else t
+
+    # -- acting -----------------------------------------------------------------------------------
+    def greedy(self, obs, needed: bool = True):
+        """Collective over the replica's stages: greedy actions on the first stage (None
+        elsewhere). Always runs (``needed`` is ignored: the other stages cannot know it)."""
+        return self._infer(obs, OP_GREEDY)
+
+    def q_values(self, obs):
+        """Collective over the replica's stages: Q-values on the first stage (None elsewhere)."""
+        return self._infer(obs, OP_QVALUES)
+
+    @torch.no_grad()
+    def _infer(self, obs, op: int):
+        link = self.link
+        if not self.first:
+            _, batch, _, in_shape = link.recv_header(expect=(op,))
+            self._serve_infer(op, batch, in_shape)
+            return None
+        x = torch.as_tensor(obs, device=self.device)
+        batch = x.shape[0]
+        link.send_header(op, batch, 1, self._out_shape(tuple(x.shape[1:]), x.dtype))
+        link.isend(as_np(self.online(x)), self.stage + 1, TAG_INFER)
+        if op == OP_GREEDY:
+            out = link.recv(batch, self.P - 1, TAG_INFER_OUT, np.int64)
+        else:
+            out = link.recv_floats_of_unknown_width(batch, self.P - 1, TAG_INFER_OUT)
+        link.finish_sends()
+        return out
+
+    @torch.no_grad()
+    def _serve_infer(self, op: int, batch: int, in_shape: tuple) -> None:
+        link = self.link
+        x = self._to_dev(link.recv((batch, *in_shape), self.stage - 1, TAG_INFER))
+        if not self.last:
+            link.send_header(op, batch, 1, self._out_shape(in_shape, x.dtype))
+        y = self.online(x)
+        if not self.last:
+            link.isend(as_np(y), self.stage + 1, TAG_INFER)
+        elif op == OP_GREEDY:
+            link.isend(y.argmax(1).cpu().numpy().astype(np.int64), 0, TAG_INFER_OUT)
+        else:
+            link.isend(as_np(y), 0, TAG_INFER_OUT)
+        link.finish_sends()
+
+    def evaluate(self, run):
+        """Collective over the replica's stages: replica 0's first stage runs
+        ``run(self.greedy)`` while its other stages serve forward passes until told to stop;
+        the result is returned on world rank 0, None elsewhere."""
+        link = self.link
+        if self.grid.dp_rank != 0:
+            return None
+        if self.first:
+            res = run(self.greedy)
+            link.send_header(OP_STOP)
+            link.finish_sends()
+            return res
+        while True:
+            op, batch, _, in_shape = link.recv_header(expect=(OP_GREEDY, OP_QVALUES, OP_STOP))
+            if op == OP_STOP:
+                link.send_header(OP_STOP)
+                link.finish_sends()
+                return None
+            self._serve_infer(op, batch, in_shape)
+
+    # -- learning ---------------------------------------------------------------------------------
+    def phase_targets(self, batches):
+        """The target forwards are pipelined with the updates (no phase-wide pass here)."""
+        return None
+
+    def update(self, batch, q_next_target=None) -> dict:
+        """Collective over the replica's stages, then dp_comm: ``batch`` on the first stage,
+        None on the others (``q_next_target`` is unused: the target forwards are pipelined)."""
+        t_start = time.perf_counter()
+        P = self.P
+        b = None
+        if self.first:
+            b = to_tensors(batch, self.device)
+            n, micro = int(b["obs"].shape[0]), self.micro
+            in_shape, in_dtype = tuple(b["obs"].shape[1:]), b["obs"].dtype
+        else:
+            _, n, micro, in_shape = self.link.recv_header(expect=(OP_UPDATE,))
+            in_dtype = torch.float32
+        splits = micro_splits(n, micro)
+        out_shape = None if self.last else self._out_shape(in_shape, in_dtype)
+        self.link.send_header(OP_UPDATE, n, len(splits), out_shape)
+        if self.first:
+            labels = np.stack([batch.actions.astype(np.float32), batch.returns, batch.discounts,
+                               batch.weights]).astype(np.float32)
+            self.link.isend(labels, P - 1, TAG_LABELS)
+        lab = None
+        if self.last:
+            raw = self._to_dev(self.link.recv((4, n), 0, TAG_LABELS))
+            lab = {"actions": raw[0].long(), "returns": raw[1], "discounts": raw[2],
+                   "weights": raw[3]}
+        self.online.zero_grad_()
+        t_sched, w_sched = time.perf_counter(), self.link.wait_seconds
+        loss_sum, td_parts, q_parts = self._run_schedule(b, lab, splits, in_shape, out_shape, n)
+        self.schedule_seconds += time.perf_counter() - t_sched
+        self.schedule_wait_seconds += self.link.wait_seconds - w_sched
+        out = self._report(loss_sum, td_parts, q_parts, len(splits), n)
+        self.link.finish_sends()
+        self.step_optimizer()
+        self.update_seconds += time.perf_counter() - t_start
+        return out
+
+    def _run_schedule(self, b, lab, splits, in_shape, out_shape, n):
+        """This stage's forward/backward steps of one update, in the schedule's order."""
+        d, s, link = self.d, self.stage, self.link
+        double = d["double"]
+        loss_sum, td_parts, q_parts = 0.0, {}, {}
+        saved: dict[int, tuple] = {}
+        for kind, m in schedule_ops(self.schedule, s, self.P, len(splits)):
+            link.progress()
+            lo, hi = splits[m]
+            k = hi - lo
+            if kind == "F":
+                # each of the three forwards is sent on as soon as it is computed, so the next
+                # stage starts its online forward while this one runs the TD-target forwards
+                def arrive(tag, grad=False):
+                    if self.first:
+                        return b["obs"][lo:hi] if tag == TAG_ACT else b["next_obs"][lo:hi]
+                    t = self._to_dev(link.recv((k, *in_shape), s - 1, tag))
+                    return t.requires_grad_() if grad else t
+
+                x = arrive(TAG_ACT, grad=True)
+                y = self.online(x)
+                if not self.last:
+                    link.isend(as_np(y), s + 1, TAG_ACT)
+                with torch.no_grad():
+                    yt = self.target(arrive(TAG_TGT))
+                    if not self.last:
+                        link.isend(as_np(yt), s + 1, TAG_TGT)
+                    yd = self.online(arrive(TAG_DBL)) if double else None
+                    if double and not self.last:
+                        link.isend(as_np(yd), s + 1, TAG_DBL)
+                if not self.last:
+                    saved[m] = (x, y)
+                else:
+                    with torch.no_grad():
+                        target = td_target(lab["returns"][lo:hi], lab["discounts"][lo:hi], yt, yd)
+                    loss, td, q = td_loss(y, lab["actions"][lo:hi], target, lab["weights"][lo:hi],
+                                          d["huber_delta"])
+                    loss_sum += float(loss.detach()) * k / n
+                    td_parts[m], q_parts[m] = td, q
+                    saved[m] = (x, loss * (k / n))
+            else:
+                x, y = saved.pop(m)
+                if self.last:
+                    if y.requires_grad:
+                        y.backward()
+                else:
+                    g = self._to_dev(link.recv((k, *out_shape), s + 1, TAG_GRAD))
+                    if y.requires_grad:
+                        y.backward(g)
+                if not self.first:
+                    gx = x.grad if x.grad is not None else torch.zeros_like(x)
+                    link.isend(as_np(gx), s - 1, TAG_GRAD)
+        return loss_sum, td_parts, q_parts
+
+    def _report(self, loss_sum, td_parts, q_parts, n_micro: int, n: int) -> dict:
+        """Loss and mean Q from the last stage; |TD| back to the first stage only where
+        prioritized replay needs it (as the data-parallel learner)."""
+        need_td = self.cfg["replay"]["prioritized"]
+        out = {"loss": None, "q": None, "td_abs": None}
+        if self.last:
+            q = torch.cat([q_parts[m] for m in range(n_micro)])
+            out["loss"], out["q"] = loss_sum, float(q.mean())
+            if need_td:
+                td_abs = torch.cat([td_parts[m] for m in range(n_micro)]).abs()
+                self.link.isend(as_np(td_abs), 0, TAG_RESULT)
+        elif self.first and need_td:
+            out["td_abs"] = self.link.recv(n, self.P - 1, TAG_RESULT)
+        return out
+
+    def grad_norm(self) -> torch.Tensor:
+        """Collective over pp_comm: the norm of the whole replica's gradient (squared stage norms
+        summed)."""
+        g = self.online.flat.grad
+        sq = np.array([float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 if g.numel() else 0.0])
+        MPI = mpi()
+        self.pp_comm.Allreduce(MPI.IN_PLACE, [sq, MPI.DOUBLE], op=MPI.SUM)
+        return torch.tensor(math.sqrt(sq[0]), dtype=g.dtype, device=g.device)
+
+    # -- what the training loop and checkpoints ask ---------------------------------------------
+    def param_range(self) -> tuple[int, int]:
+        """This stage's range ``[lo, hi)`` of the flattened network's parameters."""
+        return self.param_ranges[self.stage]
+
+    def _gather(self, module: FlatModule):
+        """The full network's flat vector (layer order) on world rank 0; None elsewhere."""
+        if self.grid.dp_rank != 0:
+            return None
+        mine = np.ascontiguousarray(module.numpy_data(), dtype=np.float32)
+        MPI = mpi()
+        sizes = np.array(self.stage_sizes, dtype=np.int64)
+        displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        full = np.empty(int(sizes.sum()), dtype=np.float32) if self.first else None
+        recv = [full, (sizes.tolist(), displs.tolist()), MPI.FLOAT] if self.first else None
+        self.pp_comm.Gatherv([mine, MPI.FLOAT], recv, root=0)
+        return full
+
+    def gather_online(self):
+        """Collective over the replica's stages: the whole online network on world rank 0."""
+        return self._gather(self.online)
+
+    def gather_target(self):
+        """Collective over the replica's stages: the whole target network on world rank 0."""
+        return self._gather(self.target)
+
+    @property
+    def wait_seconds(self) -> float:
+        return self.link.wait_seconds
+
+    def timings(self) -> dict:
+        return {"wait_s": self.wait_seconds, "schedule_wait_s": self.schedule_wait_seconds,
+                "schedule_s": self.schedule_seconds,
+                "update_s": self.update_seconds, "allreduce_s": self.sync.seconds}

@@ -1,0 +1,92 @@
+"""The execution plan of an update: the one place that decides how gradients are computed and
+synced on this rank, printed once at start and recorded in summary.json.
+
+- gradient path:
+  - ``mlp-manual``: the hand-written MLP backward (``rl.mlp``), for a network that is exactly
+    ``nn.Linear``/``nn.ReLU`` on one pipeline stage, when torch has the aten kernels it calls,
+    ``parallel.manual_backward`` is on, the allreduce is not overlapped (that needs autograd's
+    hooks), and it agreed with autograd on the real network at start-up (else: autograd, with
+    a warning);
+  - ``autograd-accumulate``: autograd, with every Linear's weight gradient added in place into
+    the flat buffer (``flat.linear_accumulating``): pipeline stages, where gradients accumulate
+    over micro-batches;
+  - ``autograd``: plain autograd (CNNs, dueling heads, the overlapped allreduce).
+- sync: ``none`` (one replica), ``blocking`` (in-place ``Allreduce`` per bucket after
+  backward), ``overlap`` (``Iallreduce`` per bucket from autograd hooks during backward; on a
+  pipeline stage only with one micro-batch, since a bucket must be complete after one backward).
+- optimizer: ``fused-direct`` (torch's fused Adam kernel called directly) or ``torch`` (the
+  public ``Adam.step``) where a private API is missing or the kernel is not fused.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+
+from hpcdqn.parallel.allreduce import can_overlap
+from hpcdqn.parallel.flat import FlatModule
+from hpcdqn.rl import mlp
+from hpcdqn.rl.optim import uses_direct_kernel
+
+MANUAL_TOLERANCE = 1e-5     # max |difference| relative to the gradient's largest entry
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    device: str
+    gradient: str                 # mlp-manual | autograd-accumulate | autograd
+    sync: str                     # none | blocking | overlap
+    buckets: int
+    bucket_mb: float
+    optimizer: str                # fused-direct | torch
+    manual_check: float | None = None   # max |hand-written - autograd| at start-up
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def overlap(self) -> bool:
+        return self.sync == "overlap"
+
+    def describe(self) -> str:
+        check = "" if self.manual_check is None else f" (start-up check vs autograd: max |diff| " \
+                                                     f"{self.manual_check:.1e})"
+        sync = {"none": "none (one replica)",
+                "blocking": f"blocking Allreduce, {self.buckets} bucket(s) <= {self.bucket_mb:g} MiB",
+                "overlap": f"overlapped Iallreduce, {self.buckets} bucket(s) <= {self.bucket_mb:g} MiB"}
+        return (f"gradient={self.gradient}{check}; sync={sync[self.sync]}; "
+                f"optimizer=Adam ({self.optimizer}); device={self.device}"
+                + "".join(f"; {n}" for n in self.notes))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide(cfg: dict, online: FlatModule, opt, dp_comm, pipeline: bool, buckets: int) -> ExecutionPlan:
+    """The plan for a learner holding ``online`` (one stage, or the whole network)."""
+    par = cfg["parallel"]
+    one_backward = not pipeline or cfg["micro_batches"] == 1
+    overlap = par["overlap"] and one_backward and can_overlap(online, dp_comm)
+    notes = []
+    if par["overlap"] and not overlap and dp_comm.Get_size() > 1:
+        notes.append("parallel.overlap ignored: " + ("needs micro_batches=1 on a pipeline stage"
+                                                      if not one_backward else "gradients on a GPU"))
+    sync = "overlap" if overlap else "blocking" if dp_comm.Get_size() > 1 else "none"
+    optimizer = "fused-direct" if uses_direct_kernel(opt) else "torch"
+    common = dict(device=str(online.flat.device), sync=sync, buckets=buckets,
+                  bucket_mb=float(par["bucket_mb"]), optimizer=optimizer)
+    if pipeline:
+        return ExecutionPlan(gradient="autograd" if overlap else "autograd-accumulate",
+                             notes=tuple(notes), **common)
+    layers = mlp.mlp_layers(online.net)
+    if overlap or layers is None or not par["manual_backward"] or not mlp.kernels_available():
+        if layers is not None and par["manual_backward"] and not overlap:
+            notes.append("hand-written MLP backward unavailable in this torch: autograd")
+        return ExecutionPlan(gradient="autograd", notes=tuple(notes), **common)
+    diff = mlp.check_against_autograd(online, layers, online.flat.grad, layers[0].w.shape[1],
+                                      layers[-1].w.shape[0], cfg["dqn"]["huber_delta"])
+    if not diff <= MANUAL_TOLERANCE:
+        msg = (f"the hand-written MLP backward differs from autograd by {diff:.3g} on this network: "
+               "falling back to autograd (set parallel.manual_backward=false to skip the check)")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return ExecutionPlan(gradient="autograd", manual_check=diff,
+                             notes=tuple(notes + ["hand-written backward failed its check"]), **common)
+    return ExecutionPlan(gradient="mlp-manual", manual_check=diff, notes=tuple(notes), **common)

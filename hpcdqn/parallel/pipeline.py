@@ -1,0 +1,221 @@
+"""Pipeline model parallelism, the point-to-point layer: one replica's Q-network cut into ``pp``
+stages, one per rank (the learner on top: ``hpcdqn.learner.pipelined``).
+
+Stage ``s`` of a replica holds the layers between two boundaries (see ``partition.py``: whole
+layers, and a row-piece of a Linear layer where a boundary falls inside one), which is one
+contiguous range of the flattened network's parameters: its own online and target
+``FlatModule`` and its own Adam. The stages of a replica talk over ``grid.pp_comm`` with
+buffer-based point-to-point MPI (``Isend`` / ``Recv`` of contiguous CPU float32 numpy views of torch
+tensors, int64 for headers and greedy actions; no pickle). The same stage of every replica shares ``grid.dp_comm``, over which
+its gradients are averaged exactly as in the data-parallel learner.
+
+One update (``update(batch)``; the batch lives on the first stage):
+
+1. The first stage sends a small control header down the pipeline (operation, batch size,
+   micro-batches, activation shape), and the labels (actions, returns, discounts, importance
+   weights) straight to the last stage.
+2. The batch is split into ``M`` micro-batches. A *forward step* ``F(m)`` runs, on each stage,
+   the online net on ``obs_m`` (with autograd) and, without grad, the target net on
+   ``next_obs_m`` (and the online net on ``next_obs_m`` for double DQN), so the TD-target
+   forwards ride in the same pipeline slots. The last stage turns them into the TD target and the
+   loss with ``dqn.td_target`` / ``dqn.td_loss``, scaled by ``|m| / B`` so the accumulated
+   gradient is the full-batch mean loss's. A *backward step* ``B(m)`` backpropagates and sends
+   the gradient w.r.t. the stage's input to the previous stage.
+3. Schedules: ``gpipe`` (all ``F`` then all ``B``) or ``1f1b`` (stage ``s`` warms up with
+   ``P-1-s`` forwards, then alternates one forward / one backward, then cools down), which keeps
+   at most ``P-s`` micro-batches of activations alive.
+4. With prioritized replay the last stage sends the |TD errors| back to the first stage (which
+   updates the priorities); loss and mean Q are reported by the last stage.
+5. Each stage: allreduce-average its gradients over ``dp_comm`` (``GradSync``), clip with the
+   norm over *all* stages (squared norms summed over ``pp_comm``, so it equals the unpartitioned
+   norm), Adam step, target sync: ``StageLearner.step_optimizer``, shared.
+
+Acting (``greedy``) and evaluation are the same pipeline with one micro-batch and no backward.
+Every operation is a collective over the replica's ``pp_comm``: the first stage passes data, the
+others pass ``None`` and learn what to do from the header. Message kinds are kept apart by tags;
+sends are non-blocking and completed before each operation returns, receives are blocking and
+happen in an order consistent with the schedule, so no cycle of waits can form.
+
+Large messages: with Open MPI's shared-memory transport and CMA single-copy (its default) the
+receiver pulls an ``Isend``'s data itself while the sender computes. Without a single-copy
+mechanism the sender must be inside MPI for its data to move; the schedule calls ``Testall`` on
+in-flight sends between micro-batch steps, but transfers then advance only at step boundaries.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from hpcdqn.parallel.grid import mpi
+
+# message kinds (MPI tags on pp_comm)
+TAG_CTRL = 100        # control header: operation, batch size, micro-batches, activation shape
+TAG_ACT = 101         # forward: online-net activation on obs (training, with autograd)
+TAG_GRAD = 102        # backward: gradient w.r.t. the receiver's output
+TAG_TGT = 103         # forward: target-net activation on next_obs (TD target, no grad)
+TAG_DBL = 104         # forward: online-net activation on next_obs (double DQN, no grad)
+TAG_LABELS = 105      # first -> last: actions, returns, discounts, importance weights
+TAG_RESULT = 106      # last -> first: |TD errors| (prioritized replay)
+TAG_INFER = 107       # forward: acting / evaluation activation (no grad)
+TAG_INFER_OUT = 108   # last -> first: greedy actions or Q-values
+
+OP_GREEDY, OP_QVALUES, OP_UPDATE, OP_STOP = 1, 2, 3, 4
+OP_NAMES = {OP_GREEDY: "greedy", OP_QVALUES: "q_values", OP_UPDATE: "update", OP_STOP: "stop"}
+HEADER_LEN = 16
+_MAX_NDIM = HEADER_LEN - 4
+
+
+class PipelineError(RuntimeError):
+    """The stages of a replica disagree about what they are doing."""
+
+
+def schedule_ops(kind: str, stage: int, stages: int, micro: int) -> list[tuple[str, int]]:
+    """The ordered forward ('F') / backward ('B') steps of one stage for one update."""
+    if kind == "gpipe":
+        return [("F", m) for m in range(micro)] + [("B", m) for m in range(micro)]
+    if kind != "1f1b":
+        raise ValueError(f"unknown pipeline schedule {kind!r}: use gpipe or 1f1b")
+    warm = min(stages - stage - 1, micro)
+    ops = [("F", m) for m in range(warm)]
+    for i in range(micro - warm):
+        ops += [("F", warm + i), ("B", i)]
+    ops += [("B", m) for m in range(micro - warm, micro)]
+    return ops
+
+
+def bubble_theory(stages: int, micro: int) -> float:
+    return (stages - 1) / (micro + stages - 1)
+
+
+def bubble_simulated(stages: int, micro: int, kind: str = "1f1b", forwards: int = 3,
+                     backward_cost: float = 2.0, early_send: bool = True) -> list[float]:
+    """Each stage's idle fraction of its own schedule window (first op to its last, as
+    ``benchmarks/pipeline.py`` measures it) for this module's op order, by event simulation with
+    equal stages, free messages and unit costs: each of the ``forwards`` forward passes of a
+    micro-batch (online on obs; target and, for double DQN, online on next_obs) costs 1, its
+    backward ``backward_cost``. With ``early_send`` each forward is passed on as soon as it is
+    computed (``update`` does this), so the next stage starts after one unit rather than all of
+    them, and the bubble is below the textbook ``(P-1)/(M+P-1)``; with ``early_send=False`` (one
+    fused forward op) stage 0, whose window is the whole step, gets exactly the textbook value."""
+    ops = []
+    for s in range(stages):
+        seq = []
+        for k, m in schedule_ops(kind, s, stages, micro):
+            if k == "B":
+                seq.append((("B", m, 0), backward_cost))
+            elif early_send:
+                seq += [(("F", m, j), 1.0) for j in range(forwards)]
+            else:
+                seq.append((("F", m, 0), float(forwards)))
+        ops.append(seq)
+    done, clock, idle = {}, [0.0] * stages, [0.0] * stages
+    ptr = [0] * stages
+    while any(ptr[s] < len(ops[s]) for s in range(stages)):
+        moved = False
+        for s in range(stages):
+            while ptr[s] < len(ops[s]):
+                (k, m, j), cost = ops[s][ptr[s]]
+                dep = (s - 1, (k, m, j)) if k == "F" and s > 0 else \
+                    (s + 1, (k, m, j)) if k == "B" and s < stages - 1 else None
+                if dep is not None and dep not in done:
+                    break
+                t0 = max(clock[s], done[dep] if dep is not None else 0.0)
+                idle[s] += t0 - clock[s]
+                clock[s] = t0 + cost
+                done[(s, (k, m, j))] = clock[s]
+                ptr[s] += 1
+                moved = True
+        if not moved:
+            raise RuntimeError("pipeline schedule deadlocks")
+    return [idle[s] / clock[s] for s in range(stages)]
+
+
+def micro_splits(n: int, micro: int) -> list[tuple[int, int]]:
+    micro = max(1, min(micro, n))
+    edges = [i * n // micro for i in range(micro + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(micro)]
+
+
+def as_np(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU float32 numpy view (a copy only if the tensor is elsewhere/strided)."""
+    t = t.detach()
+    if t.dtype != torch.float32:
+        t = t.float()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.contiguous().numpy()
+
+
+class StageLink:
+    """Point-to-point between the stages of one replica (``pp_comm``): non-blocking sends whose
+    buffers are kept alive until they complete, blocking receives (timed), the control header.
+    The learner's pipelined operations (``hpcdqn.learner.pipelined``) are built on it."""
+
+    def __init__(self, pp_comm, stage: int, stages: int):
+        self.comm, self.stage, self.stages = pp_comm, stage, stages
+        self.first, self.last = stage == 0, stage == stages - 1
+        self.pending: list = []          # (request, buffer) of in-flight sends
+        self.wait_seconds = 0.0          # blocked in receives and waits
+
+    def isend(self, arr: np.ndarray, dest: int, tag: int) -> None:
+        MPI = mpi()
+        arr = np.ascontiguousarray(arr)
+        req = self.comm.Isend([arr, MPI.FLOAT if arr.dtype == np.float32 else MPI.INT64_T],
+                              dest=dest, tag=tag)
+        self.pending.append((req, arr))
+
+    def recv(self, shape, src: int, tag: int, dtype=np.float32) -> np.ndarray:
+        MPI = mpi()
+        buf = np.empty(shape, dtype=dtype)
+        t = time.perf_counter()
+        self.comm.Recv([buf, MPI.FLOAT if buf.dtype == np.float32 else MPI.INT64_T],
+                       source=src, tag=tag)
+        self.wait_seconds += time.perf_counter() - t
+        return buf
+
+    def recv_floats_of_unknown_width(self, rows: int, src: int, tag: int) -> np.ndarray:
+        """A [rows, ?] float32 message whose width the receiver does not know (Q-values)."""
+        st = mpi().Status()
+        self.comm.Probe(source=src, tag=tag, status=st)
+        n = st.Get_count(mpi().FLOAT)
+        return self.recv((rows, n // max(1, rows)), src, tag)
+
+    def progress(self) -> None:
+        """Let in-flight sends advance (MPI progresses large messages only inside MPI calls),
+        and let go of the buffers of those that completed."""
+        if self.pending:
+            self.pending = [(r, buf) for r, buf in self.pending if not r.Test()]
+
+    def finish_sends(self) -> None:
+        if self.pending:
+            t = time.perf_counter()
+            mpi().Request.Waitall([r for r, _ in self.pending])
+            self.wait_seconds += time.perf_counter() - t
+            self.pending = []
+
+    def send_header(self, op: int, batch: int = 0, micro: int = 0, shape=()) -> None:
+        """To the next stage (nothing on the last): operation, batch size, micro-batches and the
+        per-sample activation shape the next stage will receive."""
+        if self.last:
+            return
+        if len(shape) > _MAX_NDIM:
+            raise ValueError(f"activation of rank {len(shape) + 1} is too deep for the pipeline header")
+        h = np.zeros(HEADER_LEN, dtype=np.int64)
+        h[:4] = (op, batch, micro, len(shape))
+        h[4:4 + len(shape)] = shape
+        self.isend(h, self.stage + 1, TAG_CTRL)
+
+    def recv_header(self, expect: tuple[int, ...] | None = None):
+        """From the previous stage: (op, batch, micro, shape); a clear error if ``op`` is not
+        one of ``expect``."""
+        h = self.recv(HEADER_LEN, self.stage - 1, TAG_CTRL, np.int64)
+        op, batch, micro, ndim = (int(v) for v in h[:4])
+        if expect is not None and op not in expect:
+            raise PipelineError(
+                f"pipeline stage {self.stage} expected {'/'.join(OP_NAMES[e] for e in expect)} but "
+                f"stage {self.stage - 1} sent {OP_NAMES.get(op, op)}: the stages of a replica must "
+                "call the learner's collectives (greedy/update/evaluate) in the same order")
+        return op, batch, micro, tuple(int(v) for v in h[4:4 + ndim])

@@ -1,0 +1,205 @@
+"""What the training loop calls: ``Checkpointer`` owns the schedule, save and resume of a run.
+
+Same layout: everything that affects the future is restored, so the resumed run is bitwise
+equal to an uninterrupted one (what is captured of the environments: see ``codec``). Another
+layout: see ``reshard`` for the rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from hpcdqn.rl.replay import ReplayBuffer
+from hpcdqn.store.codec import decode, encode, env_state, restore_env_state
+from hpcdqn.store.errors import CheckpointError, CheckpointMismatch
+from hpcdqn.store.mpiio import SERIAL_ENV, io_mode
+from hpcdqn.store.reader import (check_compatible, load_learner, load_rank_state, load_replay_same,
+                                 open_checkpoint, read_meta, verify)
+from hpcdqn.store.reshard import load_replay_reshard
+from hpcdqn.store.rundir import candidates, warn
+from hpcdqn.store.schema import PARAM_GROUPS, REPLAY_ROWS, layer_parts, layer_sizes
+from hpcdqn.store.writer import write_checkpoint
+
+
+class Checkpointer:
+    """Owns the schedule and the save/resume of one training run (collective calls)."""
+
+    def __init__(self, run_dir, cfg: dict, grid, layers, env_info: dict, learner, replay, env):
+        self.run_dir, self.cfg, self.grid = Path(run_dir), cfg, grid
+        self.comm = grid.comm
+        self.learner, self.replay, self.env = learner, replay, env
+        self.env_info = env_info
+        self.sizes = layer_sizes(layers)
+        ranges = learner.param_ranges         # every stage's, known on every rank
+        self.layout = {"world": grid.world, "dp": grid.dp, "pp": grid.pp,
+                       "num_envs": cfg["num_envs"],
+                       "rows": replay.rows if replay is not None else _rows_for(cfg),
+                       "stage_params": [list(ranges[s]) for s in range(grid.pp)],
+                       "prioritized": bool(cfg["replay"]["prioritized"])}
+        self.every = int(cfg["checkpoint_every"])
+        self.keep_last = int(cfg["keep_last"])
+        self.stalls: list[float] = []
+        self.mode = self.comm.bcast(io_mode() if grid.is_root else None, root=0)  # one protocol
+        if self.mode == "serial" and grid.is_root:
+            why = f"{SERIAL_ENV}=1" if h5py.get_config().mpi else "h5py was built without MPI"
+            warn(f"checkpoints are written through rank 0 ({why}); parallel HDF5 is faster")
+
+    # -- schedule ---------------------------------------------------------------------------------
+    def due(self, steps_before: int, steps_after: int) -> bool:
+        return self.every > 0 and steps_after // self.every > steps_before // self.every
+
+    # -- save ---------------------------------------------------------------------------------
+    def save(self, counters: dict, loop: dict) -> dict:
+        """Collective. ``loop``: this rank's loop state (rng, obs, ep_ret, ep_len, window)."""
+        g, learner, replay = self.grid, self.learner, self.replay
+        t0 = time.perf_counter()
+        mine = {}
+        lo, hi = learner.param_range()
+        if g.dp_rank == 0:
+            flats = learner.state_arrays()
+            for key, grp in PARAM_GROUPS:
+                off = 0
+                for i, a, b in layer_parts(self.sizes, lo, hi):
+                    mine[f"{grp}/{i}"] = np.ascontiguousarray(flats[key][off:off + b - a], np.float32)
+                    off += b - a
+        scalars = learner.state_scalars()
+        state = {"torch_rng": encode(torch.get_rng_state()), "window": loop.get("window"),
+                 "learner": scalars}
+        if torch.cuda.is_available() and str(getattr(learner, "device", "cpu")).startswith("cuda"):
+            state["cuda_rng"] = encode(torch.cuda.get_rng_state())
+        if replay is not None:
+            for k in REPLAY_ROWS:
+                mine[f"replay/{k}"] = getattr(replay, k)
+            if replay.prioritized:
+                leaves = replay.tree.tree[replay.tree.leaves:replay.tree.leaves + replay.capacity]
+                mine["replay/priorities"] = leaves.reshape(replay.rows, replay.num_envs)
+            mine["replay/pos"] = np.array([replay.pos], np.int64)
+            mine["replay/filled"] = np.array([replay.filled], np.int64)
+            mine["replay/max_priority"] = np.array([replay.max_priority], np.float64)
+            state.update(acting_rng=encode(loop["rng"]), replay_rng=encode(replay.rng),
+                         obs=encode(np.asarray(loop["obs"])), ep_ret=encode(loop["ep_ret"]),
+                         ep_len=encode(loop["ep_len"]), env=env_state(self.env))
+        counters = dict(counters, **scalars, checkpoints=len(self.stalls) + 1)
+        raw = json.dumps(state).encode()
+        out = write_checkpoint(self.run_dir, self.comm, self.layout, self.env_info, self.sizes,
+                               self.cfg, counters, mine, raw, self.keep_last, self.mode)
+        out["seconds"] = time.perf_counter() - t0
+        self.stalls.append(out["seconds"])
+        return out
+
+    def summary(self) -> dict:
+        s = self.stalls
+        return {"checkpoints": len(s), "checkpoint_stall_s_total": round(sum(s), 4),
+                "checkpoint_stall_s_max": round(max(s), 4) if s else 0.0}
+
+    # -- resume -------------------------------------------------------------------------------
+    def resume(self, run_dir) -> dict:
+        """Collective: load the newest valid checkpoint of ``run_dir`` into the learner, replay
+        and envs; returns the loop state ({counters, rng, obs, ep_ret, ep_len, window, path,
+        exact, warnings}). Falls back to older checkpoints, warning about each bad one."""
+        comm, root = self.comm, self.grid.is_root
+        cands = comm.bcast(candidates(run_dir) if root else None, root=0)
+        errors = []
+        for c in cands:
+            try:
+                verify(c, comm)
+                meta = read_meta(c)
+                check_compatible(meta, c, self.env_info, self.sizes)
+                st = self._load_agreed(c, meta)
+            except CheckpointMismatch:
+                raise
+            except CheckpointError as e:
+                if root:
+                    warn(f"{e}; trying an older checkpoint (kept as {c.name}.bad)")
+                    try:   # set it aside: never loaded again, never pruned in place of a good one
+                        os.replace(c, c.with_name(c.name + ".bad"))
+                    except OSError:
+                        pass
+                errors.append(str(e))
+                comm.Barrier()
+                continue
+            st["path"] = str(c)
+            return st
+        raise CheckpointError(f"cannot resume '{run_dir}': no valid checkpoint"
+                              + "".join(f"\n  {e}" for e in errors))
+
+    def _load_agreed(self, path, meta) -> dict:
+        err, st = None, None
+        try:
+            st = self._load(path, meta)
+        except CheckpointMismatch:
+            raise
+        except CheckpointError as e:
+            err = str(e)
+        except Exception as e:  # noqa: BLE001
+            err = f"checkpoint '{path}': {type(e).__name__}: {e}"
+        errs = [e for e in self.comm.allgather(err) if e]
+        if errs:
+            raise CheckpointError(errs[0])
+        return st
+
+    def _load(self, path, meta) -> dict:
+        g, learner, replay, cfg = self.grid, self.learner, self.replay, self.cfg
+        old, new = meta["layout"], self.layout
+        c = meta["counters"]
+        same_layout = all(old[k] == new[k] for k in ("world", "dp", "pp", "num_envs", "rows", "prioritized"))
+        out = {"counters": c, "exact": same_layout, "warnings": [], "rng": None, "obs": None,
+               "ep_ret": None, "ep_len": None, "window": None}
+        with open_checkpoint(path) as f:
+            load_learner(f, path, meta, learner)
+            if replay is not None:
+                same_replay = all(old[k] == new[k] for k in ("dp", "num_envs", "rows", "prioritized"))
+                if same_replay:
+                    load_replay_same(f, path, meta, replay, g.dp_rank)
+                else:
+                    load_replay_reshard(f, path, meta, replay, g.dp_rank, g.dp * replay.num_envs)
+            # torch RNG: same world rank if it existed
+            mine = load_rank_state(f, path, g.rank) if g.rank < old["world"] else None
+            if mine is not None:
+                torch.set_rng_state(decode(mine["torch_rng"]))
+                if "cuda_rng" in mine and torch.cuda.is_available():
+                    torch.cuda.set_rng_state(decode(mine["cuda_rng"]))
+            # metric window
+            if same_layout:
+                out["window"] = mine.get("window")
+            elif g.rank == 0:
+                tot = None
+                for r in range(old["world"]):
+                    w = load_rank_state(f, path, r).get("window") or {}
+                    tot = dict(w) if tot is None else {k: tot.get(k, 0) + v for k, v in w.items()}
+                out["window"] = tot
+            # env + acting state: old first-stage rank of the same replica, if any
+            if replay is not None:
+                src = g.dp_rank * old["pp"] if (g.dp_rank < old["dp"] and
+                                                old["num_envs"] == new["num_envs"]) else None
+                if src is not None:
+                    s = mine if src == g.rank else load_rank_state(f, path, src)
+                    out["rng"] = decode(s["acting_rng"])
+                    replay.rng = decode(s["replay_rng"], replay.rng)
+                    out["obs"] = decode(s["obs"])
+                    out["ep_ret"], out["ep_len"] = decode(s["ep_ret"]), decode(s["ep_len"])
+                    out["warnings"] += restore_env_state(self.env, s["env"])
+                    if out["warnings"]:
+                        out["exact"] = False
+                else:
+                    out["exact"] = False
+                    seed = [cfg["seed"], g.dp_rank, int(c["env_steps"])]
+                    env_seed = int(np.random.SeedSequence(seed).generate_state(1)[0] % 2**31)
+                    out["obs"] = self.env.reset(seed=env_seed)[0]
+                    out["rng"] = np.random.default_rng(seed + [17])
+                    replay.rng = np.random.default_rng(seed + [7])
+                    out["ep_ret"] = np.zeros(cfg["num_envs"])
+                    out["ep_len"] = np.zeros(cfg["num_envs"], dtype=np.int64)
+        return out
+
+
+def _rows_for(cfg: dict) -> int:
+    d = cfg["dqn"]
+    return ReplayBuffer.rows_for(d["buffer_size"], cfg["num_envs"], d["n_step"])

@@ -1,0 +1,148 @@
+"""The I/O protocol and its tuning: parallel (MPI-IO) or serial writes, MPI-IO hints, ROMIO
+preference, writeback pacing of big writes, fsync."""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+from pathlib import Path
+
+import h5py
+
+SERIAL_ENV = "HPCDQN_H5_SERIAL"          # "1": write through rank 0 even with parallel h5py
+
+
+def io_mode() -> str:
+    """'parallel' (mpio, collective) or 'serial' (through rank 0)."""
+    if os.environ.get(SERIAL_ENV, "") not in ("", "0") or not h5py.get_config().mpi:
+        return "serial"
+    return "parallel"
+
+
+HINTS_ENV = "HPCDQN_MPIIO_HINTS"
+# Each rank writes a few large contiguous blocks, so MPI-IO's two-phase collective buffering
+# (aggregating through 16 MiB buffers) only adds copies: measured 0.7 vs 1.8 GB/s on one disk.
+# Collective calls stay collective; only the aggregation step is skipped. Override with
+# HPCDQN_MPIIO_HINTS="key=value,..." ("" for the MPI library's defaults).
+DEFAULT_HINTS = "romio_cb_write=disable,collective_buffering=false"
+
+
+IO_COMPONENT_ENV = "OMPI_MCA_io"
+
+
+def _prefer_romio(MPI) -> None:
+    """Open MPI 4.x: make MPI-IO use ROMIO instead of the default OMPIO, unless the user chose
+    (``OMPI_MCA_io`` set, any value, e.g. ``OMPI_MCA_io=ompio`` to keep OMPIO).
+
+    Measured on one local ext4 disk, the whole ``write_checkpoint`` (5.6 GB replay, 2 ranks):
+    ROMIO 1.75 GB/s vs OMPIO 1.1 GB/s; 48 MB replay, 2 ranks: 0.04 s vs 0.45 s (OMPIO spends
+    ~80 ms per file open and is slow in the collective writes). Open MPI opens its ``io``
+    framework, and reads this variable, at the first MPI_File_open, not at MPI_Init, so setting
+    it here (before the first checkpoint file is opened) takes effect. Only set when a ROMIO
+    component is seen next to the loaded Open MPI components (naming a missing one makes every
+    MPI_File_open fail); otherwise nothing changes."""
+    if IO_COMPONENT_ENV in os.environ or "Open MPI" not in MPI.Get_library_version():
+        return
+    try:
+        with open("/proc/self/maps") as fh:
+            dirs = {os.path.dirname(x.split()[-1]) for x in fh if "/mca_" in x and ".so" in x}
+    except OSError:
+        return
+    names = sorted({p.name[len("mca_io_"):].split(".")[0] for d in dirs
+                    for p in Path(d).glob("mca_io_romio*.so")})
+    if names:
+        os.environ[IO_COMPONENT_ENV] = names[-1]
+
+
+def mpi_info():
+    from mpi4py import MPI
+
+    _prefer_romio(MPI)
+    text = os.environ.get(HINTS_ENV, DEFAULT_HINTS)
+    info = MPI.Info.Create()
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        k, _, v = item.partition("=")
+        info.Set(k.strip(), v.strip())
+    return info
+
+
+class Writeback:
+    """Stream big checkpoints to disk while writing, keeping at most ``HPCDQN_CKPT_WRITEBACK_MB``
+    (default 64; 0: off) of this rank's freshly written data in the page cache.
+
+    Without it a multi-GB write piles up dirty pages next to a multi-GB replay in memory, and
+    this VM's disk then runs at 0.3-0.45 GB/s instead of 2-3 GB/s (measured with plain
+    writes, with ``sync_file_range(WRITE)`` alone, and with a blocking fdatasync every 512 MB:
+    0.9-1.2 GB/s, since nothing is written while it waits). So, where the byte range of each
+    piece is known (contiguous datasets) and Linux's ``sync_file_range`` is available, it is
+    pipelined like ``dd oflag=nocache`` does: start the writeback of the piece just written
+    (asynchronous), then wait for the *older* pieces beyond the window and drop their
+    now-clean pages (``posix_fadvise(DONTNEED)``) -- the disk never idles while we copy the
+    next piece. Durability still comes from MPI_File_sync + fsync at the end; this only paces
+    the page cache. Otherwise (no range, no ``sync_file_range``): fdatasync the whole file and
+    drop its pages after every window's worth of data."""
+
+    _sfr = False               # libc.sync_file_range, resolved once (None: unavailable)
+    WAIT_BEFORE, WRITE, WAIT_AFTER = 1, 2, 4
+
+    def __init__(self, path):
+        self.every = int(float(os.environ.get("HPCDQN_CKPT_WRITEBACK_MB", "64")) * 2**20)
+        self.fd = os.open(path, os.O_RDONLY) if self.every > 0 else None
+        self.pending = 0           # whole-file fallback: bytes since the last fdatasync
+        self.ranges = collections.deque()   # (offset, nbytes) started, not yet waited for
+        self.queued = 0
+
+    @classmethod
+    def _libc_sfr(cls):
+        if cls._sfr is False:
+            cls._sfr = None
+            if sys.platform.startswith("linux"):
+                import ctypes
+
+                from hpcdqn.parallel.memory import libc
+
+                fn = getattr(libc(), "sync_file_range", None)
+                if fn is not None:
+                    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                    fn.restype = ctypes.c_int
+                    cls._sfr = fn
+        return cls._sfr
+
+    def wrote(self, n: int, offset: int | None = None) -> None:
+        if self.fd is None or n <= 0:
+            return
+        sfr = self._libc_sfr() if offset is not None else None
+        if sfr is None or sfr(self.fd, offset, n, self.WRITE) != 0:
+            self.pending += n
+            if self.pending >= self.every:
+                os.fdatasync(self.fd)
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                self.pending = 0
+            return
+        self.ranges.append((offset, n))
+        self.queued += n
+        while len(self.ranges) > 1 and self.queued - self.ranges[0][1] >= self.every:
+            self._retire(sfr)
+
+    def _retire(self, sfr) -> None:
+        off, n = self.ranges.popleft()
+        self.queued -= n
+        sfr(self.fd, off, n, self.WAIT_BEFORE | self.WRITE | self.WAIT_AFTER)
+        os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            sfr = self._libc_sfr() if self.ranges else None
+            while self.ranges:
+                self._retire(sfr)
+            os.close(self.fd)
+            self.fd = None
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,165 @@
+"""The package's shape, checked from its source: rooms depend one way, no import circles, no module
+reaches for another module's underscore names, and functions stay short enough to read."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "hpcdqn"
+
+# lower never imports higher: a room may import only itself and the rooms listed
+ALLOWED = {
+    "config": set(),
+    "rl": {"config"},
+    "parallel": {"config", "rl"},
+    "learner": {"config", "rl", "parallel"},
+    "store": {"config", "rl", "parallel"},
+    "metrics": set(),
+    "plots": set(),
+    "cluster": {"config", "rl", "parallel", "store", "metrics", "plots"},
+    "train": {"config", "rl", "parallel", "learner", "store", "metrics", "plots"},
+    "info": {"config", "rl", "parallel", "store"},
+    "cli": {"config", "rl", "parallel", "learner", "store", "cluster", "train", "info"},
+}
+MAX_FUNCTION_LINES = 80
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def modules() -> dict[str, ast.Module]:
+    return {module_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(PKG.rglob("*.py"))}
+
+
+def resolve(mod: str, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    is_pkg = (PKG.parent / mod.replace(".", "/") / "__init__.py").is_file()
+    base = mod.split(".")[: len(mod.split(".")) - node.level + (1 if is_pkg else 0)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports(mod: str, tree: ast.Module, known: set[str]) -> list[tuple[str, list[str], int]]:
+    """(imported hpcdqn module, names taken from it, line) for every import, at any depth."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names if a.name.startswith("hpcdqn")]
+        elif isinstance(node, ast.ImportFrom):
+            src = resolve(mod, node)
+            if not src.startswith("hpcdqn"):
+                continue
+            for a in node.names:   # `from hpcdqn.store import modelfile` imports a module
+                sub = f"{src}.{a.name}"
+                out.append((sub, [], node.lineno) if sub in known else (src, [a.name], node.lineno))
+    return out
+
+
+def room(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_rooms_depend_one_way():
+    mods = modules()
+    bad = []
+    for mod, tree in mods.items():
+        r = room(mod)
+        if r == "__init__":
+            continue
+        assert r in ALLOWED, f"{mod}: room '{r}' is not in the layering table of this test"
+        for dep, _, line in imports(mod, tree, set(mods)):
+            d = room(dep)
+            if d not in (r, "__init__") and d not in ALLOWED[r]:
+                bad.append(f"{mod}:{line} imports {dep} ({r} may import {sorted(ALLOWED[r])})")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_circles():
+    mods = modules()
+    graph = {m: sorted({d for d, _, _ in imports(m, t, set(mods)) if d in mods and d != m})
+             for m, t in mods.items()}
+    state, cycles = {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in graph[m]:
+            if state.get(d) == "open":
+                cycles.append(" -> ".join(path[path.index(d):] + [d]))
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import circles:\n" + "\n".join(cycles)
+
+
+def test_no_module_uses_another_modules_underscore_names():
+    mods = modules()
+    bad = []
+    for mod, tree in mods.items():
+        aliases = {}
+        for dep, names, line in imports(mod, tree, set(mods)):
+            bad += [f"{mod}:{line} imports {dep}.{n}" for n in names
+                    if n.startswith("_") and n != "__version__" and dep != mod]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and resolve(mod, node).startswith("hpcdqn"):
+                for a in node.names:
+                    aliases[a.asname or a.name] = f"{resolve(mod, node)}.{a.name}"
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("hpcdqn"):
+                        aliases[a.asname or a.name.split(".")[0]] = a.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                    and not node.attr.startswith("__") and isinstance(node.value, ast.Name)
+                    and aliases.get(node.value.id) in mods):
+                bad.append(f"{mod}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
+    assert not bad, "\n".join(bad)
+
+
+def longest_functions(n=5):
+    rows = []
+    for p in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                rows.append((node.end_lineno - node.lineno + 1, f"{module_name(p)}.{node.name}"))
+    return sorted(rows, reverse=True)[:n]
+
+
+def test_functions_are_short():
+    rows = longest_functions()
+    assert rows[0][0] <= MAX_FUNCTION_LINES, f"longest functions: {rows}"
+
+
+@pytest.mark.parametrize("probe", ["cycle", "underscore", "layering"])
+def test_the_checks_catch_what_they_look_for(probe, tmp_path, monkeypatch):
+    """Each check fails on a package that breaks its rule (so the checks above can fail)."""
+    pkg = tmp_path / "hpcdqn"
+    (pkg / "rl").mkdir(parents=True)
+    (pkg / "parallel").mkdir()
+    for f in ("__init__.py", "rl/__init__.py", "parallel/__init__.py", "config.py"):
+        (pkg / f).write_text("")
+    if probe == "cycle":
+        (pkg / "rl" / "a.py").write_text("from hpcdqn.rl import b\n")
+        (pkg / "rl" / "b.py").write_text("from hpcdqn.rl.a import x\n")
+        check = test_no_import_circles
+    elif probe == "underscore":
+        (pkg / "rl" / "a.py").write_text("_hidden = 1\n")
+        (pkg / "rl" / "b.py").write_text("from hpcdqn.rl import a\nprint(a._hidden)\n")
+        check = test_no_module_uses_another_modules_underscore_names
+    else:
+        (pkg / "rl" / "a.py").write_text("from hpcdqn.parallel.b import x\n")
+        (pkg / "parallel" / "b.py").write_text("x = 1\n")
+        check = test_rooms_depend_one_way
+    monkeypatch.setattr(__import__(__name__), "PKG", pkg)
+    with pytest.raises(AssertionError):
+        check()
