@@ -38,13 +38,15 @@ def _cmd_train(args) -> int:
             cfg = resume_config(args.resume, args.overrides)
         else:
             cfg = load_config(args.config, args.overrides)
+            _array_seed(cfg, args)
         from hpcdqn.train import train
 
         summary = abort_on_exception(train, cfg, resume=args.resume)
     except Exception as e:   # one process: a user error is a message, anything else a traceback
         if not is_user_error(e):
             raise
-        print(f"hpcdqn train: {user_error_kind(e)} error: {e}", file=sys.stderr)
+        if _launcher_rank() == 0:      # every rank found the same (config, --resume's files)
+            print(f"hpcdqn train: {user_error_kind(e)} error: {e}", file=sys.stderr)
         return 2
     from mpi4py import MPI
 
@@ -54,6 +56,34 @@ def _cmd_train(args) -> int:
 
     if summary.get("stopped_by_signal") == int(signal.SIGUSR1) and summary.get("checkpoints"):
         return EXIT_CHECKPOINTED
+    return 0
+
+
+def _array_seed(cfg: dict, args) -> None:
+    """A Slurm array task trains with ``seed + SLURM_ARRAY_TASK_ID`` unless a seed was given
+    (an override or the config file)."""
+    task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
+    if not task.isdigit():
+        return
+    from hpcdqn.config import parse_overrides
+
+    given = any(k == "seed" for k, _ in parse_overrides(args.overrides))
+    if args.config and not given:
+        import tomllib
+
+        with open(args.config, "rb") as fh:
+            given = "seed" in tomllib.load(fh)
+    if not given:
+        cfg["seed"] += int(task)
+        if _launcher_rank() == 0:
+            print(f"hpcdqn train: Slurm array task {task}: seed={cfg['seed']}", file=sys.stderr)
+
+
+def _launcher_rank() -> int:
+    """This process's rank as the launcher set it (before MPI is initialised); 0 if unknown."""
+    for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(k, "").isdigit():
+            return int(os.environ[k])
     return 0
 
 

@@ -77,7 +77,13 @@ SCHEMA: dict[str, Any] = {
     "schedule": Key("1f1b", str, "pipeline schedule", None, ("gpipe", "1f1b")),
     # checkpoints
     "checkpoint_every": Key(0, int, "env steps between checkpoints (0: only at the end)", _nonneg),
+    "checkpoint_minutes": Key(30.0, float, "also checkpoint when this many wall-clock minutes "
+                                           "passed since the last one, agreed at log points "
+                                           "(0: off); a killed job loses at most this much",
+                              _nonneg),
     "keep_last": Key(3, int, "checkpoints kept", _pos),
+    "overwrite": Key(False, bool, "a fresh run (no --resume) may start in a run directory that "
+                                  "holds checkpoints, deleting them (false: refused)"),
     "checkpoint": Key(True, bool, "write checkpoints at all (false: none, e.g. for benchmarks)"),
     "stop_after": Key(0, int, "stop (with a checkpoint) after this many env steps without changing "
                               "any schedule; resume later with --resume (0: run to total_steps)", _nonneg),

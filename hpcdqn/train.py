@@ -14,6 +14,7 @@ same update. Inside a replica the pipeline stages make the same learner calls as
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -38,6 +39,8 @@ from hpcdqn.rl.replay import ReplayBuffer
 from hpcdqn.rl.rollout import Rollout
 from hpcdqn.rl.schedule import Schedule, linear_schedule
 from hpcdqn.store import Checkpointer, truncate_metrics, warn
+from hpcdqn.store.agree import Local, agree
+from hpcdqn.store.rundir import acquire_lock, check_fresh, release_lock
 from hpcdqn.store.modelfile import save_model
 
 
@@ -83,20 +86,28 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def make_run_dir(cfg: dict, comm) -> Path:
-    """Rank 0 names and creates the run directory; everyone gets the same path."""
-    path = None
-    if comm.Get_rank() == 0:
-        if cfg["run_dir"]:
-            path = cfg["run_dir"]
-        else:
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            job = os.environ.get("SLURM_JOB_ID")
-            name = f"{cfg['env_id'].replace('/', '_')}__s{cfg['seed']}__{job or stamp}"
-            path = str(Path("runs") / name)
-        Path(path).mkdir(parents=True, exist_ok=True)
+def make_run_dir(cfg: dict, comm, resume: str | None = None) -> tuple[Path, Path | None]:
+    """Rank 0 names, creates and locks the run directory (one job per directory; a fresh run
+    into one holding checkpoints is refused unless ``overwrite``); everyone gets the same path
+    or the same error. Returns (path, the lock: rank 0 only)."""
+    path = lock = None
+    with Local() as loc:
+        if comm.Get_rank() == 0:
+            if cfg["run_dir"]:
+                path = cfg["run_dir"]
+            else:
+                stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+                job = os.environ.get("SLURM_JOB_ID")
+                name = f"{cfg['env_id'].replace('/', '_')}__s{cfg['seed']}__{job or stamp}"
+                path = str(Path("runs") / name)
+            Path(path).mkdir(parents=True, exist_ok=True)
+            lock = acquire_lock(path)
+            atexit.register(release_lock, lock)
+            if not resume:
+                check_fresh(path, cfg["overwrite"])
+    agree(comm, "start", path, loc.err, what="run directory", keep_kind=True)
     path = comm.bcast(path, root=0)
-    return Path(path)
+    return Path(path), lock
 
 
 def allreduce_window(window: Window, comm) -> dict:
@@ -125,12 +136,12 @@ def configure_process(cfg: dict) -> str:
 class Trainer:
     """One training run on this rank: set-up here, then ``resume`` (optional) and ``run``."""
 
-    def __init__(self, cfg: dict, comm=None, quiet: bool = False):
+    def __init__(self, cfg: dict, comm=None, quiet: bool = False, resume: str | None = None):
         self.cfg, self.quiet = cfg, quiet
         self.comm = comm if comm is not None else mpi().COMM_WORLD
         self.grid = grid = RankGrid(self.comm, cfg["pp"])
         self.device = configure_process(cfg)
-        self.run_dir = make_run_dir(cfg, self.comm)
+        self.run_dir, self.lock = make_run_dir(cfg, self.comm, resume)
         self.root = grid.is_root
         if self.root:
             (self.run_dir / "config.toml").write_text(config_mod.to_toml(cfg))
@@ -292,6 +303,7 @@ class Trainer:
         s.shown_steps = steps_done
         s.window = Window()
         s.stopped_by = agree_signal(self.comm)
+        self.ckpt.poll_clock()                  # collective: checkpoint_minutes passed?
 
     def stopping(self) -> bool:
         stop_after = self.cfg["stop_after"]
@@ -345,6 +357,8 @@ class Trainer:
                 from hpcdqn.plots import plot_learning_curve
 
                 plot_learning_curve(self.run_dir)
+        if self.lock is not None:
+            release_lock(self.lock)
         grid.free()
         return summary
 
@@ -359,7 +373,7 @@ class Trainer:
 
 def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) -> dict:
     """Train; with ``resume`` (a run directory) continue from its newest valid checkpoint."""
-    trainer = Trainer(cfg, comm, quiet)
+    trainer = Trainer(cfg, comm, quiet, resume)
     if resume:
         trainer.resume(resume)
     return trainer.run()

@@ -65,3 +65,22 @@ def test_cli_config_error_exits_2_before_any_work(tmp_path):
     assert r.returncode == 2
     assert "config error" in r.stderr and "'dqn.lr'" in r.stderr and "must be > 0" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_slurm_array_task_offsets_the_seed_unless_given(tmp_path):
+    import subprocess
+    import sys
+
+    from mpi_util import mpi_env
+
+    base = ["total_steps=64", "dqn.learning_starts=32", "network.hidden=[8]", "eval.episodes=0",
+            "log.progress=false", "log.tensorboard=false", "checkpoint=false"]
+    seeds = {}
+    for name, extra in (("array", []), ("given", ["seed=7"])):
+        run = tmp_path / name
+        r = subprocess.run([sys.executable, "-m", "hpcdqn.cli", "train", *base, *extra,
+                            f"run_dir={run}"], capture_output=True, text=True, timeout=300,
+                           env=mpi_env({"SLURM_ARRAY_TASK_ID": "3"}))
+        assert r.returncode == 0, r.stderr[-2000:]
+        seeds[name] = load_config(run / "config.toml")["seed"]
+    assert seeds == {"array": 1 + 3, "given": 7}

@@ -54,7 +54,9 @@ def is_user_error(e: BaseException) -> bool:
 
 def abort_on_exception(fn, *args, **kwargs):
     """Run fn; if it raises on this rank, print the traceback tagged with the rank and abort
-    every rank of the job (MPI_Abort) so nobody waits forever in a collective."""
+    every rank of the job (MPI_Abort) so nobody waits forever in a collective. An error every
+    rank raised alike (``agreed``: a failed collective phase, see ``store.agree``) is printed
+    once, by rank 0, and every rank exits with status 2."""
     try:
         return fn(*args, **kwargs)
     except SystemExit:
@@ -68,6 +70,12 @@ def abort_on_exception(fn, *args, **kwargs):
             size, rank = 1, 0
         if size == 1:
             raise
+        if getattr(e, "agreed", False):   # every rank raised the same error: say it once, exit
+            if rank == 0:
+                sys.stderr.write(f"hpcdqn train: {user_error_kind(e) or 'error'} error: {e}\n")
+                sys.stderr.flush()
+            sys.stdout.flush()
+            raise SystemExit(2) from None
         if is_user_error(e):   # a clear message, no traceback: the input is wrong, not the code
             sys.stderr.write(f"hpcdqn train: {user_error_kind(e)} error (rank {rank}/{size}): {e}\n")
             sys.stderr.flush()

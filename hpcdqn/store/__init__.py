@@ -1,15 +1,18 @@
 """What a run keeps on disk. Checkpoints: one HDF5 file written by every rank at once; exact
 resume; reshard; validation. And the files made from a run: the final model and exports.
 
-- ``errors``: ``CheckpointError``, ``CheckpointMismatch`` (raised by every store module);
+- ``errors``: ``CheckpointError`` and its kinds (corrupt, mismatch/incompatible, transient,
+  I/O, run directory busy), raised by every store module;
+- ``agree``: error agreement around collective phases, the fault-injection hook of the tests;
+- ``bounds``: metadata typed and bounded before use, the format's major/minor rule;
 - ``schema``: what a checkpoint file contains (format, dataset names, the plan of parts);
 - ``codec``: per-rank state as JSON (arrays, RNGs, env states; no pickle), part checksums;
 - ``mpiio``: the I/O protocol (parallel or serial), MPI-IO hints, ROMIO, writeback pacing;
 - ``writer``: ``write_checkpoint`` (collective), parallel and serial writers;
 - ``reader``: reading, validation (``verify``), loading into a run of the same layout;
 - ``reshard``: the reshard rules, loading the replay into another layout;
-- ``rundir``: a run directory's checkpoints (names, ``candidates``, ``resolve``),
-  ``resume_config``, ``truncate_metrics``;
+- ``rundir``: a run directory's checkpoints (names, ``candidates``, ``resolve``, ``set_aside``),
+  ``resume_config``, ``truncate_metrics``; its lock (one job per directory), ``check_fresh``;
 - ``checkpointer``: ``Checkpointer``, what the training loop calls (schedule, save, resume);
 - ``modelfile``: the final model file (``model.h5``); ``export``: a replay as a Minari dataset.
 """
@@ -18,7 +21,10 @@ from __future__ import annotations
 
 from hpcdqn.store.checkpointer import Checkpointer
 from hpcdqn.store.codec import crc
-from hpcdqn.store.errors import CheckpointError, CheckpointMismatch
+from hpcdqn.store.agree import FAULT_ENV
+from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointIncompatible,
+                                 CheckpointIOError, CheckpointMismatch, CheckpointTransient,
+                                 RunDirBusy)
 from hpcdqn.store.mpiio import SERIAL_ENV, io_mode
 from hpcdqn.store.reader import read_meta, verify
 from hpcdqn.store.rundir import (candidates, checkpoint_dir, resolve, resume_config,
@@ -26,7 +32,8 @@ from hpcdqn.store.rundir import (candidates, checkpoint_dir, resolve, resume_con
 from hpcdqn.store.schema import FORMAT, PARAM_GROUPS, REPLAY_ROWS
 from hpcdqn.store.writer import TEST_SLEEP_ENV, write_checkpoint
 
-__all__ = ["FORMAT", "PARAM_GROUPS", "REPLAY_ROWS", "SERIAL_ENV", "TEST_SLEEP_ENV", "CheckpointError",
-           "CheckpointMismatch", "Checkpointer", "candidates", "checkpoint_dir", "crc", "io_mode",
+__all__ = ["FAULT_ENV", "FORMAT", "PARAM_GROUPS", "REPLAY_ROWS", "SERIAL_ENV", "TEST_SLEEP_ENV",
+           "CheckpointCorrupt", "CheckpointError", "CheckpointIOError", "CheckpointIncompatible",
+           "CheckpointMismatch", "CheckpointTransient", "RunDirBusy", "Checkpointer", "candidates", "checkpoint_dir", "crc", "io_mode",
            "read_meta", "resolve", "resume_config", "truncate_metrics", "verify", "warn",
            "write_checkpoint"]

@@ -8,7 +8,6 @@ layout: see ``reshard`` for the rules.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -18,12 +17,14 @@ import torch
 
 from hpcdqn.rl.replay import ReplayBuffer
 from hpcdqn.store.codec import decode, encode, env_state, restore_env_state
-from hpcdqn.store.errors import CheckpointError, CheckpointMismatch
+from hpcdqn.store.agree import Local, agree
+from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointMismatch,
+                                 CheckpointTransient)
 from hpcdqn.store.mpiio import SERIAL_ENV, io_mode
 from hpcdqn.store.reader import (check_compatible, load_learner, load_rank_state, load_replay_same,
                                  open_checkpoint, read_meta, verify)
 from hpcdqn.store.reshard import load_replay_reshard
-from hpcdqn.store.rundir import candidates, warn
+from hpcdqn.store.rundir import SET_ASIDE, candidates, set_aside, warn
 from hpcdqn.store.schema import PARAM_GROUPS, REPLAY_ROWS, layer_parts, layer_sizes
 from hpcdqn.store.writer import write_checkpoint
 
@@ -44,6 +45,9 @@ class Checkpointer:
                        "stage_params": [list(ranges[s]) for s in range(grid.pp)],
                        "prioritized": bool(cfg["replay"]["prioritized"])}
         self.every = int(cfg["checkpoint_every"])
+        self.minutes = float(cfg.get("checkpoint_minutes", 0.0))
+        self.last_save = time.monotonic()
+        self.clock_due = False
         self.keep_last = int(cfg["keep_last"])
         self.stalls: list[float] = []
         self.mode = self.comm.bcast(io_mode() if grid.is_root else None, root=0)  # one protocol
@@ -53,7 +57,16 @@ class Checkpointer:
 
     # -- schedule ---------------------------------------------------------------------------------
     def due(self, steps_before: int, steps_after: int) -> bool:
-        return self.every > 0 and steps_after // self.every > steps_before // self.every
+        return self.clock_due or (self.every > 0 and
+                                  steps_after // self.every > steps_before // self.every)
+
+    def poll_clock(self) -> None:
+        """Collective (at log points): rank 0's clock decides whether ``checkpoint_minutes``
+        passed since the last checkpoint (or the start); every rank gets the same answer."""
+        if self.minutes <= 0:
+            return
+        due = time.monotonic() - self.last_save >= self.minutes * 60 if self.grid.is_root else None
+        self.clock_due = bool(self.comm.bcast(due, root=0))
 
     # -- save ---------------------------------------------------------------------------------
     def save(self, counters: dict, loop: dict) -> dict:
@@ -92,6 +105,7 @@ class Checkpointer:
                                self.cfg, counters, mine, raw, self.keep_last, self.mode)
         out["seconds"] = time.perf_counter() - t0
         self.stalls.append(out["seconds"])
+        self.last_save, self.clock_due = time.monotonic(), False
         return out
 
     def summary(self) -> dict:
@@ -103,46 +117,44 @@ class Checkpointer:
     def resume(self, run_dir) -> dict:
         """Collective: load the newest valid checkpoint of ``run_dir`` into the learner, replay
         and envs; returns the loop state ({counters, rng, obs, ep_ret, ep_len, window, path,
-        exact, warnings}). Falls back to older checkpoints, warning about each bad one."""
+        exact, warnings}). Every step's outcome is agreed over the ranks, then by kind: a
+        corrupt file is set aside (``rundir.set_aside``) and an older one tried; an incompatible
+        one (other env, impossible reshard, newer format) or a transient I/O failure is refused
+        with the reason and the file left untouched; any other error: the next older one is
+        tried, the file left untouched."""
         comm, root = self.comm, self.grid.is_root
         cands = comm.bcast(candidates(run_dir) if root else None, root=0)
         errors = []
         for c in cands:
             try:
                 verify(c, comm)
-                meta = read_meta(c)
-                check_compatible(meta, c, self.env_info, self.sizes)
+                meta = read_meta(c, comm)
+                check_compatible(meta, c, self.env_info, self.sizes)   # same meta everywhere
                 st = self._load_agreed(c, meta)
-            except CheckpointMismatch:
+            except (CheckpointMismatch, CheckpointTransient) as e:
+                e.agreed = True
                 raise
             except CheckpointError as e:
+                corrupt = isinstance(e, CheckpointCorrupt)
                 if root:
-                    warn(f"{e}; trying an older checkpoint (kept as {c.name}.bad)")
-                    try:   # set it aside: never loaded again, never pruned in place of a good one
-                        os.replace(c, c.with_name(c.name + ".bad"))
-                    except OSError:
-                        pass
+                    kept = set_aside(c, str(e)) if corrupt else None
+                    warn(f"{e}; trying an older checkpoint"
+                         + (f" (set aside as {kept.name}, recorded in {SET_ASIDE})" if kept else ""))
                 errors.append(str(e))
                 comm.Barrier()
                 continue
             st["path"] = str(c)
             return st
-        raise CheckpointError(f"cannot resume '{run_dir}': no valid checkpoint"
-                              + "".join(f"\n  {e}" for e in errors))
+        e = CheckpointError(f"cannot resume '{run_dir}': no valid checkpoint"
+                            + "".join(f"\n  {e}" for e in errors))
+        e.agreed = True
+        raise e
 
     def _load_agreed(self, path, meta) -> dict:
-        err, st = None, None
-        try:
+        st = None
+        with Local() as loc:   # any other exception (a malformed rank state): generic, not corrupt
             st = self._load(path, meta)
-        except CheckpointMismatch:
-            raise
-        except CheckpointError as e:
-            err = str(e)
-        except Exception as e:  # noqa: BLE001
-            err = f"checkpoint '{path}': {type(e).__name__}: {e}"
-        errs = [e for e in self.comm.allgather(err) if e]
-        if errs:
-            raise CheckpointError(errs[0])
+        agree(self.comm, "read", path, loc.err, keep_kind=True)
         return st
 
     def _load(self, path, meta) -> dict:

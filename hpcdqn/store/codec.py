@@ -18,7 +18,7 @@ import zlib
 import numpy as np
 import torch
 
-from hpcdqn.store.errors import CheckpointError
+from hpcdqn.store.errors import CheckpointCorrupt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def decode(x, into=None):
             into.bit_generator.state = st
             return into
         if st["bit_generator"] not in ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"):
-            raise CheckpointError(f"unknown numpy bit generator {st['bit_generator']!r} in checkpoint")
+            raise CheckpointCorrupt(f"unknown numpy bit generator {st['bit_generator']!r} in checkpoint")
         g = np.random.Generator(getattr(np.random, st["bit_generator"])())
         g.bit_generator.state = st
         return g
@@ -163,8 +163,7 @@ def restore_env_state(venv, st: dict) -> list[str]:
     if not hasattr(venv, "envs") or len(venv.envs) != len(st["envs"]):
         return ["vector env kind or size changed; environments were re-seeded instead"]
     problems = []
-    for k, v in st["vector"].items():
-        setattr(venv, k, decode(v, getattr(venv, k, None)))
+    _restore_attrs(venv, st["vector"], problems)
     for e, es in zip(venv.envs, st["envs"]):
         chain = _chain(e)
         if [type(x).__name__ for x in chain] != es["chain"]:
@@ -172,11 +171,7 @@ def restore_env_state(venv, st: dict) -> list[str]:
                             f"{[type(x).__name__ for x in chain]}); env re-seeded")
             continue
         for obj, attrs in zip(chain, es["attrs"]):
-            for k, v in attrs.items():
-                try:
-                    setattr(obj, k, decode(v, getattr(obj, k, None)))
-                except AttributeError:   # read-only property
-                    pass
+            _restore_attrs(obj, attrs, problems)
         if "ale" in es:  # pragma: no cover - needs ale-py
             try:
                 import ale_py
@@ -190,9 +185,41 @@ def restore_env_state(venv, st: dict) -> list[str]:
     return problems
 
 
+def _restore_attrs(obj, attrs: dict, problems: list) -> None:
+    """Allow-list: only the attributes the live object has now as plain captured data (what
+    ``_plain_attrs`` would capture from it); anything else named in the file (a method, a
+    module, an unknown name) is not set, with a warning."""
+    allowed = _plain_attrs(obj)
+    for k, v in attrs.items():
+        if k not in allowed:
+            problems.append(f"attribute {k!r} of {type(obj).__name__} in the checkpoint is not "
+                            "restorable state; ignored")
+            continue
+        try:
+            setattr(obj, k, decode(v, getattr(obj, k, None)))
+        except AttributeError:   # read-only property
+            pass
+
+
 # ---------------------------------------------------------------------------------------------
 # checksums
 # ---------------------------------------------------------------------------------------------
 def crc(a: np.ndarray, value: int = 0) -> int:
     a = np.ascontiguousarray(a)
     return zlib.crc32(memoryview(a.reshape(-1).view(np.uint8)), value) & 0xFFFFFFFF
+
+
+ATTRS_CRC = "attrs_crc32"
+
+
+def attrs_crc(attrs: dict) -> int:
+    """CRC-32 over the root attributes (name and value, in name order; ``attrs_crc32`` itself
+    excluded): a changed digit in ``counters`` or ``layout`` is found before it is used."""
+    value = 0
+    for k in sorted(attrs):
+        if k == ATTRS_CRC:
+            continue
+        v = attrs[k]
+        v = v.decode() if isinstance(v, bytes) else str(v)
+        value = zlib.crc32(f"{k}={v}\n".encode(), value)
+    return value & 0xFFFFFFFF

@@ -8,61 +8,124 @@ collective); the outcome is agreed with an allreduce.
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from hpcdqn.store.codec import crc
-from hpcdqn.store.errors import CheckpointError, CheckpointMismatch
-from hpcdqn.store.schema import (FORMAT, PARAM_GROUPS, REPLAY_ROWS, Spec, layer_parts, plan,
+from hpcdqn import __version__
+from hpcdqn.store.agree import TRANSIENT_ERRNOS, Local, agree, describe, fault
+from hpcdqn.store.bounds import check_meta, check_shapes, format_version
+from hpcdqn.store.codec import ATTRS_CRC, attrs_crc, crc
+from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointMismatch,
+                                 CheckpointTransient)
+from hpcdqn.store.schema import (PARAM_GROUPS, REPLAY_ROWS, Spec, layer_parts, plan,
                                  rows_per_piece)
 
 
 # ---------------------------------------------------------------------------------------------
 # reading and validation
 # ---------------------------------------------------------------------------------------------
+RETRIES = 4                     # transient I/O errors: attempts after the first
+RETRY_BASE_S = 0.2              # backoff 0.2, 0.4, 0.8, 1.6 s
+
+
 def open_checkpoint(path) -> h5py.File:
+    """Open read-only; a transient I/O error (EIO, EAGAIN, ESTALE, ...) is retried with backoff,
+    then raised as ``CheckpointTransient`` (the file is not blamed)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    for attempt in range(RETRIES + 1):
+        try:
+            return _open_once(path)
+        except OSError as e:
+            if e.errno not in TRANSIENT_ERRNOS:
+                raise
+            if attempt == RETRIES:
+                raise CheckpointTransient(
+                    f"checkpoint '{path}' could not be read: {describe(e)} after {RETRIES + 1} "
+                    "attempts; the file was left as it is (retry when the file system "
+                    "recovers)") from None
+            time.sleep(RETRY_BASE_S * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def _open_once(path: Path) -> h5py.File:
+    if not path.is_file() or path.is_symlink():
+        what = "is a symbolic link (refused)" if path.is_symlink() else "does not exist"
+        raise CheckpointCorrupt(f"checkpoint '{path}' {what}")
+    fault("open", _rank(), path)
     try:
         return h5py.File(path, "r")
     except OSError as e:
-        raise CheckpointError(f"checkpoint '{path}' cannot be opened (truncated or not an HDF5 "
-                              f"file): {e}") from None
+        if e.errno in TRANSIENT_ERRNOS:
+            raise
+        raise CheckpointCorrupt(f"checkpoint '{path}' cannot be opened (truncated or not an HDF5 "
+                                f"file): {e}") from None
 
 
-def read_meta(path) -> dict:
-    """Root attributes, JSON-decoded. Raises CheckpointError."""
-    with open_checkpoint(path) as f:
-        return _meta(f, path)
+def _rank() -> int:
+    import sys
+
+    if "mpi4py.MPI" not in sys.modules:
+        return 0
+    return sys.modules["mpi4py.MPI"].COMM_WORLD.Get_rank()
+
+
+def read_meta(path, comm=None) -> dict:
+    """Root attributes, JSON-decoded, typed and bounded. With ``comm``: read on every rank and
+    the outcome agreed (collective; the same error kind raised everywhere)."""
+    err, meta = None, None
+    with Local() as loc:
+        with open_checkpoint(path) as f:
+            meta = _meta(f, path)
+    err = loc.err
+    if comm is not None:
+        agree(comm, "read", path, err, keep_kind=True)
+    elif err is not None:
+        raise err
+    return meta
+
+
+_warned_versions: set = set()
 
 
 def _meta(f, path) -> dict:
-    fmt = f.attrs.get("format")
-    if fmt != FORMAT:
-        raise CheckpointError(f"checkpoint '{path}': not an hpcdqn checkpoint "
-                              f"(attribute 'format' = {fmt!r}, expected {FORMAT!r})")
+    major, minor = format_version(f.attrs.get("format"), path)
     out = {}
     for k in ("config", "layout", "env", "layer_sizes", "counters"):
         if k not in f.attrs:
-            raise CheckpointError(f"checkpoint '{path}': root attribute '{k}' is missing")
+            raise CheckpointCorrupt(f"checkpoint '{path}': root attribute '{k}' is missing")
         try:
             out[k] = json.loads(f.attrs[k])
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint '{path}': root attribute '{k}' is not valid JSON: {e}") from None
+            raise CheckpointCorrupt(f"checkpoint '{path}': root attribute '{k}' is not valid "
+                                    f"JSON: {e}") from None
+    stored = f.attrs.get(ATTRS_CRC)
+    if stored is not None or (major, minor) >= (1, 1):
+        got = attrs_crc({k: f.attrs[k] for k in f.attrs.keys()})
+        if stored is None or int(stored) != got:
+            raise CheckpointCorrupt(f"checkpoint '{path}': the root attributes do not match their "
+                                    f"checksum (stored {stored}, computed {got}); the file was "
+                                    "altered or damaged")
+    check_meta(out, path)
     out["version"] = str(f.attrs.get("version", "?"))
     out["io_mode"] = str(f.attrs.get("io_mode", "?"))
+    out["format"] = (major, minor)
+    if out["version"] != __version__ and out["version"] not in _warned_versions and _rank() == 0:
+        _warned_versions.add(out["version"])
+        print(f"hpcdqn: warning: checkpoint '{path}' was written by hpcdqn {out['version']}, "
+              f"this is {__version__}", file=sys.stderr, flush=True)
     return out
 
 
 def _dset(f, path, name) -> h5py.Dataset:
     if name not in f:
-        raise CheckpointError(f"checkpoint '{path}': dataset '{name}' is missing")
+        raise CheckpointCorrupt(f"checkpoint '{path}': dataset '{name}' is missing")
     ds = f[name]
     if not isinstance(ds, h5py.Dataset):
-        raise CheckpointError(f"checkpoint '{path}': '{name}' is not a dataset")
+        raise CheckpointCorrupt(f"checkpoint '{path}': '{name}' is not a dataset")
     return ds
 
 
@@ -71,10 +134,13 @@ def read_dataset(f, path, name, sel=slice(None)) -> np.ndarray:
     try:
         return ds[sel]
     except (OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint '{path}': dataset '{name}' cannot be read: {e}") from None
+        if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+            raise CheckpointTransient(f"checkpoint '{path}': dataset '{name}': {describe(e)}") from None
+        raise CheckpointCorrupt(f"checkpoint '{path}': dataset '{name}' cannot be read: {e}") from None
 
 
 def _units(meta: dict, f, path) -> list[tuple[Spec, int]]:
+    check_shapes(meta, f, path)        # before the plan is sized from the layout
     maxlen = _dset(f, path, "rank_state").shape[1]
     specs = plan(meta["layout"], meta["env"], meta["layer_sizes"], maxlen)
     return [(s, j) for s in specs for j in range(len(s.parts))]
@@ -83,12 +149,12 @@ def _units(meta: dict, f, path) -> list[tuple[Spec, int]]:
 def verify_part(f, path, spec: Spec, j: int) -> None:
     ds = _dset(f, path, spec.name)
     if tuple(ds.shape) != tuple(spec.shape) or ds.dtype != spec.dtype:
-        raise CheckpointError(f"checkpoint '{path}': dataset '{spec.name}' has shape {ds.shape} "
+        raise CheckpointCorrupt(f"checkpoint '{path}': dataset '{spec.name}' has shape {ds.shape} "
                               f"{ds.dtype}, expected {spec.shape} {spec.dtype}")
     try:
         stored = json.loads(ds.attrs["crc32"])[j]
     except (KeyError, ValueError, IndexError, TypeError):
-        raise CheckpointError(f"checkpoint '{path}': dataset '{spec.name}' has no valid crc32 "
+        raise CheckpointCorrupt(f"checkpoint '{path}': dataset '{spec.name}' has no valid crc32 "
                               "attribute") from None
     _, a, b = spec.parts[j]
     got, rpp = 0, rows_per_piece(spec)
@@ -96,31 +162,31 @@ def verify_part(f, path, spec: Spec, j: int) -> None:
         got = crc(np.asarray(read_dataset(f, path, spec.name, slice(p, min(b, p + rpp))), spec.dtype), got)
     if got != stored:
         where = f" rows [{a}, {b})" if len(spec.parts) > 1 else ""
-        raise CheckpointError(f"checkpoint '{path}': dataset '{spec.name}'{where}: checksum mismatch "
+        raise CheckpointCorrupt(f"checkpoint '{path}': dataset '{spec.name}'{where}: checksum mismatch "
                               f"(stored crc32 {stored:#010x}, data {got:#010x}); the file is corrupted")
 
 
 def verify(path, comm=None) -> None:
     """Check every dataset part against its CRC. With ``comm``: the parts are spread over the
-    ranks and the verdict agreed (collective); raises CheckpointError on every rank."""
+    ranks and the verdict agreed (collective); raises the agreed kind of CheckpointError
+    (corrupt, incompatible, transient) on every rank."""
     rank, world = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
-    err = None
-    try:
-        with open_checkpoint(path) as f:
-            meta = _meta(f, path)
-            units = _units(meta, f, path)
-            for u, (spec, j) in enumerate(units):
-                if u % world == rank:
-                    verify_part(f, path, spec, j)
-    except CheckpointError as e:
-        err = str(e)
-    except Exception as e:  # noqa: BLE001 - h5py raises many kinds on a damaged file
-        err = f"checkpoint '{path}': {type(e).__name__}: {e}"
+    with Local() as loc:
+        try:
+            with open_checkpoint(path) as f:
+                meta = _meta(f, path)
+                units = _units(meta, f, path)
+                for u, (spec, j) in enumerate(units):
+                    if u % world == rank:
+                        verify_part(f, path, spec, j)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - h5py raises many kinds on a damaged file
+            raise CheckpointCorrupt(f"checkpoint '{path}': {type(e).__name__}: {e}") from None
     if comm is not None and world > 1:
-        errs = [e for e in comm.allgather(err) if e]
-        err = errs[0] if errs else None
-    if err:
-        raise CheckpointError(err)
+        agree(comm, "verify", path, loc.err, keep_kind=True)
+    elif loc.err is not None:
+        raise loc.err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +216,7 @@ def load_rank_state(f, path, r: int) -> dict:
     try:
         return json.loads(raw.decode())
     except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint '{path}': dataset 'rank_state' row {r} is not JSON: {e}") from None
+        raise CheckpointCorrupt(f"checkpoint '{path}': dataset 'rank_state' row {r} is not JSON: {e}") from None
 
 
 def load_learner(f, path, meta, learner) -> None:
@@ -164,6 +230,10 @@ def load_learner(f, path, meta, learner) -> None:
         if flats[key].size != hi - lo:
             raise CheckpointMismatch(f"checkpoint '{path}': parameters [{lo}, {hi}) hold "
                                      f"{flats[key].size} values, this stage has {hi - lo}")
+    bad = int((~np.isfinite(flats["online"])).sum())
+    if bad:      # valid bytes (the checksums match) of a diverged run: not corrupt, not loaded
+        raise CheckpointError(f"checkpoint '{path}': {bad} online parameters are NaN or infinite "
+                              "(the run diverged before this checkpoint?)")
     c = meta["counters"]
     learner.load_state(flats, {"updates": c["updates"], "adam_step": c["adam_step"], "lr": c["lr"]})
 
@@ -177,7 +247,7 @@ def load_replay_same(f, path, meta, replay, q: int) -> None:
         try:
             ds.read_direct(getattr(replay, k), np.s_[sl])
         except (OSError, RuntimeError, ValueError, TypeError) as e:
-            raise CheckpointError(f"checkpoint '{path}': dataset 'replay/{k}' cannot be read: {e}") from None
+            raise CheckpointCorrupt(f"checkpoint '{path}': dataset 'replay/{k}' cannot be read: {e}") from None
     replay.pos = int(read_dataset(f, path, "replay/pos", slice(q, q + 1))[0])
     replay.filled = int(read_dataset(f, path, "replay/filled", slice(q, q + 1))[0])
     if replay.prioritized:

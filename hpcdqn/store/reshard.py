@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcdqn.store.errors import CheckpointError
+from hpcdqn.store.errors import CheckpointCorrupt, CheckpointIncompatible
 from hpcdqn.store.reader import read_dataset
 from hpcdqn.store.schema import REPLAY_ROWS
 
@@ -69,16 +69,17 @@ def load_replay_reshard(f, path, meta, replay, dp_rank: int, S_n: int) -> None:
     pos_all = np.asarray(read_dataset(f, path, "replay/pos"))
     filled_all = np.asarray(read_dataset(f, path, "replay/filled"))
     if len(set(filled_all.tolist())) != 1 or len(set(pos_all.tolist())) != 1:
-        raise CheckpointError(f"checkpoint '{path}': replay shards disagree on pos/filled "
+        raise CheckpointCorrupt(f"checkpoint '{path}': replay shards disagree on pos/filled "
                               f"({pos_all.tolist()}, {filled_all.tolist()})")
     filled, pos = int(filled_all[0]), int(pos_all[0])
     E_n, rows_n = replay.num_envs, replay.rows
     S_o = dp_o * E_o
     L, M, pieces = reshard_plan(S_o, filled, S_n, rows_n)
     if M < replay.n_step + 1:
-        raise CheckpointError(
+        raise CheckpointIncompatible(
             f"cannot reshard checkpoint '{path}': its replay holds {filled} transitions in each of "
-            f"{S_o} env streams, too few for {S_n} new streams of at least {replay.n_step + 1}")
+            f"{S_o} env streams, too few for {S_n} new streams of at least {replay.n_step + 1} (resume it on its own layout, "
+            f"dp={dp_o} num_envs={E_o}; the file is left as it is)")
     prio = lay["prioritized"] and replay.prioritized
     names = list(REPLAY_ROWS) + (["priorities"] if prio else [])
     new = {k: np.zeros((M, E_n) + getattr(replay, k).shape[2:], getattr(replay, k).dtype)

@@ -4,6 +4,7 @@ trimming its metrics; the warnings the store prints."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from hpcdqn.store.schema import CKPT_DIR, LATEST
 
 # config keys that may change on resume without breaking bitwise equality
 RUN_CONTROL_KEYS = {"run_dir", "stop_after", "pp", "micro_batches", "schedule", "checkpoint_every",
-                    "keep_last", "threads", "device", "vector", "network.cuts",
+                    "checkpoint_minutes", "overwrite", "keep_last", "threads", "device", "vector", "network.cuts",
                     "network.split_layers"}
 RUN_CONTROL_PREFIXES = ("log.", "eval.", "parallel.")
 
@@ -27,16 +28,53 @@ def ckpt_name(env_steps: int) -> str:
     return f"ckpt-{env_steps:012d}.h5"
 
 
+CKPT_RE = re.compile(r"ckpt-\d{12}\.h5")
+SET_ASIDE = "set_aside.jsonl"        # one JSON line per checkpoint set aside by a resume
+
+
 def candidates(run_dir) -> list[Path]:
-    """Checkpoints of a run, the ``latest`` one first, then the others newest first."""
+    """Checkpoints of a run, the ``latest`` one first, then the others newest first. Only plain
+    files named like a checkpoint directly inside the checkpoint directory: ``latest`` naming
+    anything else (a path outside, a symlink) is ignored with a warning."""
     d = checkpoint_dir(run_dir)
-    files = sorted(d.glob("ckpt-*.h5"), reverse=True)
+    if not d.is_dir() or d.is_symlink():
+        return []
+    files = sorted((p for p in d.iterdir() if CKPT_RE.fullmatch(p.name) and not p.is_symlink()
+                    and p.is_file()), reverse=True)
     latest = d / LATEST
-    if latest.is_file():
-        name = latest.read_text().strip()
-        if (d / name).is_file():
+    if latest.is_file() and not latest.is_symlink():
+        try:
+            name = latest.read_text(errors="replace")[:256].strip()
+        except OSError:
+            name = ""
+        if name in {p.name for p in files}:
             files = [d / name] + [p for p in files if p.name != name]
+        elif name:
+            warn(f"'{latest}' names {name!r}, not a checkpoint of this run directory; ignored")
     return files
+
+
+def set_aside(path: Path, reason: str) -> Path | None:
+    """A corrupt checkpoint (rank 0): renamed ``<name>.bad`` in its own directory and recorded
+    in ``set_aside.jsonl`` there; nothing outside the checkpoint directory is touched."""
+    import json
+    import socket
+    import time
+
+    path = Path(path)
+    if not CKPT_RE.fullmatch(path.name) or path.is_symlink() or not path.is_file():
+        return None
+    bad = path.with_name(path.name + ".bad")
+    try:
+        os.replace(path, bad)
+        with open(path.parent / SET_ASIDE, "a") as fh:
+            fh.write(json.dumps({"file": path.name, "renamed_to": bad.name, "reason": reason,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                 "host": socket.gethostname()}) + "\n")
+    except OSError as e:
+        warn(f"could not set aside '{path}': {e}")
+        return None
+    return bad
 
 
 def resolve(path_or_run) -> Path:
@@ -127,3 +165,114 @@ def truncate_metrics(run_dir, env_steps: int) -> None:
     with open(tmp, "w", newline="") as fh:
         csv.writer(fh).writerows([head] + keep)
     os.replace(tmp, p)
+
+
+# ---------------------------------------------------------------------------------------------
+# ownership: one job per run directory
+# ---------------------------------------------------------------------------------------------
+LOCK = "hpcdqn.lock"
+
+
+def _proc_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (guards against a reused pid); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _me() -> dict:
+    import socket
+    import time
+
+    return {"job_id": os.environ.get("SLURM_JOB_ID", ""), "host": socket.gethostname(),
+            "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _stale(owner: dict | None, lock: Path) -> str | None:
+    """Why the lock's owner is gone (None: it may be alive)."""
+    import time
+
+    me = _me()
+    if owner is None:    # unreadable: half-written by a job that died (or is writing it now)
+        return "unreadable" if time.time() - lock.stat().st_mtime > 10 else None
+    if owner.get("job_id") and owner.get("job_id") == me["job_id"]:
+        return f"Slurm job {owner['job_id']} was requeued"
+    if owner.get("host") == me["host"]:
+        pid = int(owner.get("pid", -1))
+        start = _proc_start(pid) if pid > 0 else None
+        if start is None or (owner.get("pid_start") and start != owner.get("pid_start")):
+            return f"process {pid} on {me['host']} is gone"
+    return None
+
+
+def acquire_lock(run_dir) -> Path:
+    """Rank 0: own ``run_dir`` (``hpcdqn.lock``, created exclusively, with job id, host and pid),
+    taking over a stale lock; raises RunDirBusy naming the owner otherwise."""
+    import json
+
+    from hpcdqn.store.errors import RunDirBusy
+
+    lock = Path(run_dir) / LOCK
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                owner = None
+            try:
+                why = _stale(owner, lock)
+            except OSError:          # vanished meanwhile: try again
+                continue
+            if why is None:
+                o = owner or {}
+                raise RunDirBusy(
+                    f"run directory '{run_dir}' is in use by another job (Slurm job "
+                    f"{o.get('job_id') or '-'}, host {o.get('host', '?')}, pid {o.get('pid', '?')}, "
+                    f"since {o.get('since', '?')}); use another run_dir, or wait for that job. If it "
+                    f"is gone (another node died), remove '{lock}'") from None
+            warn(f"taking over the lock of '{run_dir}' ({why})")
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(_me()) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return lock
+    raise RunDirBusy(f"could not lock run directory '{run_dir}' (another job keeps taking it)")
+
+
+def release_lock(lock: Path) -> None:
+    """Remove the lock if it is still ours."""
+    import json
+
+    try:
+        owner = json.loads(Path(lock).read_text())
+    except (OSError, ValueError):
+        return
+    if owner.get("pid") == os.getpid() and owner.get("host") == _me()["host"]:
+        Path(lock).unlink(missing_ok=True)
+
+
+def check_fresh(run_dir, overwrite: bool) -> None:
+    """Rank 0, a run that does not resume: refuse a directory holding checkpoints, unless
+    ``overwrite`` (then they are removed, and the new run starts afresh)."""
+    from hpcdqn.store.errors import RunDirBusy
+
+    d = checkpoint_dir(run_dir)
+    old = candidates(run_dir)
+    if not old:
+        return
+    if not overwrite:
+        raise RunDirBusy(
+            f"run directory '{run_dir}' holds {len(old)} checkpoint(s) of an earlier run "
+            f"(newest {old[0].name}); continue it with `hpcdqn train --resume {run_dir}`, start "
+            "afresh there with overwrite=true (its checkpoints are deleted), or choose another "
+            "run_dir")
+    warn(f"overwrite=true: removing {len(old)} checkpoint(s) of the earlier run in '{d}'")
+    for p in old + [d / LATEST]:
+        p.unlink(missing_ok=True)

@@ -1,9 +1,10 @@
 """What a checkpoint file contains: its format, dataset names, the plan of datasets and parts.
 
-File format ``hpcdqn-checkpoint-1`` (arrays and JSON attributes only, no pickle)::
+File format ``hpcdqn-checkpoint-1.1`` (arrays and JSON attributes only, no pickle)::
 
     /                          attrs: format, version, io_mode, config, layout, env, layer_sizes,
-                                      counters (all JSON)
+                                      counters (all JSON), attrs_crc32 (CRC-32 over the others;
+                                      1.1; files of format 1 (1.0) have none and still load)
     params/online/<i>          float32 [n_i]   layer i of the whole network (global layer index)
     params/target/<i>          float32 [n_i]
     adam/exp_avg/<i>           float32 [n_i]
@@ -33,7 +34,9 @@ import numpy as np
 
 from hpcdqn.rl.networks import num_params
 
-FORMAT = "hpcdqn-checkpoint-1"
+FORMAT_NAME = "hpcdqn-checkpoint"
+FORMAT_MAJOR, FORMAT_MINOR = 1, 1       # 1.1: adds the root attribute ``attrs_crc32``
+FORMAT = f"{FORMAT_NAME}-{FORMAT_MAJOR}.{FORMAT_MINOR}"   # files of 1.0 were "hpcdqn-checkpoint-1"
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 PIECE_BYTES = 256 * 2**20                 # largest single write/read call per rank

@@ -162,6 +162,68 @@ def test_usr1_checkpoints_requeues_and_resumes_without_losing_anything(slurm_clu
     assert [r["episodes"] for r in ref_rows] == [r["episodes"] for r in rows]
 
 
+def _rank_pids(run) -> list[int]:
+    """The training ranks of a run (python processes, not srun or the batch shell)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            argv = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and Path(argv[0].decode(errors="replace")).name.startswith("python") and \
+                f"run_dir={run}".encode() in argv and b"train" in argv:
+            out.append(int(p.name))
+    return out
+
+
+@pytest.mark.timeout(480)
+def test_node_failure_drill_kill_9_one_rank_resubmit_resumes_periodic(slurm_cluster, tmp_path):
+    """kill -9 one rank mid-run with periodic (wall-clock) checkpoints: the job ends within 30 s,
+    is not retried as a launch failure; a resubmission resumes from the last periodic checkpoint,
+    losing at most about one interval."""
+    import os
+    import signal
+
+    from hpcdqn.store import candidates
+
+    name, total, minutes = "t-drill", 400000, 0.1       # a checkpoint every 6 s
+    run = tmp_path / "runs" / "drill"
+    args = [*TINY, f"total_steps={total}", "seed=6", "eval.episodes=0",
+            f"checkpoint_minutes={minutes}"]
+    env = {"HPCDQN_RUN_DIR": str(run)}
+    job = sbatch(slurm_cluster, tmp_path, "-n", "2", "-J", name, "--time=10", TRAIN, *args, env=env)
+    deadline = time.time() + 180
+    while len(candidates(run)) < 2:                      # two periodic checkpoints written
+        assert time.time() < deadline, job_output(tmp_path, name, job) + slurm_cluster.logs()
+        time.sleep(0.5)
+    time.sleep(3)
+    pids = _rank_pids(run)
+    assert len(pids) == 2, pids
+    last = candidates(run)[0]
+    os.kill(max(pids), signal.SIGKILL)                  # one rank dies, as with a node failure
+    t_kill = time.time()
+    info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "NODE_FAIL"}, 60)
+    ended = time.time() - t_kill
+    out = job_output(tmp_path, name, job)
+    assert ended < 30, (ended, out)
+    assert info["JobState"] == "FAILED", (info, out)
+    assert "not a launch failure, not retried" in out and "retry 1" not in out, out
+    last = candidates(run)[0]                            # (one may have landed meanwhile)
+    lost_s = t_kill - last.stat().st_mtime
+    assert lost_s < minutes * 60 + 10, lost_s            # one interval (+ a log period's slack)
+    # resubmit on the same run directory: the dead job's lock is stale, the run resumes
+    job2 = sbatch(slurm_cluster, tmp_path, "-n", "2", "-J", name, "--time=10", TRAIN, *args,
+                  "stop_after=" + str(int(last.name[5:17]) + 2000), env=env)
+    wait_done(slurm_cluster, job2, tmp_path, name, timeout=240)
+    out2 = job_output(tmp_path, name, job2)
+    assert "resuming from" in out2 and f"resumed exactly from {last}" in out2, out2
+    assert "taking over the lock" in out2, out2
+    print(f"drill: job ended {ended:.1f} s after kill -9; last periodic checkpoint "
+          f"{last.name} written {lost_s:.1f} s before the kill (interval {minutes * 60:.0f} s)")
+
+
 @pytest.mark.timeout(300)
 def test_sigterm_cancel_still_checkpoints_and_does_not_requeue(slurm_cluster, tmp_path):
     name = "t-term"

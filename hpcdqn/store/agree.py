@@ -1,0 +1,142 @@
+"""Error agreement around collective phases, and the fault-injection hook of the tests.
+
+The pattern, used for every phase of a checkpoint (create, write, flush, close, rename, verify,
+read)::
+
+    with Local() as loc:          # this rank's work; an exception is caught, not raised
+        ...
+    agree(comm, "flush", path, loc.err)   # collective: raises on every rank if any rank failed
+
+``agree`` reduces a flag over the ranks (MAX), and only if some rank failed gathers the failing
+ranks' messages; every rank then raises the same ``CheckpointIOError`` naming rank, file, phase
+and errno. No rank makes a further collective call after a local error before this agreement,
+so one rank's ENOSPC cannot leave the others waiting in a collective, and no collective call
+sits in a ``finally`` that runs after a local error.
+
+Fault injection (tests only): ``HPCDQN_TEST_FAULT=PHASE:RANK:ERRNO[:COUNT][@ENV_STEPS][,...]``
+makes ``fault(PHASE, rank, path)`` raise ``OSError(ERRNO)`` on that rank (COUNT times, default
+every time; only for checkpoints at or after ENV_STEPS). ERRNO is a name (ENOSPC, EIO, EDQUOT)
+or a number.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+import sys
+import time
+
+import numpy as np
+
+from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointIncompatible,
+                                 CheckpointIOError, CheckpointMismatch, CheckpointTransient)
+
+FAULT_ENV = "HPCDQN_TEST_FAULT"
+_fired: dict[str, int] = {}
+# errors that may clear on a retry (network file systems, overloaded servers)
+TRANSIENT_ERRNOS = {errno_mod.EIO, errno_mod.EAGAIN, errno_mod.EINTR, errno_mod.ETIMEDOUT,
+                    errno_mod.ESTALE, errno_mod.EBUSY}
+_steps = {"now": 0}
+
+
+class Local:
+    """Catches this rank's exception (``err``) instead of raising it; see ``agree``."""
+
+    def __init__(self):
+        self.err: BaseException | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if ev is not None and isinstance(ev, Exception):
+            self.err = ev
+            return True
+        return False      # KeyboardInterrupt / SystemExit go through
+
+
+def describe(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.errno:
+        name = errno_mod.errorcode.get(err.errno, str(err.errno))
+        where = f" on '{err.filename}'" if err.filename else ""
+        return f"{name} ({os.strerror(err.errno)}){where}"
+    if isinstance(err, CheckpointError):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
+
+
+# the kinds a read phase can agree on, least destructive first: a file is set aside only when
+# every failing rank found it corrupt
+_KINDS = (CheckpointIncompatible, CheckpointMismatch, CheckpointTransient, CheckpointCorrupt)
+
+
+def _kind(err: BaseException) -> str:
+    for k in _KINDS:
+        if isinstance(err, k):
+            return k.__name__
+    if isinstance(err, OSError) and err.errno in TRANSIENT_ERRNOS:
+        return CheckpointTransient.__name__
+    return CheckpointError.__name__
+
+
+def agree(comm, phase: str, path, err: BaseException | None, what: str = "checkpoint",
+          keep_kind: bool = False) -> None:
+    """Collective over ``comm`` (None: this process alone): if any rank's ``err`` is set, raise
+    the same error on every rank -- a ``CheckpointIOError`` naming the failing ranks, file, phase
+    and errno, or with ``keep_kind`` the kind the failing ranks agree on (see ``_KINDS``)."""
+    world = comm.Get_size() if comm is not None else 1
+    mine = None if err is None else (_kind(err), describe(err))
+    if world > 1:
+        from mpi4py import MPI
+
+        flag = np.array([0 if err is None else 1], np.int32)
+        comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+        if not flag[0]:
+            return
+        got = comm.allgather(mine)
+    else:
+        if err is None:
+            return
+        got = [mine]
+    bad = [(r, g) for r, g in enumerate(got) if g is not None]
+    if keep_kind:
+        kinds = {k for _, (k, _) in bad}
+        cls = next((k for k in _KINDS if k.__name__ in kinds), CheckpointError)
+        e = cls(bad[0][1][1] + (f" (rank {bad[0][0]}, phase '{phase}')" if world > 1 else ""))
+    else:
+        ranks = ", ".join(str(r) for r, _ in bad)
+        head = f"{what} {phase} failed on rank{'s' if len(bad) > 1 else ''} {ranks} of {world}"
+        body = "; ".join(f"rank {r}: {m}" for r, (_, m) in bad[:4]) + ("; ..." if len(bad) > 4 else "")
+        e = CheckpointIOError(f"{head} (file '{path}', phase '{phase}'): {body}")
+    e.agreed, e.phase, e.ranks = True, phase, [r for r, _ in bad]
+    raise e
+
+
+def set_steps(env_steps: int) -> None:
+    _steps["now"] = int(env_steps)
+
+
+def _specs():
+    for item in filter(None, (x.strip() for x in os.environ.get(FAULT_ENV, "").split(","))):
+        body, _, at = item.partition("@")
+        fields = body.split(":")
+        if len(fields) < 3:
+            raise ValueError(f"{FAULT_ENV}: '{item}' is not PHASE:RANK:ERRNO[:COUNT][@ENV_STEPS]")
+        count = int(fields[3]) if len(fields) > 3 else -1
+        yield item, fields[0], int(fields[1]), fields[2], count, int(at or 0)
+
+
+def fault(phase: str, rank: int, path) -> None:
+    """Tests only: raise the OSError that ``HPCDQN_TEST_FAULT`` asks for at this phase/rank."""
+    if FAULT_ENV not in os.environ:
+        return
+    for item, ph, r, code, count, at in _specs():
+        if ph != phase or r != rank or _steps["now"] < at:
+            continue
+        if count >= 0 and _fired.get(item, 0) >= count:
+            continue
+        _fired[item] = _fired.get(item, 0) + 1
+        num = int(code) if code.isdigit() else getattr(errno_mod, code)
+        print(f"hpcdqn: test fault: {code} at phase '{phase}' on rank {rank} "
+              f"t={time.time():.3f}", file=sys.stderr, flush=True)
+        raise OSError(num, f"{os.strerror(num)} (injected by {FAULT_ENV})", str(path))
