@@ -109,9 +109,22 @@ def _cmd_eval(args) -> int:
     from hpcdqn.rl.evaluate import evaluate
     from hpcdqn.store.modelfile import load_model
 
+    from hpcdqn.learner.budget import ENV_CAP, cap_per_rank, current_rss, fmt_bytes
+    from hpcdqn.store.modelfile import model_size
+
     run = Path(args.run_dir)
     path = run / "model.h5" if run.is_dir() else run
     try:
+        n, pp = model_size(path)
+        need, (cap, source) = 4 * n + current_rss(), cap_per_rank(1)
+        if need > cap:
+            raise ValueError(f"the whole online network ({n} parameters, {fmt_bytes(4 * n)}) does "
+                             f"not fit on one rank ({fmt_bytes(cap)}, {source}); evaluating with "
+                             f"the run's pp={pp} is not supported yet: raise {ENV_CAP} if the node "
+                             "has the memory")
+        print(f"hpcdqn eval: on one rank (the run had pp={pp}): the whole online network, "
+              f"{n} parameters ({fmt_bytes(4 * n)}), fits in {fmt_bytes(cap)} ({source})",
+              file=sys.stderr)
         net, cfg, _, _ = load_model(path)
     except (FileNotFoundError, ValueError) as e:
         print(f"hpcdqn eval: {e}", file=sys.stderr)

@@ -76,6 +76,17 @@ def write_model_slices(path: Path, mine: np.ndarray, lo: int, total: int, comm, 
     return mode
 
 
+def model_size(path: Path) -> tuple[int, int]:
+    """(parameters stored, the run's pp) without reading the parameters."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file '{path}' does not exist (did the run finish?)")
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != FORMAT or "online" not in f or len(f["online"].shape) != 1:
+            raise ValueError(f"'{path}' is not an hpcdqn model file (format={f.attrs.get('format')!r})")
+        return int(f["online"].shape[0]), int(json.loads(f.attrs["config"]).get("pp", 1))
+
+
 def load_model(path: Path, device="cpu"):
     """Returns (FlatModule with the trained parameters, cfg, obs_shape, n_actions)."""
     path = Path(path)
