@@ -201,11 +201,16 @@ def _open_parallel(tmp, comm):
 
 
 def _write_parallel(tmp, comm, specs, mine, crcs, root_attrs):
-    """Phases create, mid-data, flush, close, each agreed. A fault is injected *after* the
+    """Phases open (per-rank checks before the collective MPI_File_open), create, mid-data,
+    flush, close, each agreed. A fault is injected *after* the
     collective call of its phase returns (as a real ENOSPC/EIO is reported by one rank's
     MPI-IO write or sync), never instead of it."""
     rank = comm.Get_rank()
     f = flusher = None
+    with Local() as loc:      # MPI_File_open is collective: every rank checks first, agreed
+        precheck_open(tmp, _my_bytes(rank, specs))
+        fault("open", rank, tmp)
+    _agree_or_discard(comm, "open", tmp, loc.err)
     with Local() as loc:
         f = _open_parallel(tmp, comm)
         _create_all(f, specs, crcs, root_attrs, contiguous=True)
@@ -224,6 +229,31 @@ def _write_parallel(tmp, comm, specs, mine, crcs, root_attrs):
         if rank == 0 or wrote:
             fsync_path(tmp)   # every rank that wrote (its file system client's dirty data)
     _agree_or_discard(comm, "close", tmp, loc.err, None, flusher)
+
+
+def _my_bytes(rank, specs) -> int:
+    return sum((b - a) * int(np.prod(s.shape[1:], dtype=np.int64)) * s.dtype.itemsize
+               for s in specs for own, a, b in s.parts if own == rank)
+
+
+def precheck_open(path, nbytes: int) -> None:
+    """This rank's checks before the collective open of ``path`` for writing: the directory
+    exists and is writable, the name is not taken by a non-file, and the file system has room
+    for this rank's ``nbytes``. Raises OSError (with errno) so ``agree`` can name it."""
+    import errno
+
+    path = Path(path)
+    d = path.parent
+    if not d.is_dir():
+        raise OSError(errno.ENOENT, "checkpoint directory does not exist", str(d))
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, "checkpoint directory is not writable", str(d))
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise OSError(errno.EEXIST, "exists and is not a regular file", str(path))
+    st = os.statvfs(d)
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise OSError(errno.ENOSPC, f"{nbytes} bytes to write, {free} free", str(d))
 
 
 def _write_parallel_data(f, comm, specs, mine, tmp, flusher) -> bool:

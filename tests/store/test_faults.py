@@ -16,43 +16,50 @@ PHASES = ("create", "mid-data", "flush", "close", "rename")
 LIMIT_S = 30
 
 
-def _fault_case(tmp_path, n, phase, code, rank, serial=False):
-    env = {FAULT_ENV: f"{phase}:{rank}:{code}@2000", SERIAL_ENV: "1" if serial else "0"}
+def _fault_cases(tmp_path, n, cases, serial=False):
+    """All ``cases`` (PHASE:RANK:ERRNO) in one MPI job (tests/scripts/ckpt_faults.py): each
+    writes a fresh checkpoint that meets its fault; each must be agreed and reported."""
     t0 = time.time()
-    r = run_mpi(n, [SCRIPTS / "ckpt_fault.py", tmp_path / "run", "serial" if serial else "parallel"],
-                timeout=120, env=env)
+    r = run_mpi(n, [SCRIPTS / "ckpt_faults.py", tmp_path / "run", "serial" if serial else "parallel",
+                    ",".join(cases)], timeout=60 + 30 * len(cases),
+                env={SERIAL_ENV: "1" if serial else "0"})
     wall = time.time() - t0
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert f"test fault: {code} at phase '{phase}' on rank {rank}" in r.stderr
-    msg = out["error"]
-    assert msg is not None, "the injected fault was not reported"
-    assert out["same_on_all_ranks"], "ranks disagree on the error"
-    assert f"failed on rank {rank} of {n}" in msg and f"phase '{phase}'" in msg and code in msg, msg
-    assert "ckpt-000000002000.h5" in msg, msg        # names the file
-    assert out["seconds"] < LIMIT_S, out
-    assert out["latest"] == "ckpt-000000001000.h5"
-    assert out["files"] == ["ckpt-000000001000.h5", "latest"], out["files"]   # no .tmp left
-    print(f"fault {code} at {phase} on rank {rank} of {n} ({'serial' if serial else 'parallel'}): "
-          f"agreed and raised on every rank {out['seconds']:.2f} s after the write began; "
-          f"job {wall:.1f} s in all; 0 hangs; previous checkpoint verified")
-    return out, wall
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [o["case"] for o in results] == list(cases)
+    for out in results:
+        phase, rank, code = out["case"].split(":")
+        assert f"test fault: {code} at phase '{phase}' on rank {rank}" in r.stderr
+        msg = out["error"]
+        assert msg is not None, f"the injected fault {out['case']} was not reported"
+        assert out["same_on_all_ranks"], ("ranks disagree on the error", out)
+        assert f"failed on rank {rank} of {n}" in msg and f"phase '{phase}'" in msg and code in msg, msg
+        assert "ckpt-000000002000.h5" in msg, msg        # names the file
+        assert out["seconds"] < LIMIT_S, out
+        assert out["latest"] == "ckpt-000000001000.h5"
+        assert out["files"] == ["ckpt-000000001000.h5", "latest"], out   # no .tmp left
+        print(f"fault {code} at {phase} on rank {rank} of {n} ({'serial' if serial else 'parallel'}): "
+              f"agreed and raised on every rank {out['seconds']:.2f} s after the write began; "
+              "0 hangs; previous checkpoint verified")
+    print(f"{len(results)} cases on {n} ranks in one job: {wall:.1f} s in all")
+    return results
 
 
 @pytest.mark.parametrize("n", [2, 4])
-@pytest.mark.parametrize("code", ["ENOSPC", "EIO"])
-@pytest.mark.parametrize("phase", PHASES)
-def test_write_fault_on_one_rank_is_agreed(tmp_path, n, phase, code):
-    _fault_case(tmp_path, n, phase, code, rank=n - 1)
+def test_write_fault_on_one_rank_is_agreed(tmp_path, n):
+    """ENOSPC and EIO at each write phase, on the last rank, for 2 and 4 ranks; and the checks
+    before the collective MPI_File_open failing on one rank only (phase 'open')."""
+    _fault_cases(tmp_path, n, [f"{ph}:{n - 1}:{code}" for code in ("ENOSPC", "EIO") for ph in PHASES]
+                 + [f"open:{n - 1}:EACCES"])
 
 
-@pytest.mark.parametrize("phase", ["create", "mid-data", "rename"])
-def test_write_fault_on_rank0_and_serial_writer(tmp_path, phase):
-    _fault_case(tmp_path / "p", 2, phase, "EDQUOT", rank=0)
-    _fault_case(tmp_path / "s", 2, phase, "ENOSPC", rank=1, serial=True)
+def test_write_fault_on_rank0_and_serial_writer(tmp_path):
+    phases = ("create", "mid-data", "rename")
+    _fault_cases(tmp_path / "p", 2, [f"{ph}:0:EDQUOT" for ph in phases])
+    _fault_cases(tmp_path / "s", 2, [f"{ph}:1:ENOSPC" for ph in phases], serial=True)
 
 
 TRAIN = ["total_steps=3000", "dqn.learning_starts=500", "dqn.train_frequency=100",
-         "dqn.gradient_steps=20", "network.hidden=[32, 32]", "eval.episodes=0",
+         "dqn.gradient_steps=5", "network.hidden=[32, 32]", "eval.episodes=0",
          "log.progress=false", "log.tensorboard=false", "log.every=500", "seed=5",
          "dqn.buffer_size=2000", "checkpoint_every=1000", "keep_last=3"]
 
@@ -94,3 +101,18 @@ def test_file_system_detection_on_this_machine(tmp_path):
     assert w.every == 64 * 2**20
     w.close()
     assert DEFAULT_HINTS.startswith("romio_cb_write=disable")
+
+
+def test_open_precheck_names_the_problem(tmp_path):
+    """The per-rank checks run before the collective open (agreed as phase 'open')."""
+    import errno
+
+    from hpcdqn.store.writer import precheck_open
+
+    precheck_open(tmp_path / "ok.h5.tmp", 10)
+    for path, nbytes, code in [(tmp_path / "missing" / "x.h5.tmp", 10, errno.ENOENT),
+                               (tmp_path, 10, errno.EEXIST),           # a directory by that name
+                               (tmp_path / "big.h5.tmp", 2**62, errno.ENOSPC)]:
+        with pytest.raises(OSError) as e:
+            precheck_open(path, nbytes)
+        assert e.value.errno == code, (path, e.value)

@@ -5,6 +5,7 @@ start into one holding checkpoints, is refused."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 from mpi_util import hpcdqn, mpi_env, mpirun_cmd
 
@@ -21,7 +23,7 @@ from hpcdqn.store import FAULT_ENV, verify
 from hpcdqn.store.codec import attrs_crc, crc
 
 TINY = ["total_steps=3000", "dqn.learning_starts=500", "dqn.train_frequency=100",
-        "dqn.gradient_steps=20", "network.hidden=[32, 32]", "eval.episodes=0",
+        "dqn.gradient_steps=5", "network.hidden=[32, 32]", "eval.episodes=0",
         "log.progress=false", "log.tensorboard=false", "log.every=500", "seed=5",
         "dqn.buffer_size=2000", "dqn.n_step=3", "checkpoint_every=1000", "keep_last=3"]
 
@@ -29,6 +31,19 @@ TINY = ["total_steps=3000", "dqn.learning_starts=500", "dqn.train_frequency=100"
 def snapshot(d: Path) -> dict:
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, crc(np.frombuffer(p.read_bytes(), np.uint8)))
             for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run1000(tmp_path_factory):
+    """One prepared run (TINY, stopped after its checkpoint at 1000), copied by each test."""
+    run = tmp_path_factory.mktemp("base") / "run"
+    hpcdqn(1, ["train", *TINY, f"run_dir={run}", "stop_after=1000"], timeout=300)
+    return run
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
 
 
 def one_message(r) -> str:
@@ -52,9 +67,8 @@ def test_impossible_reshard_leaves_every_checkpoint(tmp_path):
     assert "resumed exactly from" in r.stderr and "ckpt-000000000004.h5" in r.stderr
 
 
-def test_newer_format_and_transient_errors_leave_the_file(tmp_path):
-    run = tmp_path / "run"
-    hpcdqn(1, ["train", *TINY, f"run_dir={run}", "stop_after=1000"], timeout=300)
+def test_newer_format_and_transient_errors_leave_the_file(run1000, tmp_path):
+    run = copy_run(run1000, tmp_path / "run")
     d = run / "checkpoints"
     p = d / "ckpt-000000001000.h5"
     before = snapshot(d)
@@ -137,9 +151,8 @@ def test_second_job_refused_first_unharmed(tmp_path):
     assert "in use" not in err and not (run / "hpcdqn.lock").exists()   # released at the end
 
 
-def test_fresh_start_refused_stale_lock_taken_over(tmp_path):
-    run = tmp_path / "run"
-    hpcdqn(1, ["train", *TINY, f"run_dir={run}", "stop_after=1000"], timeout=300)
+def test_fresh_start_refused_stale_lock_taken_over(run1000, tmp_path):
+    run = copy_run(run1000, tmp_path / "run")
     d = run / "checkpoints"
     before, metrics = snapshot(d), (run / "metrics.csv").read_text()
     r = hpcdqn(1, ["train", *TINY, f"run_dir={run}"], timeout=300, check=False)
