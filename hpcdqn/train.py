@@ -29,7 +29,7 @@ import torch
 from hpcdqn import config as config_mod
 from hpcdqn.learner import build_learner
 from hpcdqn.metrics import MetricsLogger
-from hpcdqn.parallel.grid import RankGrid, mpi
+from hpcdqn.parallel.grid import RankGrid, choose_device, mpi
 from hpcdqn.parallel.lifecycle import agree_signal, install_signal_handlers
 from hpcdqn.parallel.memory import keep_freed_memory
 from hpcdqn.rl.envs import make_vector_env
@@ -78,12 +78,12 @@ class LoopState:
     window: Window = field(default_factory=Window)
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+def resolve_device(name: str, local_rank: int = 0) -> str:
+    """The device of this rank: ``cuda``/``auto`` pick ``cuda:<local rank % visible devices>``."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if name.startswith("cuda") and not visible:
         raise config_mod.ConfigError(f"device={name!r} but torch sees no CUDA device; use device=cpu")
-    return name
+    return choose_device(name, local_rank, visible)
 
 
 def make_run_dir(cfg: dict, comm, resume: str | None = None) -> tuple[Path, Path | None]:
@@ -121,14 +121,14 @@ def allreduce_window(window: Window, comm) -> dict:
     return dict(zip(keys, v))
 
 
-def configure_process(cfg: dict) -> str:
+def configure_process(cfg: dict, local_rank: int = 0) -> str:
     """Threads, denormals, the allocator and signal handlers for a training process; the device."""
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     # Adam's second moments decay into denormal floats, which make CPU sqrt ~30x slower.
     torch.set_flush_denormal(True)
     keep_freed_memory()     # reuse freed blocks instead of fresh kernel pages each step (memory.py)
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg["device"], local_rank)
     install_signal_handlers()
     return device
 
@@ -140,7 +140,7 @@ class Trainer:
         self.cfg, self.quiet = cfg, quiet
         self.comm = comm if comm is not None else mpi().COMM_WORLD
         self.grid = grid = RankGrid(self.comm, cfg["pp"])
-        self.device = configure_process(cfg)
+        self.device = configure_process(cfg, grid.local_rank)
         self.run_dir, self.lock = make_run_dir(cfg, self.comm, resume)
         self.root = grid.is_root
         if self.root:
@@ -340,7 +340,7 @@ class Trainer:
         summary = {"env_steps": env_steps, "updates": learner.updates, "wall_s": round(wall, 3),
                    "sps": round(env_steps / wall, 1), "ups": round(learner.updates / wall, 1),
                    "allreduce_share": round(learner.sync_seconds() / wall, 4),
-                   "world": grid.world, "dp": grid.dp, "pp": grid.pp, "run_dir": str(self.run_dir),
+                   **grid.describe(), "run_dir": str(self.run_dir),
                    "parameter_bytes_per_stage": self.stage_bytes,
                    "execution_plan": learner.plan.as_dict()}
         summary.update(self.ckpt.summary(), checkpoint_io=self.ckpt.mode)

@@ -1,0 +1,33 @@
+"""Under mpirun: the grid's node detection on COMM_WORLD, on a split sub-communicator and on
+fake nodes (a Split by a fake host name). Prints one JSON line per case from each rank."""
+
+import json
+import sys
+
+from mpi4py import MPI
+
+from hpcdqn.parallel.grid import RankGrid
+
+
+def report(case, g):
+    print("GRID " + json.dumps({"case": case, "rank": g.rank, "local_rank": g.local_rank,
+                                "nodes": g.nodes, "ranks_per_node": g.ranks_per_node,
+                                "node_of": g.node_of, "layout": g.describe()}), flush=True)
+    g.free()
+
+
+def main():
+    pp = int(sys.argv[1])
+    w = MPI.COMM_WORLD
+    report("world", RankGrid(w, pp=pp))
+    # a sub-communicator: the even world ranks and the odd ones, each its own grid
+    sub = w.Split(color=w.Get_rank() % 2, key=w.Get_rank())
+    report(f"sub{w.Get_rank() % 2}", RankGrid(sub, pp=1))
+    # fake two nodes: block (0,1 | 2,3) and cyclic (0,2 | 1,3) host names
+    report("block", RankGrid(w, pp=pp, node_color=w.Get_rank() * 2 // w.Get_size()))
+    report("cyclic", RankGrid(w, pp=pp, node_color=w.Get_rank() % 2))
+    sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    main()
