@@ -1,5 +1,6 @@
 """Under mpirun: the grid's node detection on COMM_WORLD, on a split sub-communicator and on
-fake nodes (a Split by a fake host name). Prints one JSON line per case from each rank."""
+fake nodes (a Split by a fake host name). World rank 0 prints one JSON line per case and rank
+(gathered, so ranks' lines cannot interleave in mpirun's forwarded stdout)."""
 
 import json
 import sys
@@ -10,10 +11,12 @@ from hpcdqn.parallel.grid import RankGrid
 
 
 def report(case, g):
-    print("GRID " + json.dumps({"case": case, "rank": g.rank, "local_rank": g.local_rank,
-                                "nodes": g.nodes, "ranks_per_node": g.ranks_per_node,
-                                "node_of": g.node_of, "layout": g.describe()}), flush=True)
+    row = {"case": case, "rank": g.rank, "local_rank": g.local_rank, "nodes": g.nodes,
+           "ranks_per_node": g.ranks_per_node, "node_of": g.node_of, "layout": g.describe()}
     g.free()
+    rows = MPI.COMM_WORLD.gather(json.dumps(row), root=0)
+    if rows is not None:
+        print("\n".join("GRID " + r for r in rows), flush=True)
 
 
 def main():
