@@ -113,10 +113,12 @@ class RankGrid:
         self.local_rank = self.node_comm.Get_rank()
         leader = self.node_comm.bcast(self.rank, root=0)
         leaders = self.comm.allgather(leader)
-        order = sorted(set(leaders))
-        self.node_of = [order.index(x) for x in leaders]
-        self.nodes = len(order)
-        self.ranks_per_node = [self.node_of.count(n) for n in range(self.nodes)]
+        index = {x: i for i, x in enumerate(sorted(set(leaders)))}   # linear at any rank count
+        self.node_of = [index[x] for x in leaders]
+        self.nodes = len(index)
+        self.ranks_per_node = [0] * self.nodes
+        for n in self.node_of:
+            self.ranks_per_node[n] += 1
         msg = span_warning(self.node_of, self.pp)
         if msg and self.is_root and msg not in _warned:
             _warned.add(msg)
