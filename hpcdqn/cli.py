@@ -1,6 +1,7 @@
-"""Command line: ``hpcdqn train|eval|info|scale``.
+"""Command line: ``hpcdqn train|plan|eval|info|scale``.
 
-    hpcdqn train [--config FILE] [KEY=VALUE ...]
+    hpcdqn train [--config FILE] [--mem-per-rank 6G] [--dry-run] [KEY=VALUE ...]
+    hpcdqn plan [--config FILE] --ranks N [--mem-per-rank 6G] [KEY=VALUE ...]
     mpirun -n 4 hpcdqn train pp=2 micro_batches=8 schedule=1f1b
     hpcdqn scale --ranks 1,2,4 --mode weak --out DIR [--repeats R] [KEY=VALUE ...]
     mpirun -n 2 hpcdqn train --resume RUN_DIR [KEY=VALUE ...]   (another layout: reshard)
@@ -21,13 +22,50 @@ import sys
 EXIT_CHECKPOINTED = 3
 
 
+def _cmd_plan(args, world: int | None = None) -> int:
+    """Per-rank memory by category for a layout, and the run's schedule figures; allocates
+    nothing of the network or the replay. Exit 0 if every rank fits, 1 if not."""
+    from hpcdqn.config import ConfigError, load_config
+    from hpcdqn.learner.budget import ENV_CAP, describe_plan, fmt_bytes, job_plan
+
+    ranks = args.ranks or world or 1
+    try:
+        cfg = load_config(args.config, args.overrides)
+        per_node = args.ranks_per_node or ranks
+        res = job_plan(cfg, ranks, per_node, args.mem_per_rank)
+    except ConfigError as e:
+        print(f"hpcdqn plan: config error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(describe_plan(res, res["mem_per_rank"], res["mem_per_rank_source"], res["baseline_rss"]))
+    if not res["fits"]:
+        print(f"hpcdqn plan: WARNING: the largest rank needs {fmt_bytes(res['largest_rank_bytes'])}, "
+              f"more than the {fmt_bytes(res['mem_per_rank'])} a rank may use "
+              f"({res['mem_per_rank_source']}); use more pipeline stages, a smaller replay or "
+              f"network, or raise --mem-per-rank / {ENV_CAP}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_train(args) -> int:
     from hpcdqn.parallel.lifecycle import install_signal_handlers
 
     install_signal_handlers()   # before the slow imports: an early USR1/TERM must not kill a rank
     from hpcdqn.config import load_config
+    from hpcdqn.learner.budget import ENV_CAP
     from hpcdqn.parallel.lifecycle import abort_on_exception, is_user_error, user_error_kind
 
+    if args.mem_per_rank:
+        os.environ[ENV_CAP] = args.mem_per_rank      # the check in Trainer reads it
+    if args.dry_run:
+        from mpi4py import MPI
+
+        args.ranks, args.ranks_per_node, args.json = None, None, False
+        if MPI.COMM_WORLD.Get_rank() != 0:
+            return 0
+        return _cmd_plan(args, world=MPI.COMM_WORLD.Get_size())
     try:
         if args.resume:
             if args.config:
@@ -101,9 +139,22 @@ def _cmd_eval(args) -> int:
     from hpcdqn.rl.evaluate import evaluate
     from hpcdqn.store.modelfile import load_model
 
+    from hpcdqn.learner.budget import ENV_CAP, cap_per_rank, current_rss, fmt_bytes
+    from hpcdqn.store.modelfile import model_size
+
     run = Path(args.run_dir)
     path = run / "model.h5" if run.is_dir() else run
     try:
+        n, pp = model_size(path)
+        need, (cap, source) = 4 * n + current_rss(), cap_per_rank(1)
+        if need > cap:
+            raise ValueError(f"the whole online network ({n} parameters, {fmt_bytes(4 * n)}) does "
+                             f"not fit on one rank ({fmt_bytes(cap)}, {source}); evaluating with "
+                             f"the run's pp={pp} is not supported yet: raise {ENV_CAP} if the node "
+                             "has the memory")
+        print(f"hpcdqn eval: on one rank (the run had pp={pp}): the whole online network, "
+              f"{n} parameters ({fmt_bytes(4 * n)}), fits in {fmt_bytes(cap)} ({source})",
+              file=sys.stderr)
         net, cfg, _, _ = load_model(path)
     except (FileNotFoundError, ValueError) as e:
         print(f"hpcdqn eval: {e}", file=sys.stderr)
@@ -154,6 +205,22 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _add_plan_parser(sub) -> None:
+    pl = sub.add_parser("plan", help="per-rank memory by category for a layout, before running",
+                        description="Allocates nothing: per-rank memory (parameters, target, "
+                                    "gradients, Adam, replay, activations, process baseline) for "
+                                    "the layout, the global batch, replay ratio, total updates "
+                                    "and warm-up share; warns if a rank would exceed its cap.")
+    pl.add_argument("--config", help="TOML config file")
+    pl.add_argument("--ranks", type=int, required=True, help="world size (dp x pp)")
+    pl.add_argument("--ranks-per-node", type=int, default=None,
+                    help="ranks sharing one node's memory (default: all --ranks)")
+    pl.add_argument("--mem-per-rank", default=None, metavar="SIZE", help="cap per rank, e.g. 6G")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    pl.set_defaults(fn=_cmd_plan)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hpcdqn", description="Deep Q-Networks on HPC systems.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -164,8 +231,15 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", help="TOML config file (default: the CartPole-v1 defaults)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    t.add_argument("--mem-per-rank", default=None, metavar="SIZE",
+                   help="memory a rank may use, e.g. 6G (default: $HPCDQN_MEM_PER_RANK, the Slurm "
+                        "allocation, or the node's memory / ranks on it); checked before allocating")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan for this layout (as `hpcdqn plan`) and stop")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     t.set_defaults(fn=_cmd_train)
+
+    _add_plan_parser(sub)
 
     e = sub.add_parser("eval", help="greedy evaluation of a trained run; prints JSON")
     e.add_argument("run_dir", help="run directory (or a model.h5 file)")

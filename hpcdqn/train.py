@@ -28,20 +28,22 @@ import torch
 
 from hpcdqn import config as config_mod
 from hpcdqn.learner import build_learner
+from hpcdqn.learner.budget import (cap_per_rank, check_fits, current_rss, fmt_bytes, peak_rss,
+                                   plan_memory)
 from hpcdqn.metrics import MetricsLogger
 from hpcdqn.parallel.grid import RankGrid, choose_device, mpi
 from hpcdqn.parallel.lifecycle import agree_signal, install_signal_handlers
 from hpcdqn.parallel.memory import keep_freed_memory
 from hpcdqn.rl.envs import make_vector_env
 from hpcdqn.rl.evaluate import evaluate
-from hpcdqn.rl.networks import build_layers
+from hpcdqn.rl.networks import meta_layers
 from hpcdqn.rl.replay import ReplayBuffer
 from hpcdqn.rl.rollout import Rollout
 from hpcdqn.rl.schedule import Schedule, linear_schedule
 from hpcdqn.store import Checkpointer, truncate_metrics, warn
 from hpcdqn.store.agree import Local, agree
+from hpcdqn.store.modelfile import save_model, write_model_slices
 from hpcdqn.store.rundir import acquire_lock, check_fresh, release_lock
-from hpcdqn.store.modelfile import save_model
 
 
 @dataclass
@@ -162,12 +164,16 @@ class Trainer:
         self.obs_space, self.n_actions = env.single_observation_space, int(env.single_action_space.n)
         if not grid.is_first_stage:
             env.close()      # (built for its spaces: only a replica's first stage acts)
-        layers = build_layers(self.obs_space.shape, self.n_actions, cfg["network"]["hidden"],
-                              cfg["network"]["dueling"], seed=cfg["seed"])
-        self.learner = build_learner(grid, layers, cfg, self.device)
+        # shapes only (meta device): each rank allocates just its own stage, with the values
+        # the whole network would get from `seed` (networks.initial_flat)
+        # the process baseline: Python, torch, MPI and the envs, before the network and replay
+        self.baseline_rss = current_rss()
+        self.mem_plan = self.check_memory()     # stops here, on every rank, if it cannot fit
+        layers = meta_layers(self.obs_space.shape, self.n_actions, cfg["network"]["hidden"],
+                             cfg["network"]["dueling"])
+        self.learner = build_learner(grid, layers, cfg, self.device, seed=cfg["seed"])
         # online + target + Adam moments held by each stage (replica 0's stages are world ranks 0..pp-1)
         self.stage_bytes = self.comm.allgather(self.learner.parameter_bytes())[:grid.pp]
-        self._announce()
         self.replay = self.rollout = None
         if grid.is_first_stage:
             self.replay = ReplayBuffer(
@@ -176,20 +182,54 @@ class Trainer:
                 alpha=cfg["replay"]["alpha"], priority_eps=cfg["replay"]["priority_eps"],
                 seed=env_seed + 7)
             self.rollout = Rollout(env, rng, env.reset(seed=env_seed)[0])
+        self._announce()
         env_info = {"env_id": cfg["env_id"], "obs_shape": list(self.obs_space.shape),
                     "obs_dtype": np.dtype(self.obs_space.dtype).str, "n_actions": self.n_actions}
         self.ckpt = Checkpointer(self.run_dir, cfg, grid, layers, env_info, self.learner,
                                  self.replay, env if self.rollout is not None else None)
 
+    def check_memory(self) -> dict:
+        """Collective over the world: the planner's per-stage bytes for this layout, checked
+        against the per-rank cap (``learner.budget``) before the network or replay is allocated;
+        every rank takes the same decision (the largest baseline, the smallest cap)."""
+        MPI = mpi()
+        plan = plan_memory(self.cfg, self.obs_space.shape, self.obs_space.dtype, self.n_actions,
+                           self.grid.world)
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        cap, source = cap_per_rank(local.Get_size())
+        local.Free()
+        cap = self.comm.allreduce(cap, op=MPI.MIN)
+        baseline = self.comm.allreduce(current_rss(), op=MPI.MAX)
+        check_fits(plan, cap, source, baseline)
+        return plan
+
+    def memory_report(self) -> dict:
+        """This rank's bytes by category (tensors it holds; activations: the planner's estimate)
+        and its RSS from the OS: at start (baseline) and peak (VmHWM)."""
+        g = self.grid
+        cats = dict(self.learner.memory_bytes())
+        cats["replay"] = self.replay.nbytes if self.replay is not None else 0
+        cats["activations_estimate"] = self.mem_plan["stages"][g.pp_rank]["activations"]
+        return {"rank": g.rank, "dp_rank": g.dp_rank, "pp_rank": g.pp_rank, **cats,
+                "baseline_rss": self.baseline_rss, "peak_rss": peak_rss()}
+
     def _announce(self) -> None:
-        """Rank 0 says once how this job computes its updates (and, pipelined, what each stage holds)."""
+        """Rank 0 says once how this job computes its updates, what each stage holds and the
+        bytes by category on every rank (collective over the world: the reports are gathered)."""
+        reports = self.comm.gather(self.memory_report(), root=0)
         if not self.root or self.quiet:
             return
         print(f"hpcdqn: update plan (rank 0): {self.learner.plan.describe()}", file=sys.stderr, flush=True)
         if self.grid.pp > 1:
-            print("hpcdqn: pipeline stages (online + target + Adam bytes): " + "; ".join(
-                f"{i}: {held} ({self.stage_bytes[i] / 1e6:.1f} MB)"
-                for i, held in enumerate(self.learner.stage_contents)), file=sys.stderr, flush=True)
+            print("hpcdqn: pipeline stages: " + "; ".join(
+                f"{i}: {held}" for i, held in enumerate(self.learner.stage_contents)),
+                file=sys.stderr, flush=True)
+        for r in reports[:self.grid.pp] if self.grid.dp > 1 else reports:
+            print(f"hpcdqn: memory rank {r['rank']} (stage {r['pp_rank']}): " + ", ".join(
+                f"{k} {fmt_bytes(r[k])}" for k in ("parameters", "target", "gradients", "optimizer",
+                                                   "replay", "activations_estimate"))
+                  + f"; RSS baseline {fmt_bytes(r['baseline_rss'])}, peak so far "
+                    f"{fmt_bytes(r['peak_rss'])}", file=sys.stderr, flush=True)
 
     # -- resume -----------------------------------------------------------------------------------
     def resume(self, run_dir) -> None:
@@ -333,15 +373,14 @@ class Trainer:
             self.rollout.close()
         env_steps = self.schedule.env_steps(s.iteration)
         stopped_early = env_steps < self.schedule.env_steps(self.schedule.n_iters)
-        flat = learner.gather_online()          # full parameter vector on world rank 0
-        if self.root:
-            save_model(self.run_dir / "model.h5", flat, cfg, self.obs_space.shape,
-                       self.obs_space.dtype, self.n_actions)
+        self.save_model()
+        memory = self.comm.allgather(self.memory_report())
         summary = {"env_steps": env_steps, "updates": learner.updates, "wall_s": round(wall, 3),
                    "sps": round(env_steps / wall, 1), "ups": round(learner.updates / wall, 1),
                    "allreduce_share": round(learner.sync_seconds() / wall, 4),
                    **grid.describe(), "run_dir": str(self.run_dir),
                    "parameter_bytes_per_stage": self.stage_bytes,
+                   "memory_per_rank": memory,
                    "execution_plan": learner.plan.as_dict()}
         summary.update(self.ckpt.summary(), checkpoint_io=self.ckpt.mode)
         if s.stopped_by:
@@ -361,6 +400,21 @@ class Trainer:
             release_lock(self.lock)
         grid.free()
         return summary
+
+    def save_model(self) -> None:
+        """Collective over the world: ``model.h5``; pipelined, replica 0's stages write their
+        own slices together (no rank gathers the whole network)."""
+        cfg, learner, grid = self.cfg, self.learner, self.grid
+        args = (cfg, self.obs_space.shape, self.obs_space.dtype, self.n_actions)
+        path = self.run_dir / "model.h5"
+        if grid.pp == 1:
+            if self.root:
+                save_model(path, learner.online.numpy_data(), *args)
+        elif grid.dp_rank == 0:
+            lo, _ = learner.param_range()
+            write_model_slices(path, learner.online.numpy_data(), lo,
+                               learner.param_ranges[-1][1], grid.pp_comm, *args)
+        self.comm.Barrier()
 
     def final_evaluation(self) -> dict:
         """Collective over the replica's stages: greedy episodes of replica 0 (results on rank 0)."""

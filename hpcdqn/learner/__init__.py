@@ -18,8 +18,10 @@ __all__ = ["COLLECTIVES", "DataParallelLearner", "ExecutionPlan", "Learner", "Pi
            "StageLearner", "build_learner"]
 
 
-def build_learner(grid, layers, cfg: dict, device: str) -> Learner:
-    """The learner for this rank's place in ``grid``: data-parallel for pp=1, else its stage."""
+def build_learner(grid, layers, cfg: dict, device: str, seed: int | None = None) -> Learner:
+    """The learner for this rank's place in ``grid``: data-parallel for pp=1, else its stage.
+    ``layers`` on the meta device (``networks.meta_layers``) with ``seed``: only this rank's
+    stage is ever allocated."""
     if grid.pp == 1:
-        return DataParallelLearner(layers, cfg, grid.dp_comm, device)
-    return PipelineLearner(layers, cfg, grid, device)
+        return DataParallelLearner(layers, cfg, grid.dp_comm, device, seed=seed)
+    return PipelineLearner(layers, cfg, grid, device, seed=seed)

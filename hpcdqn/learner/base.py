@@ -19,6 +19,7 @@ import torch
 from hpcdqn.learner import plan as plan_mod
 from hpcdqn.parallel.allreduce import GradSync, broadcast_params, check_consistent
 from hpcdqn.parallel.flat import FlatModule
+from hpcdqn.rl.networks import initial_flat, is_meta
 from hpcdqn.rl.optim import adam_state, adam_step, make_adam, restore_adam
 
 # the protocol's collectives: (method, over which ranks)
@@ -72,15 +73,25 @@ class StageLearner:
     pipeline stage), and the optimizer step: allreduce-average, clip by the global norm, Adam,
     target sync. ``pipeline``: whether ``modules`` are one stage of several (the plan differs)."""
 
-    def __init__(self, modules, cfg: dict, dp_comm, device="cpu", pipeline: bool = False):
+    def __init__(self, modules, cfg: dict, dp_comm, device="cpu", pipeline: bool = False,
+                 init=None):
+        """``modules`` real (their values are the start), or on the meta device: then ``init``
+        = (the whole network's meta layers, lo, hi, seed) and this rank computes only its
+        range [lo, hi) of the initial values (``networks.initial_flat``), allocating nothing
+        of any other stage."""
         self.cfg, self.d, self.device = cfg, cfg["dqn"], torch.device(device)
         self.dp_comm = dp_comm
-        self.online = FlatModule(modules, self.device)
-        self.target = FlatModule([copy.deepcopy(m) for m in modules], self.device)
+        meta = is_meta(modules)
+        if meta and init is None:
+            raise ValueError("StageLearner: modules on the meta device need init=(layers, lo, hi, seed)")
+        targets = [copy.deepcopy(m) for m in modules]     # (meta: free; before online takes them)
+        self.online = FlatModule([copy.deepcopy(m) for m in modules] if meta else modules, self.device)
+        if meta:
+            layers, lo, hi, seed = init
+            initial_flat(layers, seed, lo, hi, out=self.online.flat.data)   # in place: no copy
+        self.target = FlatModule(targets, self.device, grad=False)   # no gradient buffer
         broadcast_params(self.online, dp_comm)    # every replica starts from replica 0's values
         self.target.load_flat_(self.online.flat.data)
-        for p in self.target.parameters():
-            p.requires_grad_(False)
         self.opt = make_adam(self.online.flat, self.d)
         buckets = GradSync.bucket_bounds(self.online, cfg["parallel"]["bucket_mb"])
         self.plan = plan_mod.decide(cfg, self.online, self.opt, dp_comm, pipeline, len(buckets))
@@ -134,10 +145,21 @@ class StageLearner:
 
     def parameter_bytes(self) -> int:
         """Bytes of online + target parameters + Adam moments held by this rank."""
-        n = self.online.flat.numel() + self.target.flat.numel()
+        m = self.memory_bytes()
+        return m["parameters"] + m["target"] + m["optimizer"]
+
+    def memory_bytes(self) -> dict:
+        """The bytes of the tensors this rank's learner holds, by category: 'parameters'
+        (online), 'target', 'gradients' (0 where there is no buffer), 'optimizer' (Adam's
+        moments; before the first step, what the first step will allocate)."""
+        def nbytes(t):
+            return 0 if t is None else t.numel() * t.element_size()
+
         _, m1, m2 = adam_state(self.opt, self.online.flat)
-        n_moments = m1.numel() + m2.numel() if m1 is not None else 2 * self.online.flat.numel()
-        return 4 * (n + n_moments)
+        moments = nbytes(m1) + nbytes(m2) if m1 is not None else 2 * nbytes(self.online.flat)
+        return {"parameters": nbytes(self.online.flat), "target": nbytes(self.target.flat),
+                "gradients": nbytes(self.online.flat.grad) + nbytes(self.target.flat.grad),
+                "optimizer": moments}
 
     # -- state (what a checkpoint stores of this rank's learner) --------------------------------
     def state_arrays(self) -> dict:

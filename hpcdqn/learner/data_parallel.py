@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from hpcdqn.learner.base import StageLearner
+from hpcdqn.rl.networks import is_meta, num_params
 from hpcdqn.rl.mlp import mlp_forward, mlp_layers, mlp_td_backward
 from hpcdqn.rl.replay import Batch
 from hpcdqn.rl.td import td_loss, td_target, to_tensors
@@ -15,8 +16,11 @@ from hpcdqn.rl.td import td_loss, td_target, to_tensors
 class DataParallelLearner(StageLearner):
     """One replica's online + target network, optimizer and update, on one rank."""
 
-    def __init__(self, layers, cfg: dict, dp_comm, device="cpu"):
-        super().__init__(layers, cfg, dp_comm, device, pipeline=False)
+    def __init__(self, layers, cfg: dict, dp_comm, device="cpu", seed: int | None = None):
+        """``layers``: real, or on the meta device with ``seed`` (their initial values are then
+        those ``build_layers(seed=seed)`` gives)."""
+        init = (layers, 0, sum(num_params(m) for m in layers), seed) if is_meta(layers) else None
+        super().__init__(layers, cfg, dp_comm, device, pipeline=False, init=init)
         self.param_ranges = [(0, self.online.numel)]     # one stage: the whole network
         self.stage_contents = [f"layers [0, {len(layers)})"]
         # the plan chose the hand-written MLP update: act and learn on plain tensors

@@ -30,7 +30,9 @@ from hpcdqn.rl.td import td_loss, td_target, to_tensors
 class PipelineLearner(StageLearner):
     """One pipeline stage of one data-parallel replica (``grid.pp_rank`` of ``grid.pp``)."""
 
-    def __init__(self, layers, cfg: dict, grid, device="cpu"):
+    def __init__(self, layers, cfg: dict, grid, device="cpu", seed: int | None = None):
+        """``layers``: the whole network, real or (with ``seed``) on the meta device; this rank
+        materialises only its stage (rows of a cut layer included)."""
         if grid.pp < 2:
             raise ValueError("PipelineLearner needs pp >= 2; use DataParallelLearner for pp=1")
         self.grid = grid
@@ -43,8 +45,9 @@ class PipelineLearner(StageLearner):
                              for a, b in self.stages]
         self.stage_sizes = [b - a for a, b in self.param_ranges]
         self.stage_contents = describe(self.stages)
+        lo, hi = self.param_ranges[self.stage]
         super().__init__(stage_modules(layers, *self.stages[self.stage]), cfg, grid.dp_comm,
-                         device, pipeline=True)
+                         device, pipeline=True, init=(layers, lo, hi, seed))
         if self.online.numel != self.stage_sizes[self.stage]:
             raise RuntimeError(f"stage {self.stage} holds {self.online.numel} parameters, its "
                                f"range {self.param_ranges[self.stage]} says {self.stage_sizes[self.stage]}")
@@ -248,7 +251,11 @@ class PipelineLearner(StageLearner):
         """Collective over pp_comm: the norm of the whole replica's gradient (squared stage norms
         summed)."""
         g = self.online.flat.grad
-        sq = np.array([float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 if g.numel() else 0.0])
+        # in float64, a chunk at a time (a float64 copy of a big stage's gradient would be the
+        # largest allocation of the update)
+        chunk = 1 << 22
+        sq = np.array([sum(float(torch.linalg.vector_norm(g[i:i + chunk], dtype=torch.float64)) ** 2
+                           for i in range(0, g.numel(), chunk))])
         MPI = mpi()
         self.pp_comm.Allreduce(MPI.IN_PLACE, [sq, MPI.DOUBLE], op=MPI.SUM)
         return torch.tensor(math.sqrt(sq[0]), dtype=g.dtype, device=g.device)

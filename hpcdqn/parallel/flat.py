@@ -20,21 +20,42 @@ from hpcdqn.rl.networks import unroll
 
 
 class FlatModule(nn.Module):
-    def __init__(self, layers: list[nn.Module], device: str | torch.device = "cpu"):
+    """``layers`` with every parameter a view into one flat buffer (``flat``) and, with
+    ``grad=True``, every gradient a view into ``flat.grad`` (a target network, which is never
+    differentiated, passes ``grad=False`` and has no gradient buffer).
+
+    Layers built on the meta device (``networks.meta_layers``, ``partition.stage_modules`` of
+    those) are materialised here: only ``flat`` is allocated (zeros; ``meta`` is True) and the
+    caller fills it (``networks.initial_flat``). Real layers have their values copied in. The
+    layers must hold no buffers (none of ours do)."""
+
+    def __init__(self, layers: list[nn.Module], device: str | torch.device = "cpu",
+                 grad: bool = True):
         super().__init__()
-        self.net = nn.Sequential(*layers).to(device)
-        params = list(self.net.parameters())
-        total = sum(p.numel() for p in params)
-        self.flat = nn.Parameter(torch.zeros(total, dtype=torch.float32, device=device))
-        self.flat.grad = torch.zeros_like(self.flat)
+        self.net = nn.Sequential(*layers)
+        if any(True for _ in self.net.buffers()):
+            raise TypeError("FlatModule: layers with buffers are not supported")
+        owners = [(mod, name, p) for mod in self.net.modules()
+                  for name, p in mod.named_parameters(recurse=False)]
+        total = sum(p.numel() for _, _, p in owners)
+        self.meta = any(p.is_meta for _, _, p in owners)
+        self.flat = nn.Parameter(torch.zeros(total, dtype=torch.float32, device=device),
+                                 requires_grad=grad)
+        if grad:
+            self.flat.grad = torch.zeros_like(self.flat)
         self.slices: list[tuple[int, int]] = []
-        off = 0
+        params, off = [], 0
         with torch.no_grad():
-            for p in params:
+            for mod, name, p in owners:
                 n = p.numel()
-                self.flat.data[off:off + n].copy_(p.data.reshape(-1))
-                p.data = self.flat.data[off:off + n].view_as(p)
-                p.grad = self.flat.grad[off:off + n].view_as(p)
+                view = self.flat.data[off:off + n].view(p.shape)
+                if not p.is_meta:
+                    view.copy_(p.detach().reshape(p.shape))
+                q = nn.Parameter(view, requires_grad=grad and p.requires_grad)
+                if grad:
+                    q.grad = self.flat.grad[off:off + n].view(p.shape)
+                setattr(mod, name, q)       # the layer now holds the view, not its own tensor
+                params.append(q)
                 self.slices.append((off, n))
                 off += n
         self._params = params
@@ -76,6 +97,8 @@ class FlatModule(nn.Module):
         return self.flat.numel()
 
     def zero_grad_(self) -> None:
+        if self.flat.grad is None:
+            return
         # autograd accumulates in place into the existing .grad views, so zeroing the one flat
         # buffer zeroes every parameter's gradient
         self.flat.grad.zero_()

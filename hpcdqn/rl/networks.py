@@ -13,6 +13,8 @@ by output rows (``partition.LinearPiece``).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -95,3 +97,75 @@ def unroll(m: nn.Module) -> list[nn.Module]:
     if isinstance(m, nn.Sequential):
         return [leaf for child in m for leaf in unroll(child)]
     return [m]
+
+
+# -- stage-only construction ---------------------------------------------------------------------
+# ``build_layers(seed=s)`` draws every parameter tensor in layer order from one torch generator
+# (nn.Linear / nn.Conv2d ``reset_parameters``: weight by kaiming_uniform_(a=sqrt(5)), then bias
+# uniform(+-1/sqrt(fan_in))), and torch's CPU ``uniform_`` draws the generator serially, one
+# value per element. Draw k of the stream is therefore element k of the flattened network
+# (``FlatModule`` order), scaled by its tensor's bound: a rank can compute any range [lo, hi)
+# of the initial parameters alone, by drawing (and discarding, in bounded chunks) the lo values
+# before it. ``initial_flat`` does that; tests check it against ``build_layers`` bit for bit.
+SKIP_CHUNK = 1 << 20          # floats drawn at a time while skipping (4 MB of scratch)
+
+
+def meta_layers(obs_shape: tuple, n_actions: int, hidden: list[int],
+                dueling: bool = False) -> list[nn.Module]:
+    """The network's layers with shapes only (torch's meta device): nothing is allocated and
+    no random number is drawn. Stages are planned on these; ``initial_flat`` gives values."""
+    with torch.device("meta"):
+        return build_layers(obs_shape, n_actions, hidden, dueling)
+
+
+def is_meta(layers) -> bool:
+    return any(p.is_meta for m in layers for p in m.parameters())
+
+
+def init_segments(layers) -> list[tuple[int, float]]:
+    """(numel, uniform bound) of every parameter tensor in flattened order, as
+    ``reset_parameters`` draws them."""
+    gain = nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+    out = []
+    for m in layers:
+        for mod in m.modules():
+            if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+                if any(True for _ in mod.parameters(recurse=False)):
+                    raise TypeError(f"initial_flat: no initialisation rule for {type(mod).__name__}")
+                continue
+            w = mod.weight
+            fan_in = int(np.prod(w.shape[1:]))
+            out.append((w.numel(), math.sqrt(3.0) * (gain / math.sqrt(fan_in))))
+            if mod.bias is not None:
+                out.append((mod.bias.numel(), 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0))
+    return out
+
+
+def initial_flat(layers, seed: int, lo: int = 0, hi: int | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Elements [lo, hi) of the flattened initial parameters that ``build_layers(..., seed=seed)``
+    gives (bit for bit), computed without building the network; written into ``out`` (CPU
+    float32 of hi - lo elements) if given. Time O(hi); memory O(hi - lo) + 4 MB."""
+    segs = init_segments(layers)
+    total = sum(n for n, _ in segs)
+    hi = total if hi is None else hi
+    if not 0 <= lo <= hi <= total:
+        raise ValueError(f"initial_flat: range [{lo}, {hi}) outside the network's {total} parameters")
+    if out is None:
+        out = torch.empty(hi - lo, dtype=torch.float32)
+    g = torch.Generator().manual_seed(int(seed))
+    scratch = torch.empty(min(SKIP_CHUNK, max(lo, 1)), dtype=torch.float32)
+    left = lo
+    while left > 0:                  # the draws before this range: made and thrown away
+        k = min(left, scratch.numel())
+        scratch[:k].uniform_(generator=g)
+        left -= k
+    start = 0
+    for n, bound in segs:
+        a, b = max(start, lo), min(start + n, hi)
+        if a < b:
+            out[a - lo:b - lo].uniform_(-bound, bound, generator=g)
+        start += n
+        if start >= hi:
+            break
+    return out

@@ -91,6 +91,29 @@ class ReplayBuffer:
         self._gpow = gamma ** np.arange(n_step + 1, dtype=np.float64)
 
     @staticmethod
+    def nbytes_for(capacity: int, num_envs: int, obs_shape: tuple, obs_dtype, n_step: int,
+                   prioritized: bool) -> int:
+        """Bytes the buffer's arrays take once filled (obs, next_obs, actions, rewards, flags,
+        sum tree), without building it."""
+        rows = ReplayBuffer.rows_for(capacity, num_envs, n_step)
+        cells = rows * num_envs
+        obs = cells * int(np.prod(obs_shape)) * np.dtype(obs_dtype).itemsize
+        tree = 0
+        if prioritized:
+            leaves = 1
+            while leaves < cells:
+                leaves *= 2
+            tree = 2 * leaves * 8
+        return 2 * obs + cells * (8 + 4 + 1 + 1) + tree
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this buffer's arrays (reserved; pages are touched as it fills)."""
+        n = sum(a.nbytes for a in (self.obs, self.next_obs, self.actions, self.rewards,
+                                   self.terminated, self.truncated))
+        return n + (self.tree.tree.nbytes if self.tree is not None else 0)
+
+    @staticmethod
     def rows_for(capacity: int, num_envs: int, n_step: int) -> int:
         """Rows of the [row, env] ring for a capacity in transitions."""
         return max(capacity // num_envs, n_step + 1)

@@ -1,6 +1,11 @@
 """The final model file (``model.h5``): the online network's flat parameters plus JSON attributes
 (config, observation shape/dtype, action count). Arrays and JSON only: no pickle, so loading an
-untrusted file cannot run code."""
+untrusted file cannot run code.
+
+A pipelined run writes it with its stages together (``write_model_slices``): parallel HDF5
+(``mpio``), each stage its own range of the flat vector, so no rank ever holds the whole
+network; without parallel h5py the stages write their ranges one after another (rank 0 creates
+the file). Loading checks the stored size against the config's network before allocating."""
 
 from __future__ import annotations
 
@@ -9,26 +14,78 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from hpcdqn import __version__
 from hpcdqn.parallel.flat import FlatModule
-from hpcdqn.rl.networks import build_layers
+from hpcdqn.rl.networks import meta_layers, num_params
+from hpcdqn.store.mpiio import io_mode, mpi_info
 
 FORMAT = "hpcdqn-model-1"
+
+
+def _attrs(f, cfg: dict, obs_shape, obs_dtype, n_actions: int) -> None:
+    f.attrs["format"] = FORMAT
+    f.attrs["version"] = __version__
+    f.attrs["config"] = json.dumps(cfg)
+    f.attrs["obs_shape"] = json.dumps(list(obs_shape))
+    f.attrs["obs_dtype"] = np.dtype(obs_dtype).str
+    f.attrs["n_actions"] = int(n_actions)
 
 
 def save_model(path: Path, flat: np.ndarray, cfg: dict, obs_shape, obs_dtype, n_actions: int) -> None:
     path = Path(path)
     tmp = path.with_suffix(".tmp")
     with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["version"] = __version__
-        f.attrs["config"] = json.dumps(cfg)
-        f.attrs["obs_shape"] = json.dumps(list(obs_shape))
-        f.attrs["obs_dtype"] = np.dtype(obs_dtype).str
-        f.attrs["n_actions"] = int(n_actions)
+        _attrs(f, cfg, obs_shape, obs_dtype, n_actions)
         f.create_dataset("online", data=np.asarray(flat, dtype=np.float32))
     tmp.replace(path)
+
+
+def write_model_slices(path: Path, mine: np.ndarray, lo: int, total: int, comm, cfg: dict,
+                       obs_shape, obs_dtype, n_actions: int) -> str:
+    """Collective over ``comm`` (one replica's stages, rank 0 = the first stage): write the model
+    file, each rank its slice ``[lo, lo + len(mine))`` of the ``total`` flat parameters. Returns
+    the I/O mode used. Errors are agreed: every rank raises if one failed."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    mine = np.ascontiguousarray(mine, dtype=np.float32)
+    mode, err = io_mode(), None
+    try:
+        if mode == "parallel":
+            with h5py.File(tmp, "w", driver="mpio", comm=comm, info=mpi_info()) as f:
+                _attrs(f, cfg, obs_shape, obs_dtype, n_actions)
+                ds = f.create_dataset("online", shape=(total,), dtype=np.float32)
+                ds[lo:lo + mine.size] = mine
+        else:
+            for turn in range(comm.Get_size()):        # one stage after another
+                if turn == comm.Get_rank():
+                    with h5py.File(tmp, "w" if turn == 0 else "r+") as f:
+                        if turn == 0:
+                            _attrs(f, cfg, obs_shape, obs_dtype, n_actions)
+                            f.create_dataset("online", shape=(total,), dtype=np.float32)
+                        f["online"][lo:lo + mine.size] = mine
+                comm.Barrier()
+    except Exception as e:  # noqa: BLE001 - agreed below, then raised on every rank
+        err = f"rank {comm.Get_rank()}: {type(e).__name__}: {e}"
+    errs = [e for e in comm.allgather(err) if e]
+    if errs:
+        raise OSError(f"writing the model file {path} failed: " + "; ".join(errs))
+    if comm.Get_rank() == 0:
+        tmp.replace(path)
+    comm.Barrier()
+    return mode
+
+
+def model_size(path: Path) -> tuple[int, int]:
+    """(parameters stored, the run's pp) without reading the parameters."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file '{path}' does not exist (did the run finish?)")
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != FORMAT or "online" not in f or len(f["online"].shape) != 1:
+            raise ValueError(f"'{path}' is not an hpcdqn model file (format={f.attrs.get('format')!r})")
+        return int(f["online"].shape[0]), int(json.loads(f.attrs["config"]).get("pp", 1))
 
 
 MAX_DIM, MAX_WIDTHS, MAX_PARAMS = 1 << 20, 64, 1 << 33
@@ -56,11 +113,7 @@ def _declared(f, path) -> tuple:
 
 def _expected_params(obs_shape, n_actions, hidden, dueling) -> int:
     """The declared network's parameter count, built on the meta device (nothing allocated)."""
-    import torch
-
-    with torch.device("meta"):
-        layers = build_layers(obs_shape, n_actions, hidden, dueling)
-    return sum(int(p.numel()) for m in layers for p in m.parameters())
+    return sum(num_params(m) for m in meta_layers(obs_shape, n_actions, hidden, dueling))
 
 
 def load_model(path: Path, device="cpu"):
@@ -87,14 +140,15 @@ def load_model(path: Path, device="cpu"):
         if n > MAX_PARAMS or ds.id.get_storage_size() < 4 * n:
             raise ValueError(f"'{path}': dataset 'online' declares {n} parameters but holds "
                              f"{ds.id.get_storage_size()} bytes on disk")
+        net = FlatModule(meta_layers(obs_shape, n_actions, hidden, dueling), device, grad=False)
         try:
-            flat = np.asarray(ds[...])
+            if net.flat.device.type == "cpu":
+                ds.read_direct(net.flat.data.numpy())   # (no second copy of the parameters)
+            else:
+                net.load_flat_(ds[...])
         except (OSError, RuntimeError) as e:
             raise ValueError(f"'{path}': dataset 'online' cannot be read: {e}") from None
-    if not np.isfinite(flat).all():
-        raise ValueError(f"'{path}': {int((~np.isfinite(flat)).sum())} parameters are NaN or "
-                         "infinite (a diverged run?)")
-    layers = build_layers(obs_shape, n_actions, hidden, dueling)
-    net = FlatModule(layers, device)
-    net.load_flat_(flat)
+    bad = int((~torch.isfinite(net.flat.data)).sum())
+    if bad:
+        raise ValueError(f"'{path}': {bad} parameters are NaN or infinite (a diverged run?)")
     return net, cfg, obs_shape, n_actions

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcdqn.rl.networks import build_layers, num_params
+from hpcdqn.rl.networks import build_layers, initial_flat, meta_layers, num_params
 import torch
 
 from hpcdqn.parallel.flat import FlatModule
@@ -71,6 +71,36 @@ def test_stages_cut_inside_layers_compose_to_the_whole_network(obs, hidden, duel
     assert torch.allclose(g, whole2.flat.grad, atol=1e-5, rtol=1e-5)
     if len(obs) == 1:
         assert torch.allclose(z.grad, z2.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("obs,hidden,dueling,pp", [((6,), [32, 32], False, 2), ((6,), [32] * 4, False, 4),
+                                                     ((6,), [32, 32], True, 4), ((4,), [16, 16], False, 7),
+                                                     ((4, 84, 84), [32], False, 2),
+                                                     ((4, 84, 84), [512], True, 3)])
+def test_stage_only_construction_equals_the_full_build(obs, hidden, dueling, pp):
+    """A stage built from the meta-device network holds exactly (bitwise) the values the full
+    seeded build gives its range, row-cut pieces included, allocating only its own range."""
+    full = FlatModule(build_layers(obs, 5, hidden, dueling, seed=11)).flat.data
+    real_stages = plan_stages(build_layers(obs, 5, hidden, dueling), pp)
+    rng_before = torch.random.get_rng_state()
+    meta = meta_layers(obs, 5, hidden, dueling)
+    assert all(p.is_meta for m in meta for p in m.parameters())
+    stages = plan_stages(meta, pp)
+    assert stages == real_stages
+    assert any(a[1] or b[1] for a, b in stages) or len(obs) == 3
+    off = layer_offsets(meta)
+    for a, b in stages:
+        lo, hi = boundary_offset(meta, a, off), boundary_offset(meta, b, off)
+        m = FlatModule(stage_modules(meta, a, b))
+        assert m.meta and m.numel == hi - lo
+        assert all(not p.is_meta for p in m.parameters())
+        m.load_flat_(initial_flat(meta, 11, lo, hi))
+        assert torch.equal(m.flat.data, full[lo:hi])
+        t = FlatModule(stage_modules(meta, a, b), grad=False)
+        assert t.flat.grad is None and all(p.grad is None for p in t.parameters())
+    assert torch.equal(initial_flat(meta, 11), full)
+    assert not torch.equal(initial_flat(meta, 12), full)
+    assert torch.equal(rng_before, torch.random.get_rng_state())    # global RNG untouched
 
 
 @pytest.mark.parametrize("obs,hidden,dueling,pp", [((4,), [64, 64], False, 2), ((4,), [8] * 4, True, 4),

@@ -1,0 +1,237 @@
+"""Memory per rank, before and during a job: the planner (``hpcdqn plan``, ``train --dry-run``
+and the check ``hpcdqn train`` makes before allocating) and the accounting a run reports.
+
+Categories, per rank: ``parameters`` (online network), ``target`` (target network; it has no
+gradient buffer), ``gradients`` (one flat buffer), ``optimizer`` (Adam's two moments),
+``replay`` (the replay shard's arrays, first pipeline stages only) and ``activations`` (an
+estimate: what one update keeps for backward, in-flight micro-batches included, plus the
+transient target forwards; shapes from a meta-device forward, nothing allocated). The planner
+also counts the process ``baseline`` (Python, torch, MPI: measured, this process's RSS).
+
+Stage sizes come from the network built on the meta device (``networks.meta_layers``), cut
+exactly as the pipeline learner will cut it, so the plan allocates nothing of the network.
+
+The cap per rank: ``--mem-per-rank`` / ``HPCDQN_MEM_PER_RANK`` (e.g. ``6G``), else under
+Slurm the allocation (``SLURM_MEM_PER_CPU`` x cpus per task, or ``SLURM_MEM_PER_NODE`` /
+tasks per node), else the node's ``MemTotal`` / ranks on this node.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import numpy as np
+import torch
+
+from hpcdqn.config import ConfigError
+from hpcdqn.parallel.partition import (boundary_offset, describe, layer_offsets, plan_stages,
+                                       stage_modules)
+from hpcdqn.rl.networks import meta_layers, unroll
+from hpcdqn.rl.replay import ReplayBuffer
+from hpcdqn.rl.schedule import Schedule
+
+CATEGORIES = ("parameters", "target", "gradients", "optimizer", "replay", "activations")
+ENV_CAP = "HPCDQN_MEM_PER_RANK"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class MemoryPlanError(ConfigError):
+    """The job's layout needs more memory on some rank than that rank may use."""
+
+
+# -- the OS's view ----------------------------------------------------------------------------------
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (VmHWM; else getrusage's ru_maxrss)."""
+    kb = _status_kb("VmHWM")
+    return 1024 * (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def current_rss() -> int:
+    kb = _status_kb("VmRSS")
+    return 1024 * kb if kb is not None else peak_rss()
+
+
+def parse_bytes(text: str) -> int:
+    """'6G', '512M', '1.5G', '1000000' -> bytes (binary units; a trailing B or iB is fine)."""
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in "KMGT" else ""
+    try:
+        value = float(t[:-1] if unit else t)
+    except ValueError:
+        raise ConfigError(f"memory size {text!r}: use a number with an optional unit K, M, G or T "
+                          "(e.g. 6G)") from None
+    if not value > 0:
+        raise ConfigError(f"memory size {text!r} must be > 0")
+    return int(value * _UNITS[unit])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def cap_per_rank(local_ranks: int, override: str | None = None) -> tuple[int, str]:
+    """(bytes a rank may use, where that figure comes from)."""
+    if override:
+        return parse_bytes(override), "--mem-per-rank"
+    if os.environ.get(ENV_CAP):
+        return parse_bytes(os.environ[ENV_CAP]), ENV_CAP
+    env = os.environ
+    if env.get("SLURM_MEM_PER_CPU"):
+        cpus = int(env.get("SLURM_CPUS_PER_TASK", "1") or 1)
+        return int(env["SLURM_MEM_PER_CPU"]) * (1 << 20) * cpus, "SLURM_MEM_PER_CPU x cpus per task"
+    if env.get("SLURM_MEM_PER_NODE"):
+        tasks = int((env.get("SLURM_NTASKS_PER_NODE") or str(local_ranks)).split("(")[0])
+        return int(env["SLURM_MEM_PER_NODE"]) * (1 << 20) // max(1, tasks), \
+            "SLURM_MEM_PER_NODE / tasks per node"
+    total = (_meminfo_kb("MemTotal") or 0) * 1024
+    return total // max(1, local_ranks), f"MemTotal / {local_ranks} rank(s) on this node"
+
+
+def _meminfo_kb(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+def stage_layout(cfg: dict, obs_shape: tuple, n_actions: int):
+    """(meta layers, stages as boundaries, param ranges, contents) for ``cfg['pp']`` stages."""
+    net = cfg["network"]
+    layers = meta_layers(obs_shape, n_actions, net["hidden"], net["dueling"])
+    pp = cfg["pp"]
+    if pp == 1:
+        total = layer_offsets(layers)[-1]
+        return layers, [((0, 0), (len(layers), 0))], [(0, total)], [f"layers [0, {len(layers)})"]
+    stages = plan_stages(layers, pp, net["cuts"], net["split_layers"])
+    off = layer_offsets(layers)
+    ranges = [(boundary_offset(layers, a, off), boundary_offset(layers, b, off)) for a, b in stages]
+    return layers, stages, ranges, describe(stages)
+
+
+@torch.no_grad()
+def activation_bytes(modules, in_shape: tuple, in_dtype, cfg: dict, stage: int, pp: int) -> int:
+    """Estimated bytes one update keeps alive on this stage (meta forward: no allocation)."""
+    x = torch.zeros((1, *in_shape), dtype=in_dtype, device="meta")
+    widths = [int(np.prod(in_shape))]
+    for m in modules:
+        for leaf in unroll(m):
+            x = leaf(x)
+            widths.append(int(np.prod(x.shape[1:])))
+    batch, micro = cfg["dqn"]["batch_size"], max(1, cfg["micro_batches"]) if pp > 1 else 1
+    rows = -(-batch // micro)
+    in_flight = micro if cfg["schedule"] == "gpipe" or pp == 1 else min(micro, pp - stage)
+    saved = in_flight * rows * sum(widths) * 4          # autograd's saved inputs and outputs
+    transient = 4 * rows * max(widths) * 4              # target and double forwards, grads in/out
+    return int(saved + transient)
+
+
+def plan_memory(cfg: dict, obs_shape: tuple, obs_dtype, n_actions: int, world: int) -> dict:
+    """Per-stage memory by category (bytes) and the run's schedule figures; allocates nothing."""
+    pp = cfg["pp"]
+    if world % pp:
+        raise ConfigError(f"{world} ranks cannot form pp={pp} pipelines: use a multiple of pp")
+    dp = world // pp
+    layers, stages, ranges, contents = stage_layout(cfg, obs_shape, n_actions)
+    d = cfg["dqn"]
+    replay = ReplayBuffer.nbytes_for(d["buffer_size"], cfg["num_envs"], obs_shape, obs_dtype,
+                                     d["n_step"], cfg["replay"]["prioritized"])
+    per_stage, in_shape, in_dtype = [], tuple(obs_shape), torch.from_numpy(
+        np.zeros(0, dtype=obs_dtype)).dtype
+    for s, ((a, b), (lo, hi)) in enumerate(zip(stages, ranges)):
+        n = hi - lo
+        mods = stage_modules(layers, a, b)
+        cats = {"parameters": 4 * n, "target": 4 * n, "gradients": 4 * n, "optimizer": 8 * n,
+                "replay": replay if s == 0 else 0,
+                "activations": activation_bytes(mods, in_shape, in_dtype, cfg, s, pp)}
+        per_stage.append({"stage": s, "holds": contents[s], "parameters_count": n, **cats,
+                          "total": sum(cats.values())})
+        in_shape, in_dtype = _out_shape(mods, in_shape, in_dtype), torch.float32
+    sched = Schedule.from_config(cfg, dp)
+    warm = min(sched.learn_start, sched.n_iters) / max(1, sched.n_iters)
+    updates_per_step = d["gradient_steps"] / max(1, sched.train_every * cfg["num_envs"])
+    return {"world": world, "dp": dp, "pp": pp, "stages": per_stage,
+            "global_batch": dp * d["batch_size"],
+            "replay_ratio": round(updates_per_step * d["batch_size"], 4),
+            "updates_per_env_step": round(updates_per_step, 6),
+            "total_updates": sched.total_updates, "env_steps": sched.env_steps(sched.n_iters),
+            "warmup_share": round(warm, 4)}
+
+
+@torch.no_grad()
+def _out_shape(modules, in_shape: tuple, in_dtype) -> tuple:
+    x = torch.zeros((1, *in_shape), dtype=in_dtype, device="meta")
+    for m in modules:
+        for leaf in unroll(m):
+            x = leaf(x)
+    return tuple(x.shape[1:])
+
+
+def check_fits(plan: dict, cap: int, source: str, baseline: int, ranks_per_stage=None) -> list[str]:
+    """Raise ``MemoryPlanError`` naming the rank that cannot fit and what to do."""
+    worst = max(plan["stages"], key=lambda st: st["total"])
+    need = worst["total"] + baseline
+    if need <= cap:
+        return []
+    raise MemoryPlanError(
+        f"this layout needs {fmt_bytes(need)} on pipeline stage {worst['stage']} (parameters "
+        f"{fmt_bytes(worst['parameters'])}, target {fmt_bytes(worst['target'])}, gradients "
+        f"{fmt_bytes(worst['gradients'])}, Adam {fmt_bytes(worst['optimizer'])}, replay "
+        f"{fmt_bytes(worst['replay'])}, activations ~{fmt_bytes(worst['activations'])}, process "
+        f"baseline {fmt_bytes(baseline)}) but a rank may use {fmt_bytes(cap)} ({source}); stopped "
+        f"before allocating. Use more pipeline stages (pp={2 * plan['pp']} with "
+        f"{2 * plan['world']} ranks), a smaller dqn.buffer_size or network, or raise the cap "
+        f"(--mem-per-rank / {ENV_CAP}); `hpcdqn plan` shows every layout's figures")
+
+
+def describe_plan(plan: dict, cap: int | None = None, source: str = "", baseline: int = 0) -> str:
+    """The plan as lines for people."""
+    lines = [f"layout: world={plan['world']} = dp {plan['dp']} x pp {plan['pp']}; global batch "
+             f"{plan['global_batch']}; replay ratio {plan['replay_ratio']} (sampled transitions per "
+             f"env step); {plan['total_updates']} updates over {plan['env_steps']} env steps; "
+             f"warm-up {100 * plan['warmup_share']:.1f}% of the run"]
+    for st in plan["stages"]:
+        cats = ", ".join(f"{k} {fmt_bytes(st[k])}" for k in CATEGORIES)
+        lines.append(f"stage {st['stage']} ({st['holds']}; {st['parameters_count']} parameters): "
+                     f"{cats}; total {fmt_bytes(st['total'])} + baseline {fmt_bytes(baseline)}")
+    if cap is not None:
+        worst = max(st["total"] for st in plan["stages"]) + baseline
+        verdict = "fits" if worst <= cap else "DOES NOT FIT"
+        lines.append(f"per-rank cap {fmt_bytes(cap)} ({source}): largest rank needs "
+                     f"{fmt_bytes(worst)}: {verdict}")
+    return "\n".join(lines)
+
+
+def job_plan(cfg: dict, world: int, local_ranks: int, cap_override: str | None = None) -> dict:
+    """What ``hpcdqn plan`` prints: the plan for ``world`` ranks, the cap, the measured process
+    baseline and whether the largest rank fits. Builds one environment for its spaces."""
+    from hpcdqn.rl.envs import make_vector_env
+
+    env = make_vector_env(cfg["env_id"], 1, cfg["seed"], "sync")
+    space, n_actions = env.single_observation_space, int(env.single_action_space.n)
+    env.close()
+    plan = plan_memory(cfg, space.shape, space.dtype, n_actions, world)
+    cap, source = cap_per_rank(local_ranks, cap_override)
+    baseline = current_rss()
+    need = max(st["total"] for st in plan["stages"]) + baseline
+    return {**plan, "mem_per_rank": cap, "mem_per_rank_source": source, "baseline_rss": baseline,
+            "largest_rank_bytes": need, "fits": need <= cap}
