@@ -155,9 +155,9 @@ SCHEMA: dict[str, Any] = {
                                        "evaluation and logged episode returns are raw game scores"),
         "fire_reset": Key(True, bool, "press FIRE (then action 2) after a reset, and after a lost "
                                       "life with episodic_life, in games whose actions include FIRE"),
-        "sticky_actions": Key(0.0, float, "ALE's repeat_action_probability: each frame repeats the "
-                                          "previous action with this probability (Machado: 0.25)",
-                              _unit),
+        "sticky_actions": Key(0.0, float, "repeat_action_probability: each emulator frame repeats "
+                                          "the previous frame's action with this probability "
+                                          "(Machado et al.: 0.25)", _unit),
         "full_action_space": Key(False, bool, "all 18 joystick actions (false: the game's minimal "
                                               "action set)"),
         "max_frames": Key(108_000, int, "an episode is truncated after this many emulator frames "

@@ -13,8 +13,12 @@ Deliberate differences from SB3 (each tested):
 - A step whose episode ends *before its last frame* observes the last frame it emulated; SB3
   max-pools stale buffers from earlier steps there ("the observation on the done frame doesn't
   matter" - it does for a truncation, whose next state is bootstrapped).
-- Sticky actions are ALE's own ``repeat_action_probability``, per emulator frame (Machado et al.'s
-  definition); SB3's ``StickyActionEnv`` repeats per agent step, with numpy's generator.
+- Sticky actions are Machado et al.'s, as ALE defines ``repeat_action_probability``: at every
+  emulator frame the previous frame's action is repeated with that probability, and a reset
+  makes it NOOP. hpcdqn draws them from its own generator (seeded by ``reset(seed=...)``) and
+  keeps the held action itself, because ALE's ``cloneState`` leaves out ALE's held action, so a
+  checkpoint could not resume ALE's stickiness exactly. SB3's ``StickyActionEnv`` repeats per
+  agent step instead.
 - Frame stacking (``FrameStackObservation`` in ``envs``) pads a new episode with its first frame;
   SB3's ``VecFrameStack`` pads with zeros.
 
@@ -34,6 +38,7 @@ import numpy as np
 from hpcdqn.config import defaults
 
 NOOP, FIRE = 0, 1   # action indices: every ALE game's action 0 is NOOP; FIRE is 1 where present
+STICKY_STREAM = 0x5717   # reset(seed=s) seeds the sticky-action generator with [s, STICKY_STREAM]
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,9 @@ class AtariOptions:
         return opts if training else replace(opts, episodic_life=False, clip_reward=False)
 
     def make_kwargs(self) -> dict:
-        """``gym.make`` keywords of the raw ALE env (it must not skip frames itself)."""
-        return {"frameskip": 1, "repeat_action_probability": self.sticky_actions,
+        """``gym.make`` keywords of the raw ALE env: no frame skip and no sticky actions of its
+        own (``AtariPreprocess`` does both)."""
+        return {"frameskip": 1, "repeat_action_probability": 0.0,
                 "full_action_space": self.full_action_space,
                 "max_num_frames_per_episode": self.max_frames}
 
@@ -101,32 +107,40 @@ class AtariPreprocess(gym.Wrapper):
         self.last, self.pooled = 1, False                 # which screen is the observation
         self.lives, self.was_real_done = 0, True          # EpisodicLifeEnv's state
         self.score, self.steps = 0.0, 0                   # the game's raw return and agent steps
+        self.sticky, self.held = opts.sticky_actions, NOOP    # sticky actions: the held action
+        self.sticky_rng = np.random.default_rng()
         self.observation_space = gym.spaces.Box(0, 255, (self.size, self.size), np.uint8)
 
     # -- the layers, innermost first ----------------------------------------------------------
-    def _frame(self, action) -> tuple[float, bool, bool]:
-        """One emulator frame (``AtariEnv.step`` with frameskip 1)."""
-        r = self.ale.act(action)
+    def _frame(self, action: int) -> tuple[float, bool, bool]:
+        """One emulator frame (``AtariEnv.step`` with frameskip 1); with sticky actions the
+        held action again with probability ``sticky``."""
+        if self.sticky > 0.0 and self.sticky_rng.random() < self.sticky:
+            action = self.held
+        self.held = action
+        r = self.ale.act(self.action_set[action])
         self.score += r
         return float(r), self.ale.game_over(with_truncation=False), self.ale.game_truncated()
 
+    def _game_reset(self, seed=None, options=None) -> None:
+        self.env.reset(seed=seed, options=options)
+        self.score, self.steps, self.held = 0.0, 0, NOOP
+
     def _noop_reset(self, seed=None, options=None) -> None:
         """Reset the game, then 1..noop_max no-op frames drawn from the env's own generator."""
-        self.env.reset(seed=seed, options=options)
-        self.score, self.steps = 0.0, 0
+        self._game_reset(seed, options)
         if self.noop_max > 0:
             for _ in range(int(self.env.unwrapped.np_random.integers(1, self.noop_max + 1))):
-                _, term, trunc = self._frame(self.action_set[NOOP])
+                _, term, trunc = self._frame(NOOP)
                 if term or trunc:
-                    self.env.reset(seed=seed, options=options)
-                    self.score = 0.0
+                    self._game_reset(seed, options)
         self.ale.getScreenRGB(self.screens[1])
         self.last, self.pooled = 1, False
 
     def _skip_step(self, action: int) -> tuple[float, bool, bool]:
         """The action for ``frame_skip`` frames (fewer if the episode ends), rewards summed; the
         last two frames' screens kept for the observation."""
-        a, skip, total = self.action_set[action], self.skip, 0.0
+        a, skip, total = action, self.skip, 0.0
         term = trunc = False
         i = 0
         for i in range(skip):
@@ -181,6 +195,8 @@ class AtariPreprocess(gym.Wrapper):
         return self.cv2.resize(gray, (self.size, self.size), interpolation=self.cv2.INTER_AREA)
 
     def reset(self, *, seed=None, options=None):
+        if seed is not None:
+            self.sticky_rng = np.random.default_rng([seed, STICKY_STREAM])
         self._fire_reset(seed, options)
         return self.observation(), {}
 

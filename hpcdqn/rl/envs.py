@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
+import os
 
 import gymnasium as gym
 import numpy as np
 
 from hpcdqn.rl.atari import AtariOptions, AtariPreprocess
 from hpcdqn.rl.envstate import capture_env, restore_env
+
+
+NO_MPI_INIT = "MPI4PY_RC_INITIALIZE"
 
 
 class EnvError(ValueError):
@@ -112,9 +117,26 @@ class SyncVectorEnv(gym.vector.SyncVectorEnv):
 def start_method() -> str:
     """How async sub-envs start: ``forkserver`` (``spawn`` where it is missing), never a bare
     ``fork``: forking a process that has initialised MPI is unsafe with the UCX/verbs transports
-    of real clusters. (gymnasium also clears the MPI environment variables for the children.)"""
+    of real clusters."""
     methods = multiprocessing.get_all_start_methods()
     return "forkserver" if "forkserver" in methods else "spawn"
+
+
+@contextlib.contextmanager
+def worker_environment():
+    """The environment async sub-env processes start with: ``MPI4PY_RC_INITIALIZE=false``, so a
+    worker that imports mpi4py (re-importing the main script, as ``spawn`` and ``forkserver``
+    do) never calls MPI_Init, and without the launcher's ``PMIX_*`` variables (gymnasium drops
+    ``OMPI_*`` and ``PMI_*``)."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("PMIX_") or k == NO_MPI_INIT}
+    for k in saved:
+        del os.environ[k]
+    os.environ[NO_MPI_INIT] = "false"
+    try:
+        yield
+    finally:
+        del os.environ[NO_MPI_INIT]
+        os.environ.update(saved)
 
 
 class AsyncVectorEnv(gym.vector.AsyncVectorEnv):
@@ -143,7 +165,8 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, kind: str = "sync",
     mode = gym.vector.AutoresetMode.SAME_STEP
     if kind == "async":
         fns = [env_thunk(env_id, atari=opts, index=i) for i in range(num_envs)]
-        venv = AsyncVectorEnv(fns, autoreset_mode=mode, context=start_method())
+        with worker_environment():
+            venv = AsyncVectorEnv(fns, autoreset_mode=mode, context=start_method())
     else:
         venv = SyncVectorEnv([env_thunk(env_id, atari=opts) for _ in range(num_envs)],
                              autoreset_mode=mode)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import collections
 
 import numpy as np
-import torch
 
 SKIP = {"env", "env_fns", "envs", "metadata", "spec", "_saved_kwargs", "render_mode", "screen",
         "clock", "_cached_spec", "_metadata", "observation_space", "action_space",
         "single_observation_space", "single_action_space", "_action_space", "_observation_space",
         "ale", "viewer", "window"}
 
-_SCALARS = (type(None), bool, int, float, str, np.generic, np.random.Generator, torch.Tensor)
+_SCALARS = (type(None), bool, int, float, str, np.generic, np.random.Generator)
 
 
 def plain(x) -> bool:

@@ -4,8 +4,9 @@ truncations. The deliberate differences (see hpcdqn/rl/atari.py) are checked for
 
 - a step whose episode ends before its last frame observes the frame it ended on (SB3 max-pools
   stale buffers there): checked against the emulator's screen instead of SB3's observation;
-- sticky actions are ALE's (per frame): compared with SB3 over an ALE env with the same
-  repeat_action_probability (SB3's own StickyActionEnv repeats per agent step);
+- sticky actions are Machado et al.'s (per emulator frame, hpcdqn's generator): compared with SB3
+  over a plainly written per-frame sticky layer (SB3's own StickyActionEnv repeats per agent
+  step);
 - fire_reset=false has no SB3 switch: compared with SB3's wrapper layers composed without
   FireResetEnv;
 - frame stacking pads with the reset frame (SB3's VecFrameStack pads with zeros).
@@ -19,16 +20,37 @@ sb3 = pytest.importorskip("stable_baselines3.common.atari_wrappers",
                           reason="stable-baselines3 not installed")
 cv2 = pytest.importorskip("cv2")
 
-from hpcdqn.rl.atari import AtariOptions  # noqa: E402
+from hpcdqn.rl.atari import STICKY_STREAM, AtariOptions  # noqa: E402
 from hpcdqn.rl.envs import make_env  # noqa: E402
 
 gym.register_envs(ale_py)
+
+
+class FrameSticky(gym.Wrapper):
+    """Reference sticky actions on a frameskip-1 ALE env: each frame keeps the held action with
+    probability p (ALE's rule), NOOP after a reset, the generator seeded like hpcdqn's."""
+
+    def __init__(self, env, p):
+        super().__init__(env)
+        self.p, self.rng, self.held = p, np.random.default_rng(), 0
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None:
+            self.rng = np.random.default_rng([seed, STICKY_STREAM])
+        self.held = 0
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action):
+        if self.rng.random() >= self.p:
+            self.held = action
+        return self.env.step(self.held)
 
 
 def sb3_env(env_id: str, o: AtariOptions):
     """SB3's preprocessing for options ``o``: its AtariWrapper where it has the switches, else
     its wrapper layers in AtariWrapper's order."""
     env = gym.make(env_id, **o.make_kwargs())
+    env = FrameSticky(env, o.sticky_actions) if o.sticky_actions else env
     if o.fire_reset and o.max_pool:
         return sb3.AtariWrapper(env, noop_max=o.noop_max, frame_skip=o.frame_skip,
                                 screen_size=o.screen_size, terminal_on_life_loss=o.episodic_life,
@@ -99,7 +121,7 @@ def test_breakout_evaluation_protocol_raw_scores():
 
 
 def test_sticky_full_actions_no_fire_truncation():
-    """Machado et al.: sticky actions 0.25 (ALE's, per frame), the full action set, no fire
+    """Machado et al.: sticky actions 0.25 (per emulator frame), the full action set, no fire
     reset; a short frame limit makes truncations, some in the middle of a step."""
     n = compare("ALE/Pong-v5", 2000, seed=11, sticky_actions=0.25, full_action_space=True,
                 fire_reset=False, max_frames=1000)
