@@ -88,6 +88,7 @@ class AtariPreprocess(gym.Wrapper):
         import cv2
 
         cv2.ocl.setUseOpenCL(False)
+        cv2.setNumThreads(1)     # one core per rank or worker: no OpenCV thread pool on top
         self.cv2 = cv2
         raw = env.unwrapped
         self.ale = raw.ale
