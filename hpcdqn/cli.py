@@ -170,7 +170,8 @@ def _cmd_eval(args) -> int:
     while episodes % n_envs:
         n_envs -= 1
     res = evaluate(policy, args.env_id or cfg["env_id"], episodes, n_envs,
-                   args.seed if args.seed is not None else cfg["seed"] + 10_000_000, args.epsilon)
+                   args.seed if args.seed is not None else cfg["seed"] + 10_000_000, args.epsilon,
+                   atari=cfg.get("atari"))
     res["run_dir"] = str(run)
     print(json.dumps(res))
     return 0

@@ -53,6 +53,10 @@ def _widths(v):
     return None
 
 
+def _screen(v):
+    return None if v >= 36 else "must be >= 36 (the Nature CNN's three convolutions need it)"
+
+
 def _cuts(v):
     if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
         return "must be a list of positive layer indices, e.g. [2] (empty: balance by parameters)"
@@ -131,6 +135,33 @@ SCHEMA: dict[str, Any] = {
         "check_every": Key(1000, int, "updates between cross-rank parameter checksums (0: off)", _nonneg),
         "manual_backward": Key(True, bool, "plain MLPs: the hand-written backward (checked against "
                                            "autograd at start; false: autograd)"),
+    },
+    # Atari preprocessing (Atari ids only): the defaults are the Nature DQN / SB3 AtariWrapper
+    # protocol; Machado et al. (2018) use sticky_actions = 0.25 (and no fire_reset).
+    "atari": {
+        "noop_max": Key(30, int, "after each reset, a uniform 1..noop_max no-op frames (0: none)",
+                        _nonneg),
+        "frame_skip": Key(4, int, "emulator frames per agent step (the action repeated, the rewards "
+                                  "summed)", _pos),
+        "max_pool": Key(True, bool, "observe the pixel-wise max of a step's last two frames (RGB, "
+                                    "before grayscale): removes sprite flicker"),
+        "screen_size": Key(84, int, "frames are converted to grayscale and resized to screen_size "
+                                    "x screen_size (OpenCV INTER_AREA)", _screen),
+        "frame_stack": Key(4, int, "observation = the last frame_stack frames, shape (k, size, "
+                                   "size), uint8; padded with the reset frame", _pos),
+        "episodic_life": Key(True, bool, "TRAINING only: a lost life ends the episode for learning "
+                                         "(the game goes on); evaluation plays full games"),
+        "clip_reward": Key(True, bool, "TRAINING only: rewards clipped to their sign (-1, 0, +1); "
+                                       "evaluation and logged episode returns are raw game scores"),
+        "fire_reset": Key(True, bool, "press FIRE (then action 2) after a reset, and after a lost "
+                                      "life with episodic_life, in games whose actions include FIRE"),
+        "sticky_actions": Key(0.0, float, "repeat_action_probability: each emulator frame repeats "
+                                          "the previous frame's action with this probability "
+                                          "(Machado et al.: 0.25)", _unit),
+        "full_action_space": Key(False, bool, "all 18 joystick actions (false: the game's minimal "
+                                              "action set)"),
+        "max_frames": Key(108_000, int, "an episode is truncated after this many emulator frames "
+                                        "(108000 = 30 minutes of play)", _pos),
     },
     "eval": {
         "episodes": Key(100, int, "greedy episodes at the end of training (0: none)", _nonneg),

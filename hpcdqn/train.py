@@ -160,7 +160,7 @@ class Trainer:
         env_seed = cfg["seed"] + 1000 * grid.dp_rank
         torch.manual_seed(cfg["seed"])
         rng = np.random.default_rng([cfg["seed"], grid.dp_rank, 17])
-        env = make_vector_env(cfg["env_id"], cfg["num_envs"], env_seed, cfg["vector"])
+        env = make_vector_env(cfg["env_id"], cfg["num_envs"], env_seed, cfg["vector"], cfg["atari"])
         self.obs_space, self.n_actions = env.single_observation_space, int(env.single_action_space.n)
         if not grid.is_first_stage:
             env.close()      # (built for its spaces: only a replica's first stage acts)
@@ -421,7 +421,7 @@ class Trainer:
         cfg = self.cfg
         res = self.learner.evaluate(lambda policy: evaluate(
             policy, cfg["env_id"], cfg["eval"]["episodes"], cfg["eval"]["num_envs"],
-            cfg["seed"] + 10_000_000, cfg["eval"]["epsilon"], cfg["vector"]))
+            cfg["seed"] + 10_000_000, cfg["eval"]["epsilon"], cfg["vector"], cfg["atari"]))
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in (res or {}).items()}
 
 

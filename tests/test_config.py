@@ -13,7 +13,8 @@ def test_default_equals_cartpole_toml():
     assert load_config(ROOT / "configs" / "cartpole.toml") == load_config()
 
 
-@pytest.mark.parametrize("name", ["cartpole", "acrobot", "lunarlander", "atari_pong"])
+@pytest.mark.parametrize("name", ["cartpole", "acrobot", "lunarlander", "atari_pong",
+                                  "atari_breakout"])
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "configs" / f"{name}.toml")
     assert cfg["env_id"]
@@ -36,6 +37,8 @@ def test_overrides_by_name_and_dotted():
     (["total_steps=0"], ["'total_steps'", "must be > 0"]),
     (["schedule=zigzag"], ["'schedule'", "not one of"]),
     (["dqn.double=3"], ["'dqn.double'", "expected bool"]),
+    (["atari.screen_size=32"], ["'atari.screen_size'", "must be >= 36"]),
+    (["atari.sticky_actions=1.5"], ["'atari.sticky_actions'", "must be in [0, 1]"]),
     (["network.hidden=[64, -1]"], ["'network.hidden'", "positive integers"]),
     (["dqn"], ["not KEY=VALUE"]),
     (["dqn=1"], ["is a section"]),

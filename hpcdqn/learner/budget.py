@@ -226,7 +226,7 @@ def job_plan(cfg: dict, world: int, local_ranks: int, cap_override: str | None =
     baseline and whether the largest rank fits. Builds one environment for its spaces."""
     from hpcdqn.rl.envs import make_vector_env
 
-    env = make_vector_env(cfg["env_id"], 1, cfg["seed"], "sync")
+    env = make_vector_env(cfg["env_id"], 1, cfg["seed"], "sync", cfg["atari"])
     space, n_actions = env.single_observation_space, int(env.single_action_space.n)
     env.close()
     plan = plan_memory(cfg, space.shape, space.dtype, n_actions, world)

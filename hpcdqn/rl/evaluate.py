@@ -1,5 +1,7 @@
 """Greedy evaluation: each of ``num_envs`` envs plays the same number of episodes, so short
-episodes are not over-counted (the bias of "take the first N episodes that finish")."""
+episodes are not over-counted (the bias of "take the first N episodes that finish"). Atari envs
+are made without the training-only preprocessing: episodes are full games (no episodic life)
+and returns raw game scores (no reward clipping)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,10 @@ from hpcdqn.rl.envs import make_vector_env
 
 
 def evaluate(policy, env_id: str, episodes: int, num_envs: int, seed: int,
-             epsilon: float = 0.0, vector: str = "sync") -> dict:
+             epsilon: float = 0.0, vector: str = "sync", atari: dict | None = None) -> dict:
     num_envs = min(num_envs, episodes)
     per_env = episodes // num_envs
-    env = make_vector_env(env_id, num_envs, seed, vector)
+    env = make_vector_env(env_id, num_envs, seed, vector, atari, training=False)
     rng = np.random.default_rng(seed)
     try:
         obs, _ = env.reset(seed=seed)

@@ -16,6 +16,9 @@ class Rollout:
         self.n_actions = int(env.single_action_space.n)
         self.ep_ret = np.zeros(self.num_envs)
         self.ep_len = np.zeros(self.num_envs, dtype=np.int64)
+        # Atari: episodes for the log are whole games with their raw scores (from the env's
+        # info), whatever episodic life and reward clipping made of them for learning
+        self.games = bool(getattr(env, "reports_games", False))
 
     def explore(self, eps: float) -> tuple[np.ndarray, np.ndarray]:
         """Which envs explore at this step (``eps``-greedy) and their uniform random actions."""
@@ -28,7 +31,7 @@ class Rollout:
 
     def step(self, actions: np.ndarray, replay: ReplayBuffer) -> list[tuple[float, int]]:
         """Step the envs, store the transitions; returns (return, length) of every episode that
-        ended at this step, in env order."""
+        ended at this step, in env order (Atari: of every game, its raw score)."""
         next_obs, rewards, term, trunc, infos = self.env.step(actions)
         done = np.logical_or(term, trunc)
         replay.add(self.obs, actions, rewards, final_next_obs(next_obs, done, infos), term, trunc)
@@ -36,11 +39,20 @@ class Rollout:
         self.ep_len += 1
         ended = []
         if done.any():
-            ended = [(self.ep_ret[i], self.ep_len[i]) for i in np.nonzero(done)[0]]
+            ended = self.games_ended(infos) if self.games else \
+                [(self.ep_ret[i], self.ep_len[i]) for i in np.nonzero(done)[0]]
             self.ep_ret[done] = 0.0
             self.ep_len[done] = 0
         self.obs = next_obs
         return ended
+
+    @staticmethod
+    def games_ended(infos: dict) -> list[tuple[float, int]]:
+        fin = infos.get("final_info", {})
+        if "game_return" not in fin:
+            return []
+        return [(float(fin["game_return"][i]), int(fin["game_length"][i]))
+                for i in np.nonzero(fin["_game_return"])[0]]
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict:

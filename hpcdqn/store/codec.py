@@ -1,11 +1,10 @@
 """Encoding of per-rank state as JSON (no pickle): arrays, RNGs, env states; part checksums.
 
-Environment state is captured generically: the plain attributes (numbers, strings, arrays,
-numpy Generators, lists/tuples/deques of those) of the vector env, of every wrapper and of the
-unwrapped env (CartPole: ``state``, ``steps_beyond_terminated``, ``np_random``; TimeLimit:
-``_elapsed_steps``), plus ALE's ``cloneState`` when present. Envs whose state lives elsewhere
-(an ``async`` vector env's subprocesses, C extensions without a state API) are re-seeded
-instead, with a warning.
+Environment state is captured by ``rl.envstate`` (the plain attributes of the vector env, of
+every wrapper layer and of the unwrapped env, plus ALE's emulator state), in this process for
+the sync vector env and in the worker processes for the async one; this module writes it as
+JSON. Envs whose state cannot be reached (a plain gymnasium vector env) are re-seeded instead,
+with a warning.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import zlib
 import numpy as np
 import torch
 
+from hpcdqn.rl.envstate import capture_attrs, restore_attrs
 from hpcdqn.store.errors import CheckpointCorrupt
 
 
@@ -110,95 +110,47 @@ def decode(x, into=None):
     return x
 
 
-_ENV_SKIP = {"env", "env_fns", "envs", "metadata", "spec", "_saved_kwargs", "render_mode",
-             "screen", "clock", "_cached_spec", "_metadata", "observation_space", "action_space",
-             "single_observation_space", "single_action_space", "_action_space",
-             "_observation_space", "ale", "viewer", "window"}
-
-
-def _plain_attrs(obj) -> dict:
-    out = {}
-    for k, v in vars(obj).items():
-        if k in _ENV_SKIP:
-            continue
-        e = encode(v)
-        if e is not _SKIP:
-            out[k] = e
-    return out
-
-
-def _chain(env):
-    """The env, its wrappers, down to the unwrapped env."""
-    layers = [env]
-    while hasattr(layers[-1], "env") and layers[-1].env is not layers[-1]:
-        layers.append(layers[-1].env)
-    return layers
+def _encode_attrs(attrs: dict) -> dict:
+    out = {k: encode(v) for k, v in attrs.items()}
+    return {k: v for k, v in out.items() if v is not _SKIP}
 
 
 def env_state(venv) -> dict:
-    """Everything we can capture of a gymnasium vector env, as JSON-able data."""
-    if not hasattr(venv, "envs"):
-        return {"supported": False, "why": f"{type(venv).__name__} keeps its envs in subprocesses"}
-    out = {"supported": True, "vector": _plain_attrs(venv), "envs": []}
-    for e in venv.envs:
-        chain = _chain(e)
-        st = {"chain": [type(x).__name__ for x in chain], "attrs": [_plain_attrs(x) for x in chain]}
-        ale = getattr(chain[-1], "ale", None)
-        if ale is not None:
-            try:
-                s = ale.cloneState(include_rng=True)
-                st["ale"] = encode(np.frombuffer(s.serialize() if hasattr(s, "serialize")
-                                                 else bytes(s), dtype=np.uint8))
-            except Exception as ex:  # pragma: no cover - needs ale-py
-                st["ale_error"] = repr(ex)
-        out["envs"].append(st)
+    """Everything we can capture of a vector env (``rl.envstate``), as JSON-able data."""
+    if not hasattr(venv, "capture_env_states"):
+        return {"supported": False,
+                "why": f"{type(venv).__name__} does not expose its sub-envs' state"}
+    out = {"supported": True, "kind": type(venv).__name__,
+           "vector": _encode_attrs(capture_attrs(venv)), "envs": []}
+    for st in venv.capture_env_states():
+        es = {"chain": st["chain"], "attrs": [_encode_attrs(a) for a in st["attrs"]]}
+        if "ale" in st:
+            es["ale"] = encode(st["ale"])
+        if "ale_error" in st:
+            es["ale_error"] = st["ale_error"]
+        out["envs"].append(es)
     return out
 
 
 def restore_env_state(venv, st: dict) -> list[str]:
-    """Put a captured state back; returns warnings (empty when the restore is complete)."""
+    """Put a captured state back; returns warnings (empty when the restore is complete). The
+    sub-envs' state moves between the sync and the async vector env (the vector env's own
+    attributes are per-step buffers of same-step autoreset; restored when the kind is the same)."""
     if not st.get("supported"):
         return [f"environment state was not captured ({st.get('why', 'unsupported')}); "
                 "environments were re-seeded instead"]
-    if not hasattr(venv, "envs") or len(venv.envs) != len(st["envs"]):
+    if not hasattr(venv, "restore_env_states") or venv.num_envs != len(st["envs"]):
         return ["vector env kind or size changed; environments were re-seeded instead"]
-    problems = []
-    _restore_attrs(venv, st["vector"], problems)
-    for e, es in zip(venv.envs, st["envs"]):
-        chain = _chain(e)
-        if [type(x).__name__ for x in chain] != es["chain"]:
-            problems.append(f"wrapper chain changed ({es['chain']} -> "
-                            f"{[type(x).__name__ for x in chain]}); env re-seeded")
-            continue
-        for obj, attrs in zip(chain, es["attrs"]):
-            _restore_attrs(obj, attrs, problems)
-        if "ale" in es:  # pragma: no cover - needs ale-py
-            try:
-                import ale_py
-
-                raw = decode(es["ale"]).tobytes()
-                chain[-1].ale.restoreState(ale_py.ALEState(raw) if hasattr(ale_py, "ALEState") else raw)
-            except Exception as ex:
-                problems.append(f"ALE state not restored: {ex!r}")
-        if "ale_error" in es:  # pragma: no cover
-            problems.append(f"ALE state was not captured: {es['ale_error']}")
-    return problems
-
-
-def _restore_attrs(obj, attrs: dict, problems: list) -> None:
-    """Allow-list: only the attributes the live object has now as plain captured data (what
-    ``_plain_attrs`` would capture from it); anything else named in the file (a method, a
-    module, an unknown name) is not set, with a warning."""
-    allowed = _plain_attrs(obj)
-    for k, v in attrs.items():
-        if k not in allowed:
-            problems.append(f"attribute {k!r} of {type(obj).__name__} in the checkpoint is not "
-                            "restorable state; ignored")
-            continue
-        try:
-            setattr(obj, k, decode(v, getattr(obj, k, None)))
-        except AttributeError:   # read-only property
-            pass
+    problems: list[str] = []
+    if st.get("kind", "SyncVectorEnv") == type(venv).__name__:
+        restore_attrs(venv, {k: decode(v) for k, v in st["vector"].items()}, problems)
+    states = []
+    for es in st["envs"]:
+        d = {"chain": es["chain"], "attrs": [{k: decode(v) for k, v in a.items()}
+                                             for a in es["attrs"]]}
+        d.update({k: decode(es[k]) for k in ("ale", "ale_error") if k in es})
+        states.append(d)
+    return problems + venv.restore_env_states(states)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,14 +73,14 @@ def _space_json(space) -> str:
     raise ValueError(f"cannot describe space {space} for Minari")
 
 
-def _spaces(env: dict):
+def _spaces(env: dict, atari: dict | None = None):
     import gymnasium as gym
 
     spec_json = None
     try:
         from hpcdqn.rl.envs import make_vector_env
 
-        venv = make_vector_env(env["env_id"], 1, 0)
+        venv = make_vector_env(env["env_id"], 1, 0, atari=atari)
         obs_space, act_space = venv.single_observation_space, venv.single_action_space
         spec = venv.envs[0].spec if hasattr(venv, "envs") else None
         venv.close()
@@ -110,7 +110,7 @@ def export_minari(source, out_dir, dataset_id: str | None = None) -> dict:
     if (data / "metadata.json").exists() or (data / "main_data.hdf5").exists():
         raise FileExistsError(f"'{data}' already holds a dataset; choose another OUT_DIR")
     dataset_id = dataset_id or default_dataset_id(out)
-    obs_space, act_space, spec_json = _spaces(meta["env"])
+    obs_space, act_space, spec_json = _spaces(meta["env"], meta["config"].get("atari"))
     data.mkdir(parents=True, exist_ok=True)
     n_eps = n_steps = 0
     returns = []

@@ -1,0 +1,110 @@
+"""What a checkpoint keeps of an environment, as plain Python values (``store.codec`` writes them
+as JSON): the plain attributes (numbers, strings, arrays, numpy Generators, lists/tuples/deques/
+dicts of those) of every wrapper layer and of the unwrapped env (CartPole: ``state``,
+``steps_beyond_terminated``, ``np_random``; TimeLimit: ``_elapsed_steps``; FrameStackObservation:
+``obs_queue``), plus ALE's emulator state with its RNG (``cloneState(include_rng=True)``, which
+also holds the sticky-action state). A layer's ``transient_attrs`` (scratch buffers) are left out.
+
+``capture_env``/``restore_env`` work on one sub-env wherever it lives: the sync vector env calls
+them in this process, the async one in its worker processes (``envs.StateAccess``).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+SKIP = {"env", "env_fns", "envs", "metadata", "spec", "_saved_kwargs", "render_mode", "screen",
+        "clock", "_cached_spec", "_metadata", "observation_space", "action_space",
+        "single_observation_space", "single_action_space", "_action_space", "_observation_space",
+        "ale", "viewer", "window"}
+
+_SCALARS = (type(None), bool, int, float, str, np.generic, np.random.Generator)
+
+
+def plain(x) -> bool:
+    """Whether ``x`` is data a checkpoint can hold (what ``store.codec.encode`` encodes)."""
+    if isinstance(x, _SCALARS):
+        return True
+    if isinstance(x, np.ndarray):
+        return not x.dtype.hasobject
+    if isinstance(x, (list, tuple, collections.deque)):
+        return all(plain(v) for v in x)
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and plain(v) for k, v in x.items())
+    return False
+
+
+def capture_attrs(obj) -> dict:
+    """``obj``'s plain attributes (by reference: encode or copy them before stepping on)."""
+    skip = SKIP.union(getattr(obj, "transient_attrs", ()))
+    return {k: v for k, v in vars(obj).items() if k not in skip and plain(v)}
+
+
+def restore_attrs(obj, attrs: dict, problems: list) -> None:
+    """Allow-list: only the attributes the live object has now as plain data (what
+    ``capture_attrs`` would capture from it) are set; anything else named in the file (a method,
+    a module, an unknown name) is not, with a warning. Arrays of the same shape are copied into
+    and numpy Generators keep their identity."""
+    allowed = capture_attrs(obj)
+    for k, v in attrs.items():
+        if k not in allowed:
+            problems.append(f"attribute {k!r} of {type(obj).__name__} in the checkpoint is not "
+                            "restorable state; ignored")
+            continue
+        cur = allowed[k]
+        try:
+            if isinstance(cur, np.random.Generator) and isinstance(v, np.random.Generator) \
+                    and type(cur.bit_generator) is type(v.bit_generator):
+                cur.bit_generator.state = v.bit_generator.state
+            elif isinstance(cur, np.ndarray) and isinstance(v, np.ndarray) and cur.shape == v.shape \
+                    and cur.dtype == v.dtype and cur.flags.writeable:
+                cur[...] = v
+            else:
+                setattr(obj, k, v)
+        except AttributeError:   # read-only property
+            pass
+
+
+def layers(env) -> list:
+    """The env, its wrappers, down to the unwrapped env."""
+    out = [env]
+    while hasattr(out[-1], "env") and out[-1].env is not out[-1]:
+        out.append(out[-1].env)
+    return out
+
+
+def capture_env(env) -> dict:
+    """One sub-env's state: {chain: layer class names, attrs: per layer, ale: emulator bytes}."""
+    chain = layers(env)
+    st = {"chain": [type(x).__name__ for x in chain], "attrs": [capture_attrs(x) for x in chain]}
+    ale = getattr(chain[-1], "ale", None)
+    if ale is not None:
+        try:
+            st["ale"] = np.frombuffer(ale.cloneState(include_rng=True).serialize(), np.uint8)
+        except Exception as ex:  # noqa: BLE001 - an ALE without a serializable state
+            st["ale_error"] = repr(ex)
+    return st
+
+
+def restore_env(env, st: dict) -> list[str]:
+    """Put a captured state back into a freshly made env of the same kind; returns warnings
+    (empty when the restore is complete)."""
+    chain = layers(env)
+    names = [type(x).__name__ for x in chain]
+    if names != st["chain"]:
+        return [f"wrapper chain changed ({st['chain']} -> {names}); env re-seeded"]
+    problems: list[str] = []
+    for obj, attrs in zip(chain, st["attrs"]):
+        restore_attrs(obj, attrs, problems)
+    if "ale" in st:
+        try:
+            import ale_py
+
+            chain[-1].ale.restoreState(ale_py.ALEState(np.asarray(st["ale"], np.uint8).tobytes()))
+        except Exception as ex:  # noqa: BLE001 - reported, the resume is then not exact
+            problems.append(f"ALE state not restored: {ex!r}")
+    if "ale_error" in st:
+        problems.append(f"ALE state was not captured: {st['ale_error']}")
+    return problems
