@@ -44,7 +44,8 @@ class FrameToy(gym.Env):
         return frame(self.ep, self.t, self.size), reward, terminated, False, {}
 
 
-def make(size: int = 36, stack: int = 4, padding: str = "reset", p_end: float = 0.04):
+def make(size: int = 36, stack: int = 4, padding: str = "reset", p_end: float = 0.04,
+         render_mode=None):
     return gym.wrappers.FrameStackObservation(FrameToy(size, p_end), stack, padding_type=padding)
 
 
