@@ -156,3 +156,25 @@ def test_frame_replay_minari_export_streams_genuine_observations(run_a, tmp_path
         for t, o in enumerate(e.observations):
             assert np.array_equal(o, toy_stack(ep, t)), (ep, t)
         assert bool(e.terminations[-1] or e.truncations[-1])
+
+
+def test_frame_layout_metadata_is_bounded():
+    """A crafted frame layout is refused before anything is sized from it."""
+    from hpcdqn.store.bounds import check_meta
+    from hpcdqn.store.errors import CheckpointCorrupt
+
+    def meta(**lay):
+        layout = {"world": 2, "dp": 2, "pp": 1, "num_envs": 2, "rows": 304, "prioritized": True,
+                  "frame_stack": K, "replay_starts": [10, 12], **lay}
+        return {"layout": layout, "env": {"env_id": "x", "obs_shape": [K, SIZE, SIZE],
+                                          "obs_dtype": "|u1", "n_actions": 3},
+                "layer_sizes": [10], "counters": {"env_steps": 0}}
+
+    check_meta(meta(), "f.h5")
+    for bad, what in ((dict(frame_stack=3), "does not match"),
+                      (dict(frame_stack=300), "layout.frame_stack"),
+                      (dict(replay_starts=[10]), "replay_starts is not a list of 2"),
+                      (dict(replay_starts=[10, 609]), r"replay_starts\[1\] = 609"),
+                      (dict(replay_starts=[10, -1]), r"replay_starts\[1\]")):
+        with pytest.raises(CheckpointCorrupt, match=what):
+            check_meta(meta(**bad), "f.h5")
