@@ -179,8 +179,11 @@ class FrameReplay(ReplayBuffer):
 
     def _check(self, obs, next_obs) -> None:
         go_on = self.cur_step > 0
-        if np.array_equal(next_obs[:, :-1], obs[:, 1:]) and \
-                np.array_equal(obs[go_on], self.last_next[go_on]):
+        if go_on.all():
+            same = np.array_equal(obs, self.last_next)
+        else:
+            same = np.array_equal(obs[go_on], self.last_next[go_on])
+        if same and np.array_equal(next_obs[:, :-1], obs[:, 1:]):
             return
         raise ValueError(
             "FrameReplay: the observations are not a frame stack on axis 0 (each next observation "
