@@ -137,6 +137,14 @@ def test_frame_replay_reshard_dp2_to_dp1(tmp_path):
         for i, (ep, t) in enumerate(got):
             assert np.array_equal(nxt[i], toy_stack(ep, t)), i
             assert np.array_equal(obs[i], toy_stack(ep, t - 1)), i
+    # on as 1 replica x 2 pipeline stages (the second stage holds no replay but writes the same
+    # plan): the replay loads as it was and the next checkpoint keeps it
+    r = hpcdqn(2, ["train", "--resume", str(run), "pp=2", "stop_after=1204"], timeout=300, env=ENV)
+    assert summary(r)["pp"] == 2
+    after = load_shard(run / "checkpoints" / "ckpt-000000001204.h5", 0)
+    assert after.filled == buf.filled + 1
+    for k in FrameReplay.OBS_ROWS + CELL_ROWS:
+        assert np.array_equal(getattr(after, k)[:M + 1], getattr(buf, k)[:M + 1]), k
 
 
 def test_frame_replay_minari_export_streams_genuine_observations(run_a, tmp_path):
