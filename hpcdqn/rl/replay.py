@@ -9,7 +9,9 @@ observation, never the reset one. A *termination* ends the return without bootst
 *truncation* (time limit) ends it and bootstraps from the final observation.
 
 Rows whose n-step look-ahead would run past the newest row (the last ``n-1``) are not sampled
-until they are complete.
+until they are complete. The sampleable *window* is the newest ``rows_for(capacity)`` rows; a
+subclass may keep ``margin`` older rows in the ring (``FrameReplay``, ``hpcdqn/rl/framereplay.py``:
+the frames that the oldest sampleable observations are rebuilt from).
 """
 
 from __future__ import annotations
