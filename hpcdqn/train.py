@@ -34,10 +34,10 @@ from hpcdqn.metrics import MetricsLogger
 from hpcdqn.parallel.grid import RankGrid, choose_device, mpi
 from hpcdqn.parallel.lifecycle import agree_signal, install_signal_handlers
 from hpcdqn.parallel.memory import keep_freed_memory
-from hpcdqn.rl.envs import make_vector_env
+from hpcdqn.rl.envs import frame_stack, make_vector_env
 from hpcdqn.rl.evaluate import evaluate
 from hpcdqn.rl.networks import meta_layers
-from hpcdqn.rl.replay import ReplayBuffer
+from hpcdqn.rl.framereplay import make_replay
 from hpcdqn.rl.rollout import Rollout
 from hpcdqn.rl.schedule import Schedule, linear_schedule
 from hpcdqn.store import Checkpointer, truncate_metrics, warn
@@ -162,6 +162,7 @@ class Trainer:
         rng = np.random.default_rng([cfg["seed"], grid.dp_rank, 17])
         env = make_vector_env(cfg["env_id"], cfg["num_envs"], env_seed, cfg["vector"], cfg["atari"])
         self.obs_space, self.n_actions = env.single_observation_space, int(env.single_action_space.n)
+        self.frame_stack = frame_stack(env)     # > 0: the replay stores each frame once
         if not grid.is_first_stage:
             env.close()      # (built for its spaces: only a replica's first stage acts)
         # shapes only (meta device): each rank allocates just its own stage, with the values
@@ -176,17 +177,18 @@ class Trainer:
         self.stage_bytes = self.comm.allgather(self.learner.parameter_bytes())[:grid.pp]
         self.replay = self.rollout = None
         if grid.is_first_stage:
-            self.replay = ReplayBuffer(
+            self.replay = make_replay(
                 d["buffer_size"], cfg["num_envs"], self.obs_space.shape, self.obs_space.dtype,
-                n_step=d["n_step"], gamma=d["gamma"], prioritized=cfg["replay"]["prioritized"],
-                alpha=cfg["replay"]["alpha"], priority_eps=cfg["replay"]["priority_eps"],
-                seed=env_seed + 7)
+                self.frame_stack, n_step=d["n_step"], gamma=d["gamma"],
+                prioritized=cfg["replay"]["prioritized"], alpha=cfg["replay"]["alpha"],
+                priority_eps=cfg["replay"]["priority_eps"], seed=env_seed + 7)
             self.rollout = Rollout(env, rng, env.reset(seed=env_seed)[0])
         self._announce()
         env_info = {"env_id": cfg["env_id"], "obs_shape": list(self.obs_space.shape),
                     "obs_dtype": np.dtype(self.obs_space.dtype).str, "n_actions": self.n_actions}
         self.ckpt = Checkpointer(self.run_dir, cfg, grid, layers, env_info, self.learner,
-                                 self.replay, env if self.rollout is not None else None)
+                                 self.replay, env if self.rollout is not None else None,
+                                 self.frame_stack)
 
     def check_memory(self) -> dict:
         """Collective over the world: the planner's per-stage bytes for this layout, checked
@@ -194,7 +196,7 @@ class Trainer:
         every rank takes the same decision (the largest baseline, the smallest cap)."""
         MPI = mpi()
         plan = plan_memory(self.cfg, self.obs_space.shape, self.obs_space.dtype, self.n_actions,
-                           self.grid.world)
+                           self.grid.world, self.frame_stack)
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         cap, source = cap_per_rank(local.Get_size())
         local.Free()

@@ -28,7 +28,7 @@ from hpcdqn.config import ConfigError
 from hpcdqn.parallel.partition import (boundary_offset, describe, layer_offsets, plan_stages,
                                        stage_modules)
 from hpcdqn.rl.networks import meta_layers, unroll
-from hpcdqn.rl.replay import ReplayBuffer
+from hpcdqn.rl.framereplay import replay_nbytes
 from hpcdqn.rl.schedule import Schedule
 
 CATEGORIES = ("parameters", "target", "gradients", "optimizer", "replay", "activations")
@@ -145,16 +145,19 @@ def activation_bytes(modules, in_shape: tuple, in_dtype, cfg: dict, stage: int, 
     return int(saved + transient)
 
 
-def plan_memory(cfg: dict, obs_shape: tuple, obs_dtype, n_actions: int, world: int) -> dict:
-    """Per-stage memory by category (bytes) and the run's schedule figures; allocates nothing."""
+def plan_memory(cfg: dict, obs_shape: tuple, obs_dtype, n_actions: int, world: int,
+                frame_stack: int = 0) -> dict:
+    """Per-stage memory by category (bytes) and the run's schedule figures; allocates nothing.
+    ``frame_stack``: frames per observation where the replay stores each frame once
+    (``rl.envs.frame_stack`` of the env)."""
     pp = cfg["pp"]
     if world % pp:
         raise ConfigError(f"{world} ranks cannot form pp={pp} pipelines: use a multiple of pp")
     dp = world // pp
     layers, stages, ranges, contents = stage_layout(cfg, obs_shape, n_actions)
     d = cfg["dqn"]
-    replay = ReplayBuffer.nbytes_for(d["buffer_size"], cfg["num_envs"], obs_shape, obs_dtype,
-                                     d["n_step"], cfg["replay"]["prioritized"])
+    replay = replay_nbytes(d["buffer_size"], cfg["num_envs"], obs_shape, obs_dtype, d["n_step"],
+                           cfg["replay"]["prioritized"], frame_stack)
     per_stage, in_shape, in_dtype = [], tuple(obs_shape), torch.from_numpy(
         np.zeros(0, dtype=obs_dtype)).dtype
     for s, ((a, b), (lo, hi)) in enumerate(zip(stages, ranges)):
@@ -224,12 +227,13 @@ def describe_plan(plan: dict, cap: int | None = None, source: str = "", baseline
 def job_plan(cfg: dict, world: int, local_ranks: int, cap_override: str | None = None) -> dict:
     """What ``hpcdqn plan`` prints: the plan for ``world`` ranks, the cap, the measured process
     baseline and whether the largest rank fits. Builds one environment for its spaces."""
-    from hpcdqn.rl.envs import make_vector_env
+    from hpcdqn.rl.envs import frame_stack, make_vector_env
 
     env = make_vector_env(cfg["env_id"], 1, cfg["seed"], "sync", cfg["atari"])
     space, n_actions = env.single_observation_space, int(env.single_action_space.n)
+    stack = frame_stack(env)
     env.close()
-    plan = plan_memory(cfg, space.shape, space.dtype, n_actions, world)
+    plan = plan_memory(cfg, space.shape, space.dtype, n_actions, world, stack)
     cap, source = cap_per_rank(local_ranks, cap_override)
     baseline = current_rss()
     need = max(st["total"] for st in plan["stages"]) + baseline

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import multiprocessing
 import os
 
@@ -157,8 +158,13 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, kind: str = "sync",
     the config's ``[atari]`` section (Atari ids); ``training=False`` leaves out the training-only
     preprocessing (episodic life, reward clipping), as evaluation needs."""
     try:
-        gym.spec(env_id)
-    except gym.error.Error as e:
+        if ":" in env_id:            # "module:Env-v0": the module registers the env on import
+            mod, _, env_id_only = env_id.partition(":")
+            importlib.import_module(mod)
+            gym.spec(env_id_only)
+        else:
+            gym.spec(env_id)
+    except (gym.error.Error, ImportError) as e:
         if not is_atari(env_id):
             raise EnvError(f"env_id={env_id!r} is not a registered gymnasium environment: {e}") from None
     opts = AtariOptions.from_config(atari, training) if is_atari(env_id) else None
@@ -194,3 +200,15 @@ def final_next_obs(next_obs: np.ndarray, done: np.ndarray, infos: dict) -> np.nd
     for i in np.nonzero(done)[0]:
         real[i] = final[i]
     return real
+
+
+def frame_stack(venv) -> int:
+    """Frames each observation stacks on axis 0 (gymnasium's FrameStackObservation in the
+    envs' wrappers: its ``stack_size``), 0 if none: what the replay needs to store each frame
+    once (``rl.framereplay``). The one place the trainer and the planner learn it from."""
+    try:
+        k = int(venv.get_attr("stack_size")[0])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return 0
+    shape = venv.single_observation_space.shape
+    return k if len(shape) >= 2 and shape[0] == k else 0

@@ -9,7 +9,9 @@ observation, never the reset one. A *termination* ends the return without bootst
 *truncation* (time limit) ends it and bootstraps from the final observation.
 
 Rows whose n-step look-ahead would run past the newest row (the last ``n-1``) are not sampled
-until they are complete.
+until they are complete. The sampleable *window* is the newest ``rows_for(capacity)`` rows; a
+subclass may keep ``margin`` older rows in the ring (``FrameReplay``, ``hpcdqn/rl/framereplay.py``:
+the frames that the oldest sampleable observations are rebuilt from).
 """
 
 from __future__ import annotations
@@ -67,16 +69,23 @@ class SumTree:
 
 
 class ReplayBuffer:
+    """Transitions with whole observations (``obs`` and ``next_obs`` stored as given). The
+    ring, n-step returns, uniform and prioritized sampling; ``FrameReplay``
+    (``hpcdqn.rl.framereplay``) keeps this and stores frame-stacked observations once."""
+
+    margin = 0    # ring rows kept before the sampleable window (FrameReplay: the frame history)
+
     def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, obs_dtype, *,
                  n_step: int = 1, gamma: float = 0.99, prioritized: bool = False,
                  alpha: float = 0.6, priority_eps: float = 1e-6, seed: int = 0):
         self.num_envs = num_envs
-        self.rows = self.rows_for(capacity, num_envs, n_step)
-        self.capacity = self.rows * num_envs
+        self.window = self.rows_for(capacity, num_envs, n_step)   # rows that can be sampled
+        self.rows = self.window + self.margin                     # rows of the ring
+        self.capacity = self.window * num_envs                    # transitions that can be sampled
+        self.cells = self.rows * num_envs
         self.n_step, self.gamma = n_step, gamma
         shape = (self.rows, num_envs)
-        self.obs = np.zeros(shape + tuple(obs_shape), dtype=obs_dtype)
-        self.next_obs = np.zeros_like(self.obs)
+        self.allocate(shape, tuple(obs_shape), np.dtype(obs_dtype))
         self.actions = np.zeros(shape, dtype=np.int64)
         self.rewards = np.zeros(shape, dtype=np.float32)
         self.terminated = np.zeros(shape, dtype=bool)
@@ -87,49 +96,58 @@ class ReplayBuffer:
         self.prioritized = prioritized
         self.alpha, self.priority_eps = alpha, priority_eps
         self.max_priority = 1.0
-        self.tree = SumTree(self.capacity) if prioritized else None
+        self.tree = SumTree(self.cells) if prioritized else None
         self._gpow = gamma ** np.arange(n_step + 1, dtype=np.float64)
+
+    # -- what the observations take (FrameReplay overrides these) ---------------------------------
+    OBS_ROWS = ("obs", "next_obs")     # per-cell observation arrays, as checkpointed
+
+    def allocate(self, shape: tuple, obs_shape: tuple, obs_dtype) -> None:
+        self.obs = np.zeros(shape + obs_shape, dtype=obs_dtype)
+        self.next_obs = np.zeros_like(self.obs)
+
+    def store_obs(self, p: int, obs, next_obs, done) -> None:
+        self.obs[p] = obs
+        self.next_obs[p] = next_obs
+
+    def obs_at(self, rows: np.ndarray, envs: np.ndarray) -> np.ndarray:
+        return self.obs.reshape(self.cells, *self.obs.shape[2:])[rows * self.num_envs + envs]
+
+    def next_obs_at(self, rows: np.ndarray, envs: np.ndarray) -> np.ndarray:
+        return self.next_obs.reshape(self.cells, *self.obs.shape[2:])[rows * self.num_envs + envs]
 
     @staticmethod
     def nbytes_for(capacity: int, num_envs: int, obs_shape: tuple, obs_dtype, n_step: int,
                    prioritized: bool) -> int:
         """Bytes the buffer's arrays take once filled (obs, next_obs, actions, rewards, flags,
         sum tree), without building it."""
-        rows = ReplayBuffer.rows_for(capacity, num_envs, n_step)
-        cells = rows * num_envs
+        cells = ReplayBuffer.rows_for(capacity, num_envs, n_step) * num_envs
         obs = cells * int(np.prod(obs_shape)) * np.dtype(obs_dtype).itemsize
-        tree = 0
-        if prioritized:
-            leaves = 1
-            while leaves < cells:
-                leaves *= 2
-            tree = 2 * leaves * 8
-        return 2 * obs + cells * (8 + 4 + 1 + 1) + tree
+        return 2 * obs + cells * (8 + 4 + 1 + 1) + tree_bytes(cells, prioritized)
 
     @property
     def nbytes(self) -> int:
         """Bytes of this buffer's arrays (reserved; pages are touched as it fills)."""
-        n = sum(a.nbytes for a in (self.obs, self.next_obs, self.actions, self.rewards,
-                                   self.terminated, self.truncated))
+        n = sum(getattr(self, k).nbytes for k in self.OBS_ROWS + ("actions", "rewards",
+                                                                  "terminated", "truncated"))
         return n + (self.tree.tree.nbytes if self.tree is not None else 0)
 
     @staticmethod
     def rows_for(capacity: int, num_envs: int, n_step: int) -> int:
-        """Rows of the [row, env] ring for a capacity in transitions."""
+        """Rows of the sampleable [row, env] window for a capacity in transitions."""
         return max(capacity // num_envs, n_step + 1)
 
     def __len__(self) -> int:
-        return self.filled * self.num_envs
+        return min(self.filled, self.window) * self.num_envs
 
     @property
     def sampleable_rows(self) -> int:
-        return max(0, self.filled - (self.n_step - 1))
+        return max(0, min(self.filled, self.window) - (self.n_step - 1))
 
     def add(self, obs, actions, rewards, next_obs, terminated, truncated) -> None:
         """One vector-env step: arrays with leading dimension num_envs."""
         p = self.pos
-        self.obs[p] = obs
-        self.next_obs[p] = next_obs
+        self.store_obs(p, obs, next_obs, np.logical_or(terminated, truncated))
         self.actions[p] = actions
         self.rewards[p] = rewards
         self.terminated[p] = terminated
@@ -138,15 +156,19 @@ class ReplayBuffer:
         self.filled = min(self.filled + 1, self.rows)
         if self.tree is not None:
             envs = np.arange(self.num_envs)
+            zeros = np.zeros(self.num_envs)
+            if self.margin and self.filled > self.window:   # this row left the window
+                self.tree.set(((p - self.window) % self.rows) * self.num_envs + envs, zeros)
             if self.n_step > 1:  # row p is not complete yet; row p-(n-1) just became complete
-                self.tree.set(p * self.num_envs + envs, np.zeros(self.num_envs))
+                self.tree.set(p * self.num_envs + envs, zeros)
             q = (p - (self.n_step - 1)) % self.rows
             if self.filled >= self.n_step:
                 self.tree.set(q * self.num_envs + envs, np.full(self.num_envs, self.max_priority))
 
     # -- sampling ---------------------------------------------------------------------------
     def _oldest_row(self) -> int:
-        return self.pos if self.filled == self.rows else 0
+        """The oldest row of the sampleable window."""
+        return (self.pos - min(self.filled, self.window)) % self.rows
 
     def sample(self, batch_size: int, beta: float = 0.4) -> Batch:
         n_rows = self.sampleable_rows
@@ -188,13 +210,11 @@ class ReplayBuffer:
     def _gather(self, idx: np.ndarray, weights: np.ndarray) -> Batch:
         rows, envs = np.divmod(idx, self.num_envs)
         n = self.n_step
-        if n == 1:   # one flat fancy index per array (a [row, env] pair index is ~3x slower)
-            def take(a):
-                return a.reshape(self.capacity, *a.shape[2:])[idx]
-
-            return Batch(take(self.obs), take(self.actions), take(self.rewards), take(self.next_obs),
-                         np.where(take(self.terminated), 0.0, self.gamma).astype(np.float32),
-                         weights, idx)
+        if n == 1:   # flat indices (a [row, env] pair index is ~3x slower)
+            ret = self.rewards.reshape(-1)[idx]
+            disc = np.where(self.terminated.reshape(-1)[idx], 0.0, self.gamma).astype(np.float32)
+            return Batch(self.obs_at(rows, envs), self.actions.reshape(-1)[idx], ret,
+                         self.next_obs_at(rows, envs), disc, weights, idx)
         rk = (rows[:, None] + np.arange(n)) % self.rows                  # [B, n]
         ek = envs[:, None]
         r = self.rewards[rk, ek].astype(np.float64)
@@ -207,8 +227,8 @@ class ReplayBuffer:
         last = rk[np.arange(len(idx)), steps - 1]
         term = self.terminated[last, envs]
         disc = np.where(term, 0.0, self._gpow[steps])
-        return Batch(self.obs[rows, envs], self.actions[rows, envs], ret.astype(np.float32),
-                     self.next_obs[last, envs], disc.astype(np.float32), weights, idx)
+        return Batch(self.obs_at(rows, envs), self.actions.reshape(-1)[idx], ret.astype(np.float32),
+                     self.next_obs_at(last, envs), disc.astype(np.float32), weights, idx)
 
     def update_priorities(self, idx: np.ndarray, td_abs: np.ndarray) -> None:
         if self.tree is None:
@@ -217,3 +237,13 @@ class ReplayBuffer:
         # a duplicate index takes its last value; the tree stays consistent either way
         self.tree.set(idx, pr)
         self.max_priority = max(self.max_priority, float(pr.max()))
+
+
+def tree_bytes(cells: int, prioritized: bool) -> int:
+    """Bytes of the sum tree over ``cells`` leaves (0 without prioritized replay)."""
+    if not prioritized:
+        return 0
+    leaves = 1
+    while leaves < cells:
+        leaves *= 2
+    return 2 * leaves * 8

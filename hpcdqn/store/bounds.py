@@ -17,6 +17,7 @@ MAX_LAYERS = 4096
 MAX_PARAMS = 1 << 40                # per layer
 MAX_OBS_DIMS, MAX_OBS_DIM = 8, 1 << 24
 MAX_ACTIONS = 1 << 20
+MAX_STACK = 255                     # frames per observation (FrameReplay's ep_step is uint8)
 
 
 def format_version(fmt, path) -> tuple[int, int]:
@@ -63,10 +64,29 @@ def check_meta(meta: dict, path) -> None:
         _int(path, f"layer_sizes[{i}]", n, 0, MAX_PARAMS)
     _check_stages(lay, sum(sizes), path)
     _check_env(env, path)
+    _check_frames(lay, env, path)
     for k in ("env_steps", "iteration_next", "updates", "episodes"):
         if k in c:
             _int(path, f"counters.{k}", c[k], 0, 1 << 62)
     _int(path, "counters.env_steps", c.get("env_steps"), 0, 1 << 62)
+
+
+def _check_frames(lay: dict, env: dict, path) -> None:
+    """A frame-stacked replay (format 2.0): the stack matches the observation shape, and each
+    shard holds at most one initial stack per cell of its ring."""
+    k = _int(path, "layout.frame_stack", lay.get("frame_stack", 0), 0, MAX_STACK)
+    if not k:
+        return
+    shape = env.get("obs_shape") if isinstance(env, dict) else None
+    if not isinstance(shape, list) or len(shape) < 2 or shape[0] != k:
+        raise CheckpointCorrupt(f"checkpoint '{path}': layout.frame_stack = {k} does not match "
+                                f"env.obs_shape = {shape!r} (k frames on axis 0)")
+    counts = lay.get("replay_starts")
+    if not isinstance(counts, list) or len(counts) != lay["dp"]:
+        raise CheckpointCorrupt(f"checkpoint '{path}': layout.replay_starts is not a list of "
+                                f"{lay['dp']} counts")
+    for q, n in enumerate(counts):
+        _int(path, f"layout.replay_starts[{q}]", n, 0, lay["rows"] * lay["num_envs"])
 
 
 def _check_stages(lay: dict, total: int, path) -> None:

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import torch
 
-from hpcdqn.rl.replay import ReplayBuffer
+from hpcdqn.rl.framereplay import ring_rows
 from hpcdqn.store.codec import decode, encode, env_state, restore_env_state
 from hpcdqn.store.agree import Local, agree
 from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointMismatch,
@@ -25,14 +25,17 @@ from hpcdqn.store.reader import (check_compatible, load_learner, load_rank_state
                                  open_checkpoint, read_meta, verify)
 from hpcdqn.store.reshard import load_replay_reshard
 from hpcdqn.store.rundir import SET_ASIDE, candidates, set_aside, warn
-from hpcdqn.store.schema import PARAM_GROUPS, REPLAY_ROWS, layer_parts, layer_sizes
+from hpcdqn.store.schema import PARAM_GROUPS, frame_stack, layer_parts, layer_sizes, replay_rows
 from hpcdqn.store.writer import write_checkpoint
 
 
 class Checkpointer:
     """Owns the schedule and the save/resume of one training run (collective calls)."""
 
-    def __init__(self, run_dir, cfg: dict, grid, layers, env_info: dict, learner, replay, env):
+    def __init__(self, run_dir, cfg: dict, grid, layers, env_info: dict, learner, replay, env,
+                 frame_stack: int = 0):
+        """``frame_stack``: frames per observation where the replay stores each frame once
+        (``rl.framereplay``; every rank passes the same, later pipeline stages too)."""
         self.run_dir, self.cfg, self.grid = Path(run_dir), cfg, grid
         self.comm = grid.comm
         self.learner, self.replay, self.env = learner, replay, env
@@ -41,9 +44,10 @@ class Checkpointer:
         ranges = learner.param_ranges         # every stage's, known on every rank
         self.layout = {"world": grid.world, "dp": grid.dp, "pp": grid.pp,
                        "num_envs": cfg["num_envs"],
-                       "rows": replay.rows if replay is not None else _rows_for(cfg),
+                       "rows": replay.rows if replay is not None else _rows_for(cfg, frame_stack),
                        "stage_params": [list(ranges[s]) for s in range(grid.pp)],
-                       "prioritized": bool(cfg["replay"]["prioritized"])}
+                       "prioritized": bool(cfg["replay"]["prioritized"]),
+                       "frame_stack": int(frame_stack)}
         self.every = int(cfg["checkpoint_every"])
         self.minutes = float(cfg.get("checkpoint_minutes", 0.0))
         self.last_save = time.monotonic()
@@ -88,20 +92,17 @@ class Checkpointer:
         if torch.cuda.is_available() and str(getattr(learner, "device", "cpu")).startswith("cuda"):
             state["cuda_rng"] = encode(torch.cuda.get_rng_state())
         if replay is not None:
-            for k in REPLAY_ROWS:
-                mine[f"replay/{k}"] = getattr(replay, k)
-            if replay.prioritized:
-                leaves = replay.tree.tree[replay.tree.leaves:replay.tree.leaves + replay.capacity]
-                mine["replay/priorities"] = leaves.reshape(replay.rows, replay.num_envs)
-            mine["replay/pos"] = np.array([replay.pos], np.int64)
-            mine["replay/filled"] = np.array([replay.filled], np.int64)
-            mine["replay/max_priority"] = np.array([replay.max_priority], np.float64)
+            mine.update(replay_parts(replay, self.layout))
             state.update(acting_rng=encode(loop["rng"]), replay_rng=encode(replay.rng),
                          obs=encode(np.asarray(loop["obs"])), ep_ret=encode(loop["ep_ret"]),
                          ep_len=encode(loop["ep_len"]), env=env_state(self.env))
+        layout = self.layout
+        if frame_stack(layout):    # collective: every shard's count of initial stacks
+            held = self.comm.allgather(len(replay.starts) if replay is not None else 0)
+            layout = dict(layout, replay_starts=held[::g.pp])
         counters = dict(counters, **scalars, checkpoints=len(self.stalls) + 1)
         raw = json.dumps(state).encode()
-        out = write_checkpoint(self.run_dir, self.comm, self.layout, self.env_info, self.sizes,
+        out = write_checkpoint(self.run_dir, self.comm, layout, self.env_info, self.sizes,
                                self.cfg, counters, mine, raw, self.keep_last, self.mode)
         out["seconds"] = time.perf_counter() - t0
         self.stalls.append(out["seconds"])
@@ -161,13 +162,15 @@ class Checkpointer:
         g, learner, replay, cfg = self.grid, self.learner, self.replay, self.cfg
         old, new = meta["layout"], self.layout
         c = meta["counters"]
-        same_layout = all(old[k] == new[k] for k in ("world", "dp", "pp", "num_envs", "rows", "prioritized"))
+        same_layout = _same(old, new, ("world", "dp", "pp", "num_envs", "rows", "prioritized",
+                                        "frame_stack"))
         out = {"counters": c, "exact": same_layout, "warnings": [], "rng": None, "obs": None,
                "ep_ret": None, "ep_len": None, "window": None}
         with open_checkpoint(path) as f:
             load_learner(f, path, meta, learner)
             if replay is not None:
-                same_replay = all(old[k] == new[k] for k in ("dp", "num_envs", "rows", "prioritized"))
+                same_replay = _same(old, new, ("dp", "num_envs", "rows", "prioritized",
+                                               "frame_stack"))
                 if same_replay:
                     load_replay_same(f, path, meta, replay, g.dp_rank)
                 else:
@@ -212,6 +215,25 @@ class Checkpointer:
         return out
 
 
-def _rows_for(cfg: dict) -> int:
+def _rows_for(cfg: dict, k: int) -> int:
     d = cfg["dqn"]
-    return ReplayBuffer.rows_for(d["buffer_size"], cfg["num_envs"], d["n_step"])
+    return ring_rows(d["buffer_size"], cfg["num_envs"], d["n_step"], k)
+
+
+def _same(old: dict, new: dict, keys) -> bool:
+    return all(frame_stack(old) == frame_stack(new) if k == "frame_stack" else old[k] == new[k]
+               for k in keys)
+
+
+def replay_parts(replay, layout: dict) -> dict:
+    """This rank's replay shard as the checkpoint's datasets (views, no copies)."""
+    mine = {f"replay/{k}": getattr(replay, k) for k in replay_rows(layout)}
+    if replay.prioritized:
+        leaves = replay.tree.tree[replay.tree.leaves:replay.tree.leaves + replay.cells]
+        mine["replay/priorities"] = leaves.reshape(replay.rows, replay.num_envs)
+    if frame_stack(layout):
+        mine["replay/starts"] = replay.starts.held()
+    mine["replay/pos"] = np.array([replay.pos], np.int64)
+    mine["replay/filled"] = np.array([replay.filled], np.int64)
+    mine["replay/max_priority"] = np.array([replay.max_priority], np.float64)
+    return mine

@@ -21,8 +21,8 @@ from hpcdqn.store.bounds import check_meta, check_shapes, format_version
 from hpcdqn.store.codec import ATTRS_CRC, attrs_crc, crc
 from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointMismatch,
                                  CheckpointTransient)
-from hpcdqn.store.schema import (PARAM_GROUPS, REPLAY_ROWS, Spec, layer_parts, plan,
-                                 rows_per_piece)
+from hpcdqn.store.schema import (PARAM_GROUPS, Spec, frame_stack, layer_parts, plan,
+                                 replay_rows, replay_specs, rows_per_piece)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def load_replay_same(f, path, meta, replay, q: int) -> None:
     lay = meta["layout"]
     rows = lay["rows"]
     sl = slice(q * rows, (q + 1) * rows)
-    for k in REPLAY_ROWS:
+    for k in replay_rows(lay):
         ds = _dset(f, path, f"replay/{k}")
         try:
             ds.read_direct(getattr(replay, k), np.s_[sl])
@@ -250,6 +250,15 @@ def load_replay_same(f, path, meta, replay, q: int) -> None:
             raise CheckpointCorrupt(f"checkpoint '{path}': dataset 'replay/{k}' cannot be read: {e}") from None
     replay.pos = int(read_dataset(f, path, "replay/pos", slice(q, q + 1))[0])
     replay.filled = int(read_dataset(f, path, "replay/filled", slice(q, q + 1))[0])
+    if not (0 <= replay.filled <= replay.rows and 0 <= replay.pos < replay.rows):
+        raise CheckpointCorrupt(f"checkpoint '{path}': replay shard {q} has pos {replay.pos}, "
+                                f"filled {replay.filled} outside its {replay.rows} rows")
+    if frame_stack(lay):
+        _, a, b = [s for s in replay_specs(lay, meta["env"]) if s.name == "replay/starts"][0].parts[q]
+        try:
+            replay.restore(read_dataset(f, path, "replay/starts", slice(a, b)))
+        except ValueError as e:
+            raise CheckpointCorrupt(f"checkpoint '{path}': replay shard {q}: {e}") from None
     if replay.prioritized:
         pr = np.asarray(read_dataset(f, path, "replay/priorities", sl), np.float64).reshape(-1)
         replay.tree.tree[:] = 0.0

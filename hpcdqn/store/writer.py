@@ -35,6 +35,7 @@ TEST_SLEEP_ENV = "HPCDQN_TEST_CKPT_SLEEP"  # test hook: "SECONDS[@ENV_STEPS]" sl
 # (``Writeback``): on the test VM 32 MiB pieces with a 64 MiB window ran at 2.5-3 GB/s (~dd)
 # where 256 MiB pieces with a 256-1024 MiB window ran at 1.1-1.7 GB/s (page cache churn).
 WRITE_PIECE_BYTES = 32 * 2**20
+FIRST_REPLAY = ("replay/obs", "replay/frames")   # where the test hook's mid-data fault strikes
 
 
 def write_checkpoint(run_dir, comm, layout: dict, env: dict, sizes: list[int], cfg: dict,
@@ -292,7 +293,7 @@ def _write_parallel_data(f, comm, specs, mine, tmp, flusher) -> bool:
                     ms = h5s.create_simple(dummy.shape)
                     ms.select_none()
                     ds.write(ms, fs, dummy, dxpl=dxpl)
-                if s.name == "replay/obs" and p == 0:
+                if s.name in FIRST_REPLAY and p == 0:
                     fault("mid-data", rank, tmp)
             _agree_or_discard(comm, "mid-data", tmp, loc.err, f, flusher)
     return wrote
@@ -340,7 +341,7 @@ def _serial_part(f, comm, s, own, a, b, mine, tmp) -> None:
         with Local() as loc:
             if rank == own:
                 piece = np.ascontiguousarray(arr[p0:p1])
-            if s.name == "replay/obs" and p0 == 0 and a == 0:
+            if s.name in FIRST_REPLAY and p0 == 0 and a == 0:
                 fault("mid-data", rank, tmp)
         _agree_or_discard(comm, "mid-data", tmp, loc.err, f)
         if rank == own != 0:

@@ -80,7 +80,7 @@ def test_newer_format_and_transient_errors_leave_the_file(run1000, tmp_path):
     assert snapshot(d) == before
     # a newer major format: refused with the reason, the file untouched
     with h5py.File(p, "a") as f:
-        f.attrs["format"] = "hpcdqn-checkpoint-2.0"
+        f.attrs["format"] = "hpcdqn-checkpoint-3.0"
         f.attrs["attrs_crc32"] = attrs_crc({k: f.attrs[k] for k in f.attrs.keys()})
     newer = snapshot(d)
     r = hpcdqn(1, ["train", "--resume", str(run)], timeout=300, check=False)
