@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from hpcdqn.rl.replay import ReplayBuffer
+from hpcdqn.rl.schedule import Schedule
 from hpcdqn.store.codec import decode, encode, env_state, restore_env_state
 from hpcdqn.store.agree import Local, agree
 from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointMismatch,
@@ -41,7 +42,7 @@ class Checkpointer:
         ranges = learner.param_ranges         # every stage's, known on every rank
         self.layout = {"world": grid.world, "dp": grid.dp, "pp": grid.pp,
                        "num_envs": cfg["num_envs"],
-                       "rows": replay.rows if replay is not None else _rows_for(cfg),
+                       "rows": replay.rows if replay is not None else _rows_for(cfg, grid.dp),
                        "stage_params": [list(ranges[s]) for s in range(grid.pp)],
                        "prioritized": bool(cfg["replay"]["prioritized"])}
         self.every = int(cfg["checkpoint_every"])
@@ -212,6 +213,7 @@ class Checkpointer:
         return out
 
 
-def _rows_for(cfg: dict) -> int:
-    d = cfg["dqn"]
-    return ReplayBuffer.rows_for(d["buffer_size"], cfg["num_envs"], d["n_step"])
+def _rows_for(cfg: dict, dp: int) -> int:
+    """Rows of each replica's replay (``dqn.buffer_size`` is the global capacity)."""
+    per_replica = Schedule.resolve(cfg, dp).buffer_per_replica
+    return ReplayBuffer.rows_for(per_replica, cfg["num_envs"], cfg["dqn"]["n_step"])
