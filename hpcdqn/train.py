@@ -155,6 +155,8 @@ class Trainer:
         if self.root:
             (self.run_dir / "config.toml").write_text(config_mod.to_toml(cfg))
             (self.run_dir / "layout.json").write_text(json.dumps(grid.describe()))
+            if not resume:          # (a fresh run appends its own periodic evaluations)
+                (self.run_dir / EVAL_CSV).unlink(missing_ok=True)
         self.resumed = False
         self.state = LoopState(epsilon=cfg["dqn"]["epsilon_start"])
         self.synced_at = -1         # learner.updates at the last target sync (-1: unknown)

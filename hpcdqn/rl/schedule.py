@@ -235,4 +235,5 @@ class Schedule:
                 f"{self.total_updates} updates; replay ratio {self.replay_ratio:.4g}\n"
                 f"  scaling.rule {self.rule}: batch {self.batch_per_replica} per replica x "
                 f"{self.dp} = global {self.global_batch}, {lr}; epsilon anneals over "
-                f"{self.exploration_steps} env steps; {target}; replay {self.buffer_per_replica} transitions per replica")
+                f"{self.exploration_steps} env steps; {target}; replay "
+                f"{self.buffer_per_replica} transitions per replica")
