@@ -22,6 +22,20 @@ import sys
 # training and a checkpoint was written: "checkpointed, requeue me" (slurm/train.sbatch requeues).
 EXIT_CHECKPOINTED = 3
 
+TRAIN_HELP = ("Train. KEY=VALUE overrides any config key by its own name "
+              "(dotted for a section: dqn.lr=1e-3).\n\nUnits: every "
+              "schedule key (total_steps, dqn.learning_starts, "
+              "dqn.train_frequency, dqn.target_update_every, "
+              "checkpoint_every, stop_after, log.every, eval.every) counts "
+              "GLOBAL env steps, over all data-parallel replicas; "
+              "dqn.exploration_fraction is a share of total_steps; "
+              "dqn.buffer_size is the global replay capacity (buffer_size "
+              "// dp per replica); what dqn.batch_size and dqn.lr mean at "
+              "dp > 1 is scaling.rule's. The same config is the same run "
+              "(warm-up share, exploration window, replay ratio) at any "
+              "rank count, or stops with an error naming the key to change."
+              " Rank 0 prints the resolved schedule at start.\n\nKeys:\n")
+
 
 def _cmd_plan(args, world: int | None = None) -> int:
     """Per-rank memory by category for a layout, and the run's schedule figures; allocates
@@ -248,19 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a DQN (under mpirun/srun: data x pipeline parallel)",
-                       description="Train. KEY=VALUE overrides any config key by its own name "
-                                   "(dotted for a section: dqn.lr=1e-3).\n\nUnits: every "
-                                   "schedule key (total_steps, dqn.learning_starts, "
-                                   "dqn.train_frequency, dqn.target_update_every, "
-                                   "checkpoint_every, stop_after, log.every, eval.every) counts "
-                                   "GLOBAL env steps, over all data-parallel replicas; "
-                                   "dqn.exploration_fraction is a share of total_steps; "
-                                   "dqn.buffer_size is the global replay capacity (buffer_size "
-                                   "// dp per replica); what dqn.batch_size and dqn.lr mean at "
-                                   "dp > 1 is scaling.rule's. The same config is the same run "
-                                   "(warm-up share, exploration window, replay ratio) at any "
-                                   "rank count, or stops with an error naming the key to change."
-                                   " Rank 0 prints the resolved schedule at start.\n\nKeys:\n",
+                       description=TRAIN_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", help="TOML config file (default: the CartPole-v1 defaults)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")

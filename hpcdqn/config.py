@@ -140,11 +140,12 @@ SCHEMA: dict[str, Any] = {
                                            "autograd at start; false: autograd)"),
     },
     "scaling": {
-        "rule": Key("global_batch", str, "data-parallel rule: global_batch = the global batch is "
-                                         "dqn.batch_size (batch_size/dp per replica) and the "
-                                         "updates those of one rank; sqrt_lr / linear_lr = "
-                                         "batch_size per replica, 1/dp of the updates (same replay "
-                                         "ratio), lr x sqrt(dp) / lr x dp after a ramp", None,
+        "rule": Key("sqrt_lr", str, "data-parallel rule: sqrt_lr / linear_lr = batch_size per "
+                                    "replica (global dp x batch_size), 1/dp of the updates (same "
+                                    "replay ratio), lr x sqrt(dp) / lr x dp after a ramp; "
+                                    "global_batch = the global batch is dqn.batch_size "
+                                    "(batch_size/dp per replica) and the updates those of one "
+                                    "rank", None,
                     ("global_batch", "sqrt_lr", "linear_lr")),
         "lr_warmup_fraction": Key(0.1, float, "linear_lr: share of the updates over which lr "
                                               "ramps from dqn.lr to dp x dqn.lr", _unit),

@@ -1,6 +1,6 @@
 """The resolved schedule in real runs: with scaling.rule=global_batch, 2 data-parallel ranks make
 the updates of one rank at the same global env steps (and evaluate at the same env steps);
-with sqrt_lr half as many, each on twice the global batch. Rank 0 prints the schedule, and
+with sqrt_lr (the default) half as many, each on twice the global batch. Rank 0 prints the schedule, and
 summary.json records it."""
 
 import csv
@@ -29,8 +29,8 @@ def train(tmp_path, n, name, *extra):
 
 def test_global_batch_rule_makes_the_updates_of_one_rank(tmp_path):
     one, s1, _ = train(tmp_path, 1, "dp1")
-    two, s2, err = train(tmp_path, 2, "dp2")
-    sqrt, s3, _ = train(tmp_path, 2, "sqrt", "scaling.rule=sqrt_lr")
+    two, s2, err = train(tmp_path, 2, "dp2", "scaling.rule=global_batch")
+    sqrt, s3, _ = train(tmp_path, 2, "sqrt")          # the default rule
     rows1 = steps_and_updates(one, "metrics.csv")
     assert rows1 == [(500, 0), (1000, 100), (1500, 200), (2000, 300), (2500, 400), (3000, 500)]
     assert steps_and_updates(two, "metrics.csv") == rows1
@@ -59,5 +59,5 @@ def test_plan_shows_the_schedule_without_ranks():
     r = subprocess.run([sys.executable, "-m", "hpcdqn.cli", "plan", "--ranks", "64"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT, env=mpi_env())
     assert "schedule (dp 64, 1 envs per replica; 1 iteration = 64 global env steps)" in r.stdout
-    assert "128 updates every 4 iterations (256 env steps) = 24576 updates; replay ratio 32" in r.stdout
-    assert "batch 1 per replica x 64 = global 64" in r.stdout
+    assert "2 updates every 4 iterations (256 env steps) = 384 updates; replay ratio 32" in r.stdout
+    assert "scaling.rule sqrt_lr: batch 64 per replica x 64 = global 4096, lr x 8" in r.stdout

@@ -47,7 +47,7 @@ def test_pong_means_the_same_run_on_1_8_64_ranks(rule):
 
 
 def test_default_cartpole_same_updates_at_every_dp_under_global_batch():
-    cfg = load_config()
+    cfg = load_config(overrides=["scaling.rule=global_batch"])
     ref = walk(Schedule.resolve(cfg, 1))
     assert ref[0] == 24_576 and ref[1][:2] == [1024, 1280]     # SB3's grid: after 1024, 1280, ...
     for dp in (2, 4, 8):
@@ -97,7 +97,8 @@ def test_target_sync_every_global_env_steps():
 @pytest.mark.parametrize("overrides, dp, words", [
     (["num_envs=3"], 1, ["dqn.train_frequency=256", "num_envs 3 x dp 1 = 3", "multiple of 3"]),
     (["num_envs=8", "dqn.train_frequency=12"], 1, ["dqn.train_frequency=12", "e.g. 16"]),
-    ([], 3, ["dqn.batch_size=64", "divisible by dp=3", "scaling.rule=sqrt_lr"]),
+    (["scaling.rule=global_batch", "dqn.train_frequency=258"], 3,
+     ["dqn.batch_size=64", "divisible by dp=3", "scaling.rule=sqrt_lr"]),
     (["scaling.rule=sqrt_lr", "dqn.gradient_steps=1"], 2,
      ["scaling.rule=sqrt_lr at dp=2", "1/2 updates", "dqn.gradient_steps to a multiple of 2"]),
     (["scaling.rule=sqrt_lr", "dqn.train_frequency=4", "dqn.gradient_steps=1"], 4,
@@ -105,7 +106,8 @@ def test_target_sync_every_global_env_steps():
     (["dqn.learning_starts=0", "dqn.train_frequency=2"], 2,
      ["dqn.learning_starts=0 is too small for dqn.n_step=3", ">= 6"]),
     (["dqn.buffer_size=32"], 8, ["dqn.buffer_size=32 is the global replay capacity", "4 transitions"]),
-    (["pp=2", "micro_batches=8"], 16, ["per-replica batch 4", "micro_batches=8"]),
+    (["scaling.rule=global_batch", "pp=2", "micro_batches=8"], 16,
+     ["per-replica batch 4", "micro_batches=8"]),
 ])
 def test_layouts_that_cannot_keep_the_schedule_stop_clearly(overrides, dp, words):
     with pytest.raises(ConfigError) as e:
