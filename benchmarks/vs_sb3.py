@@ -9,8 +9,8 @@ max_grad_norm 10, plain (not double) DQN).
 
 SB3 counts ``target_update_interval`` in *env steps* and syncs during rollouts; with
 train_freq 256 and gradient_steps 128 that means the target is the online net as it stood at the
-start of each 128-update phase. hpcdqn counts it in updates, so the same schedule is
-``dqn.target_update_every=128``.
+start of each 128-update phase. hpcdqn counts ``dqn.target_update_every`` in env steps too (a sync
+before that step's training phase), so the same value means the same schedule.
 
 hpcdqn also follows SB3's schedule (uniform actions before learning_starts, a phase after env
 steps 1024, 1280, ...); tests/test_vs_sb3.py checks that schedule and the update against SB3
@@ -46,7 +46,7 @@ def hpcdqn_overrides(steps, seed, run_dir, **zoo):
             "dqn.uniform_warmup=true",   # SB3 acts uniformly at random before learning_starts
             f"dqn.gamma={z['gamma']}", f"dqn.train_frequency={z['train_freq']}",
             f"dqn.gradient_steps={z['gradient_steps']}",
-            f"dqn.target_update_every={z['gradient_steps']}",  # == SB3's 10 env steps, see above
+            f"dqn.target_update_every={z['target_update_interval']}",  # env steps, as SB3
             "dqn.tau=1.0", "dqn.double=false", "dqn.n_step=1", "dqn.max_grad_norm=10",
             "dqn.huber_delta=1.0", "dqn.epsilon_start=1.0", f"dqn.epsilon_end={z['final_eps']}",
             f"dqn.exploration_fraction={z['exploration_fraction']}", "replay.prioritized=false",

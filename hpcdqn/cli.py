@@ -4,6 +4,7 @@
     hpcdqn plan [--config FILE] --ranks N [--mem-per-rank 6G] [KEY=VALUE ...]
     mpirun -n 4 hpcdqn train pp=2 micro_batches=8 schedule=1f1b
     hpcdqn scale --ranks 1,2,4 --mode weak --out DIR [--repeats R] [KEY=VALUE ...]
+    hpcdqn scale --mode target --target-return 475 --ranks 1,2,4 --seeds 1-5 --out DIR
     mpirun -n 2 hpcdqn train --resume RUN_DIR [KEY=VALUE ...]   (another layout: reshard)
     hpcdqn eval RUN_DIR [--episodes N]
     hpcdqn export RUN_DIR_OR_CHECKPOINT --format minari OUT_DIR
@@ -20,6 +21,20 @@ import sys
 # `hpcdqn train` exit status when a SIGUSR1 (Slurm's --signal=B:USR1@T warning, preemption) stopped
 # training and a checkpoint was written: "checkpointed, requeue me" (slurm/train.sbatch requeues).
 EXIT_CHECKPOINTED = 3
+
+TRAIN_HELP = ("Train. KEY=VALUE overrides any config key by its own name "
+              "(dotted for a section: dqn.lr=1e-3).\n\nUnits: every "
+              "schedule key (total_steps, dqn.learning_starts, "
+              "dqn.train_frequency, dqn.target_update_every, "
+              "checkpoint_every, stop_after, log.every, eval.every) counts "
+              "GLOBAL env steps, over all data-parallel replicas; "
+              "dqn.exploration_fraction is a share of total_steps; "
+              "dqn.buffer_size is the global replay capacity (buffer_size "
+              "// dp per replica); what dqn.batch_size and dqn.lr mean at "
+              "dp > 1 is scaling.rule's. The same config is the same run "
+              "(warm-up share, exploration window, replay ratio) at any "
+              "rank count, or stops with an error naming the key to change."
+              " Rank 0 prints the resolved schedule at start.\n\nKeys:\n")
 
 
 def _cmd_plan(args, world: int | None = None) -> int:
@@ -126,9 +141,30 @@ def _launcher_rank() -> int:
 
 
 def _cmd_scale(args) -> int:
+    if args.mode == "target":
+        from hpcdqn.cluster.target import main_cli as target_cli
+
+        return target_cli(args)
     from hpcdqn.cluster.scale import main_cli
 
     return main_cli(args)
+
+
+def _add_target_args(s) -> None:
+    """``hpcdqn scale --mode target`` (hpcdqn/cluster/target.py)."""
+    g = s.add_argument_group("--mode target: time to target over rank counts and seeds")
+    g.add_argument("--target-return", type=float, default=None, metavar="R",
+                   help="the return a periodic greedy evaluation must reach (e.g. 475)")
+    g.add_argument("--seeds", default="1-5", help="seeds, e.g. 1-5 or 1,2,3 (default 1-5)")
+    g.add_argument("--rule", default=None,
+                   help="scaling.rule(s), comma separated: global_batch, sqrt_lr, linear_lr "
+                        "(default: the config's)")
+    g.add_argument("--eval-every", type=int, default=2500, metavar="STEPS",
+                   help="global env steps between periodic greedy evaluations (default 2500)")
+    g.add_argument("--eval-episodes", type=int, default=10,
+                   help="greedy episodes per periodic evaluation (default 10)")
+    g.add_argument("--lock", default=None, metavar="FILE",
+                   help="run each training under `flock FILE` (a machine shared with other jobs)")
 
 
 def _cmd_eval(args) -> int:
@@ -227,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a DQN (under mpirun/srun: data x pipeline parallel)",
-                       description="Train. KEY=VALUE overrides any config key by its own name "
-                                   "(dotted for a section: dqn.lr=1e-3). Keys:\n",
+                       description=TRAIN_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", help="TOML config file (default: the CartPole-v1 defaults)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
@@ -270,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "scaling.png, allreduce.csv and prediction.csv/json (a fitted "
                                    "allreduce cost model, labelled as a prediction).")
     s.add_argument("--ranks", help="comma separated rank counts, e.g. 1,2,4")
-    s.add_argument("--mode", choices=["weak", "strong"], default="weak",
-                   help="weak: total_steps is per replica (scaled by dp); strong: fixed total_steps")
+    s.add_argument("--mode", choices=["weak", "strong", "target"], default="weak",
+                   help="weak: total_steps is per replica (scaled by dp); strong: fixed total_steps; "
+                        "target: env steps and wall-clock to --target-return per dp and seed")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--repeats", type=int, default=1, help="runs per rank count")
     s.add_argument("--config", help="TOML config file for the runs")
@@ -282,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--merge", nargs="+", metavar="DIR",
                    help="combine finished studies (their scaling.csv/allreduce.csv) into --out")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _add_target_args(s)
     s.set_defaults(fn=_cmd_scale)
 
     if argv is None:

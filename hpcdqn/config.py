@@ -69,7 +69,7 @@ def _cuts(v):
 SCHEMA: dict[str, Any] = {
     "env_id": Key("CartPole-v1", str, "gymnasium environment id (Atari ids need ale-py)"),
     "seed": Key(1, int, "base seed; rank r uses seed + 1000 * r for its environments", _nonneg),
-    "total_steps": Key(50_000, int, "total env steps over all data-parallel ranks", _pos),
+    "total_steps": Key(50_000, int, "global env steps of the run (over all replicas)", _pos),
     "run_dir": Key("", str, "run directory; empty: runs/<env_id>__s<seed>__<time>"),
     "num_envs": Key(1, int, "vector environments per data-parallel rank", _pos),
     "vector": Key("sync", str, "gymnasium vector env kind", None, ("sync", "async")),
@@ -80,7 +80,8 @@ SCHEMA: dict[str, Any] = {
     "micro_batches": Key(1, int, "micro-batches per pipelined minibatch", _pos),
     "schedule": Key("1f1b", str, "pipeline schedule", None, ("gpipe", "1f1b")),
     # checkpoints
-    "checkpoint_every": Key(0, int, "env steps between checkpoints (0: only at the end)", _nonneg),
+    "checkpoint_every": Key(0, int, "global env steps between checkpoints (0: only at the end)",
+                            _nonneg),
     "checkpoint_minutes": Key(30.0, float, "also checkpoint when this many wall-clock minutes "
                                            "passed since the last one, agreed at log points "
                                            "(0: off); a killed job loses at most this much",
@@ -89,7 +90,7 @@ SCHEMA: dict[str, Any] = {
     "overwrite": Key(False, bool, "a fresh run (no --resume) may start in a run directory that "
                                   "holds checkpoints, deleting them (false: refused)"),
     "checkpoint": Key(True, bool, "write checkpoints at all (false: none, e.g. for benchmarks)"),
-    "stop_after": Key(0, int, "stop (with a checkpoint) after this many env steps without changing "
+    "stop_after": Key(0, int, "stop (with a checkpoint) after this many global env steps without changing "
                               "any schedule; resume later with --resume (0: run to total_steps)", _nonneg),
     "network": {
         "hidden": Key([256, 256], list, "MLP hidden widths (also the CNN's dense layer)", _widths),
@@ -103,15 +104,20 @@ SCHEMA: dict[str, Any] = {
         "lr": Key(2.3e-3, float, "Adam learning rate", _pos),
         "lr_final_fraction": Key(0.1, float, "lr decays linearly to lr * this at the end", _unit),
         "adam_eps": Key(1e-8, float, "Adam epsilon", _pos),
-        "batch_size": Key(64, int, "minibatch size PER DATA-PARALLEL RANK", _pos),
-        "buffer_size": Key(100_000, int, "replay capacity PER DATA-PARALLEL RANK (transitions)", _pos),
-        "learning_starts": Key(1_000, int, "env steps (per rank) before learning", _nonneg),
+        "batch_size": Key(64, int, "minibatch of one update at dp=1; at dp>1 see scaling.rule", _pos),
+        "buffer_size": Key(100_000, int, "GLOBAL replay capacity (transitions); each replica holds "
+                                         "buffer_size // dp", _pos),
+        "learning_starts": Key(1_000, int, "global env steps before learning", _nonneg),
         "uniform_warmup": Key(True, bool, "act uniformly at random before learning_starts (SB3); "
                                           "false: epsilon-greedy from step 0 (CleanRL)"),
-        "train_frequency": Key(256, int, "a training phase after every this many env steps (per "
-                                         "rank), once past learning_starts (SB3, CleanRL)", _pos),
-        "gradient_steps": Key(128, int, "updates per training phase", _pos),
-        "target_update_every": Key(256, int, "updates between target syncs", _pos),
+        "train_frequency": Key(256, int, "a training phase after every this many global env "
+                                         "steps, once past learning_starts (SB3, CleanRL)", _pos),
+        "gradient_steps": Key(128, int, "updates per training phase at dp=1 (with the batch and "
+                                        "train_frequency: the replay ratio every layout keeps)",
+                              _pos),
+        "target_update_every": Key(512, int, "global env steps between target syncs (SB3's "
+                                             "target_update_interval; a sync comes before that "
+                                             "step's training phase)", _pos),
         "tau": Key(1.0, float, "target sync: 1 = hard copy, < 1 = Polyak averaging", _unit_open),
         "double": Key(True, bool, "double DQN target"),
         "n_step": Key(3, int, "n-step returns", _pos),
@@ -119,7 +125,8 @@ SCHEMA: dict[str, Any] = {
         "max_grad_norm": Key(10.0, float, "gradient norm clip (0: off)", _nonneg),
         "epsilon_start": Key(1.0, float, "initial exploration epsilon", _unit),
         "epsilon_end": Key(0.04, float, "final exploration epsilon", _unit),
-        "exploration_fraction": Key(0.16, float, "share of total_steps to anneal epsilon", _unit_open),
+        "exploration_fraction": Key(0.16, float, "share of total_steps (global env steps) to "
+                                                 "anneal epsilon", _unit_open),
         "epsilon_ladder": Key(False, bool, "Ape-X ladder: rank i explores with eps^(1+7i/(N-1))"),
     },
     "replay": {
@@ -163,13 +170,27 @@ SCHEMA: dict[str, Any] = {
         "max_frames": Key(108_000, int, "an episode is truncated after this many emulator frames "
                                         "(108000 = 30 minutes of play)", _pos),
     },
+    "scaling": {
+        "rule": Key("sqrt_lr", str, "data-parallel rule: sqrt_lr / linear_lr = batch_size per "
+                                    "replica (global dp x batch_size), 1/dp of the updates (same "
+                                    "replay ratio), lr x sqrt(dp) / lr x dp after a ramp; "
+                                    "global_batch = the global batch is dqn.batch_size "
+                                    "(batch_size/dp per replica) and the updates those of one "
+                                    "rank", None,
+                    ("global_batch", "sqrt_lr", "linear_lr")),
+        "lr_warmup_fraction": Key(0.1, float, "linear_lr: share of the updates over which lr "
+                                              "ramps from dqn.lr to dp x dqn.lr", _unit),
+    },
     "eval": {
         "episodes": Key(100, int, "greedy episodes at the end of training (0: none)", _nonneg),
+        "every": Key(0, int, "global env steps between periodic greedy evaluations, written to "
+                             "eval.csv; their time is left out of wall_s (0: none)", _nonneg),
+        "every_episodes": Key(10, int, "greedy episodes per periodic evaluation", _pos),
         "num_envs": Key(10, int, "vector envs for evaluation", _pos),
         "epsilon": Key(0.0, float, "epsilon for evaluation", _unit),
     },
     "log": {
-        "every": Key(2_000, int, "env steps between metric rows", _pos),
+        "every": Key(2_000, int, "global env steps between metric rows", _pos),
         "progress": Key(True, bool, "progress bar (rank 0, interactive or not)"),
         "tensorboard": Key(True, bool, "write TensorBoard events"),
     },
@@ -298,13 +319,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return cfg
 
 
-def training_grid(cfg: dict) -> tuple[int, int]:
-    """(train_every, learn_start) in vector steps per replica: a training phase runs after vector
-    steps train_every, 2 train_every, ... that lie past learn_start (SB3's and CleanRL's grid)."""
-    d, E = cfg["dqn"], cfg["num_envs"]
-    return max(1, d["train_frequency"] // E), d["learning_starts"] // E
-
-
 def validate(cfg: dict) -> None:
     """Cross-key checks: things each key alone cannot know."""
     d = cfg["dqn"]
@@ -317,19 +331,14 @@ def validate(cfg: dict) -> None:
             f"eval.episodes={cfg['eval']['episodes']} must be a multiple of eval.num_envs="
             f"{cfg['eval']['num_envs']} (each env runs the same number of episodes, so short "
             "episodes are not over-counted)")
-    every, start = training_grid(cfg)
-    first_rows = (start // every + 1) * every
-    if first_rows < d["n_step"]:
+    ev = cfg["eval"]
+    if ev["every"] and ev["every_episodes"] % min(ev["num_envs"], ev["every_episodes"]):
         raise ConfigError(
-            f"dqn.learning_starts={d['learning_starts']} is too small for dqn.n_step={d['n_step']}: "
-            f"the first update needs {d['n_step']} env steps per env in replay; set "
-            f"dqn.learning_starts >= {d['n_step'] * cfg['num_envs']}")
+            f"eval.every_episodes={ev['every_episodes']} must be a multiple of eval.num_envs="
+            f"{ev['num_envs']} (or at most it)")
     dev = cfg["device"]
     if not (dev in ("cpu", "auto", "cuda") or dev.startswith("cuda:")):
         raise ConfigError(f"device={dev!r}: use cpu, cuda, cuda:N or auto")
-    if d["batch_size"] % cfg["micro_batches"]:
-        raise ConfigError(
-            f"dqn.batch_size={d['batch_size']} must be divisible by micro_batches={cfg['micro_batches']}")
 
 
 def to_toml(cfg: dict) -> str:

@@ -4,9 +4,9 @@ Every data-parallel replica steps its own vector envs, fills its own replay shar
 its own minibatches; the learner averages gradients across replicas, so all replicas apply the
 same update. Inside a replica the pipeline stages make the same learner calls as the first stage
 (which holds the envs and the replay), passing ``None`` where they hold no data.
-``total_steps`` counts env steps over all replicas; ``batch_size``, ``buffer_size``,
-``learning_starts`` and ``train_frequency`` are per replica (the global batch is
-``dp * batch_size``).
+Every schedule key counts global env steps (over all replicas); ``rl.schedule.Schedule``
+resolves them for this layout once (iterations, updates per phase, the per-replica batch and
+replay capacity of ``scaling.rule``).
 
 ``Trainer.run`` is the algorithm; ``Trainer.__init__`` (set-up), ``Trainer.resume`` and
 ``Trainer.finish`` (final model, evaluation, summary) are the rest.
@@ -15,6 +15,7 @@ same update. Inside a replica the pipeline stages make the same learner calls as
 from __future__ import annotations
 
 import atexit
+import csv
 import json
 import os
 import sys
@@ -44,6 +45,11 @@ from hpcdqn.store import Checkpointer, truncate_metrics, warn
 from hpcdqn.store.agree import Local, agree
 from hpcdqn.store.modelfile import save_model, write_model_slices
 from hpcdqn.store.rundir import acquire_lock, check_fresh, release_lock
+
+
+EVAL_CSV = "eval.csv"        # periodic greedy evaluations (eval.every)
+EVAL_COLUMNS = ["env_steps", "updates", "wall_s", "eval_return_mean", "eval_return_std",
+                "eval_episodes", "eval_s"]
 
 
 @dataclass
@@ -142,15 +148,19 @@ class Trainer:
         self.cfg, self.quiet = cfg, quiet
         self.comm = comm if comm is not None else mpi().COMM_WORLD
         self.grid = grid = RankGrid(self.comm, cfg["pp"])
+        self.schedule = Schedule.resolve(cfg, grid.dp)    # the same on every rank (or its error)
         self.device = configure_process(cfg, grid.local_rank)
         self.run_dir, self.lock = make_run_dir(cfg, self.comm, resume)
         self.root = grid.is_root
         if self.root:
             (self.run_dir / "config.toml").write_text(config_mod.to_toml(cfg))
             (self.run_dir / "layout.json").write_text(json.dumps(grid.describe()))
+            if not resume:          # (a fresh run appends its own periodic evaluations)
+                (self.run_dir / EVAL_CSV).unlink(missing_ok=True)
         self.resumed = False
         self.state = LoopState(epsilon=cfg["dqn"]["epsilon_start"])
-        self.schedule = Schedule.from_config(cfg, grid.dp)
+        self.synced_at = -1         # learner.updates at the last target sync (-1: unknown)
+        self.eval_seconds = 0.0     # spent in periodic evaluations (left out of wall_s)
         self._build()
 
     def _build(self) -> None:
@@ -178,8 +188,8 @@ class Trainer:
         self.replay = self.rollout = None
         if grid.is_first_stage:
             self.replay = make_replay(
-                d["buffer_size"], cfg["num_envs"], self.obs_space.shape, self.obs_space.dtype,
-                self.frame_stack, n_step=d["n_step"], gamma=d["gamma"],
+                self.schedule.buffer_per_replica, cfg["num_envs"], self.obs_space.shape,
+                self.obs_space.dtype, self.frame_stack, n_step=d["n_step"], gamma=d["gamma"],
                 prioritized=cfg["replay"]["prioritized"], alpha=cfg["replay"]["alpha"],
                 priority_eps=cfg["replay"]["priority_eps"], seed=env_seed + 7)
             self.rollout = Rollout(env, rng, env.reset(seed=env_seed)[0])
@@ -221,6 +231,7 @@ class Trainer:
         reports = self.comm.gather(self.memory_report(), root=0)
         if not self.root or self.quiet:
             return
+        print(f"hpcdqn: {self.schedule.describe()}", file=sys.stderr, flush=True)
         print(f"hpcdqn: update plan (rank 0): {self.learner.plan.describe()}", file=sys.stderr, flush=True)
         if self.grid.pp > 1:
             print("hpcdqn: pipeline stages: " + "; ".join(
@@ -247,7 +258,8 @@ class Trainer:
             self.rollout.load(st)
         self.resumed = True
         if self.root:
-            truncate_metrics(self.run_dir, int(c["env_steps"]))
+            for name in ("metrics.csv", EVAL_CSV):
+                truncate_metrics(self.run_dir, int(c["env_steps"]), name)
             for w in st["warnings"]:
                 warn(w)
             how = "exactly" if st["exact"] else "resharded (not bitwise)"
@@ -266,11 +278,15 @@ class Trainer:
         self.log.progress(s.shown_steps)
         for it in range(s.iteration, sched.n_iters):
             s.iteration = it + 1
-            s.epsilon = sched.epsilon(cfg, it, self.grid.dp_rank, self.grid.dp)
+            s.epsilon = sched.epsilon(cfg, it, self.grid.dp_rank)
             actions = self.act(s.epsilon)       # collective over the replica's stages
             self.store(actions)                 # env step -> replay shard (first stages)
+            if sched.syncs_target_after(it):
+                self.sync_target()              # every target_update_every env steps
             if sched.trains_after(it):
                 self.learn()                    # collective: one phase of gradient updates
+            if sched.evaluates_after(it):
+                self.periodic_eval()            # collective: eval.csv, time left out of wall_s
             if sched.logs_after(it):
                 self.log_row()                  # collective: metrics row, agreed signals
             stopping = self.stopping()
@@ -300,21 +316,29 @@ class Trainer:
             w.len += length
             w.n += 1
 
+    def sync_target(self) -> None:
+        """Copy (or Polyak-average) the online network into the target, on every rank (each its
+        own stage); a hard copy with no update since the last one is skipped (no change)."""
+        if self.cfg["dqn"]["tau"] >= 1.0 and self.learner.updates == self.synced_at:
+            return
+        self.learner.sync_target()
+        self.synced_at = self.learner.updates
+
     def learn(self) -> None:
-        """Collective: ``gradient_steps`` updates on minibatches of this replica's shard."""
-        cfg, d, learner, replay = self.cfg, self.cfg["dqn"], self.learner, self.replay
-        frac = self.schedule.progress(learner.updates)
-        learner.set_lr(linear_schedule(d["lr"], d["lr"] * d["lr_final_fraction"], 1.0, frac))
+        """Collective: the schedule's updates per phase on minibatches of this replica's shard."""
+        cfg, sched, learner, replay = self.cfg, self.schedule, self.learner, self.replay
+        frac = sched.progress(learner.updates)
+        learner.set_lr(sched.lr(cfg["dqn"], frac))
         beta = linear_schedule(cfg["replay"]["beta_start"], cfg["replay"]["beta_end"], 1.0, frac)
         per = replay is not None and replay.prioritized
-        # uniform replay: the phase's minibatches in one draw (and maybe their targets in one pass)
-        batches = replay.sample_many(d["gradient_steps"], d["batch_size"], beta) \
-            if replay is not None and not per else None
+        n, size = sched.updates_per_phase, sched.batch_per_replica
+        # uniform replay: the phase's minibatches in one draw (and their targets in one pass)
+        batches = replay.sample_many(n, size, beta) if replay is not None and not per else None
         q_next = learner.phase_targets(batches)
         check_every, w = cfg["parallel"]["check_every"], self.state.window
-        for k in range(d["gradient_steps"]):
+        for k in range(n):
             batch = batches[k] if batches is not None else \
-                replay.sample(d["batch_size"], beta) if per else None
+                replay.sample(size, beta) if per else None
             out = learner.update(batch, None if q_next is None else q_next[k])
             if per:
                 replay.update_priorities(batch.indices, out["td_abs"])
@@ -383,7 +407,8 @@ class Trainer:
                    **grid.describe(), "run_dir": str(self.run_dir),
                    "parameter_bytes_per_stage": self.stage_bytes,
                    "memory_per_rank": memory,
-                   "execution_plan": learner.plan.as_dict()}
+                   "execution_plan": learner.plan.as_dict(),
+                   "schedule": self.schedule.as_dict(), "eval_s": round(self.eval_seconds, 3)}
         summary.update(self.ckpt.summary(), checkpoint_io=self.ckpt.mode)
         if s.stopped_by:
             summary["stopped_by_signal"] = int(s.stopped_by)
@@ -417,6 +442,31 @@ class Trainer:
             write_model_slices(path, learner.online.numpy_data(), lo,
                                learner.param_ranges[-1][1], grid.pp_comm, *args)
         self.comm.Barrier()
+
+    def periodic_eval(self) -> None:
+        """Collective over the world: ``eval.every_episodes`` greedy episodes of replica 0 and a
+        row of ``eval.csv`` (rank 0). Every rank waits for them in one broadcast and leaves
+        their time out of its wall-clock (``wall_s``, env steps/s, time to target)."""
+        cfg, ev, t = self.cfg, self.cfg["eval"], time.perf_counter()
+        steps = self.schedule.env_steps(self.state.iteration)
+        res = self.learner.evaluate(lambda policy: evaluate(
+            policy, cfg["env_id"], ev["every_episodes"], min(ev["num_envs"], ev["every_episodes"]),
+            cfg["seed"] + 20_000_000 + steps, ev["epsilon"], cfg["vector"]))
+        spent = self.comm.bcast(time.perf_counter() - t if self.root else None, root=0)
+        self.t0 += spent
+        self.eval_seconds += spent
+        if not self.root:
+            return
+        path = self.run_dir / EVAL_CSV
+        row = {"env_steps": steps, "updates": self.learner.updates,
+               "wall_s": round(time.perf_counter() - self.t0, 4), "eval_s": round(spent, 4),
+               **{k: res[k] for k in ("eval_return_mean", "eval_return_std", "eval_episodes")}}
+        new = not path.exists()
+        with open(path, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=EVAL_COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
 
     def final_evaluation(self) -> dict:
         """Collective over the replica's stages: greedy episodes of replica 0 (results on rank 0)."""

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from hpcdqn.config import ConfigError, defaults, load_config
+from hpcdqn.rl.schedule import Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +48,10 @@ def test_overrides_by_name_and_dotted():
     (["dqn.learning_starts=0", "dqn.train_frequency=1", "dqn.n_step=3"], ["too small for dqn.n_step"]),
 ])
 def test_config_errors_are_clear(override, words):
+    """Each error before any work: loading the config, or resolving its schedule (which the
+    trainer does first, on every rank, for its layout)."""
     with pytest.raises(ConfigError) as e:
-        load_config(overrides=override)
+        Schedule.resolve(load_config(overrides=override), 1)
     for w in words:
         assert w in str(e.value)
 

@@ -124,6 +124,7 @@ def test_update_matches_sb3():
         assert q_next is not None      # the one-forward-per-phase path train.py takes
         for k in range(K):
             learner.update(ours[k], q_next[k])
+        learner.sync_target()   # train.py: target_update_every=10 env steps, as SB3's rollout
     assert learner.updates == model._n_updates == 2 * K
 
     def flat(seq):     # an SB3 q_net's Linear layers as one vector, in hpcdqn's order

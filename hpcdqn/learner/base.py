@@ -111,7 +111,8 @@ class StageLearner:
 
     def step_optimizer(self) -> None:
         """Collective over dp_comm (and, for a pipeline stage's norm, pp_comm): allreduce-average
-        the gradients, clip, Adam, maybe sync the target."""
+        the gradients, clip, Adam. (The training loop syncs the target: ``sync_target``, every
+        ``dqn.target_update_every`` env steps.)"""
         self.sync()
         if self.d["max_grad_norm"] > 0:
             g = self.online.flat.grad
@@ -120,8 +121,6 @@ class StageLearner:
                 g.mul_(coef)
         adam_step(self.opt)
         self.updates += 1
-        if self.updates % self.d["target_update_every"] == 0:
-            self.sync_target()
 
     def grad_norm(self) -> torch.Tensor:
         """The L2 norm of this learner's (averaged) gradient."""
@@ -129,6 +128,8 @@ class StageLearner:
 
     @torch.no_grad()
     def sync_target(self) -> None:
+        """This rank's part of the target network := online (tau = 1), or Polyak-averaged
+        towards it (local: every stage syncs its own part at the same loop iteration)."""
         tau = self.d["tau"]
         if tau >= 1.0:
             self.target.flat.data.copy_(self.online.flat.data)

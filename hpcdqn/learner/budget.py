@@ -155,9 +155,9 @@ def plan_memory(cfg: dict, obs_shape: tuple, obs_dtype, n_actions: int, world: i
         raise ConfigError(f"{world} ranks cannot form pp={pp} pipelines: use a multiple of pp")
     dp = world // pp
     layers, stages, ranges, contents = stage_layout(cfg, obs_shape, n_actions)
-    d = cfg["dqn"]
-    replay = replay_nbytes(d["buffer_size"], cfg["num_envs"], obs_shape, obs_dtype, d["n_step"],
-                           cfg["replay"]["prioritized"], frame_stack)
+    d, sched = cfg["dqn"], Schedule.resolve(cfg, dp)
+    replay = replay_nbytes(sched.buffer_per_replica, cfg["num_envs"], obs_shape, obs_dtype,
+                           d["n_step"], cfg["replay"]["prioritized"], frame_stack)
     per_stage, in_shape, in_dtype = [], tuple(obs_shape), torch.from_numpy(
         np.zeros(0, dtype=obs_dtype)).dtype
     for s, ((a, b), (lo, hi)) in enumerate(zip(stages, ranges)):
@@ -169,15 +169,13 @@ def plan_memory(cfg: dict, obs_shape: tuple, obs_dtype, n_actions: int, world: i
         per_stage.append({"stage": s, "holds": contents[s], "parameters_count": n, **cats,
                           "total": sum(cats.values())})
         in_shape, in_dtype = _out_shape(mods, in_shape, in_dtype), torch.float32
-    sched = Schedule.from_config(cfg, dp)
-    warm = min(sched.learn_start, sched.n_iters) / max(1, sched.n_iters)
-    updates_per_step = d["gradient_steps"] / max(1, sched.train_every * cfg["num_envs"])
+    res = sched.as_dict()
     return {"world": world, "dp": dp, "pp": pp, "stages": per_stage,
-            "global_batch": dp * d["batch_size"],
-            "replay_ratio": round(updates_per_step * d["batch_size"], 4),
-            "updates_per_env_step": round(updates_per_step, 6),
-            "total_updates": sched.total_updates, "env_steps": sched.env_steps(sched.n_iters),
-            "warmup_share": round(warm, 4)}
+            "global_batch": sched.global_batch, "replay_ratio": res["replay_ratio"],
+            "updates_per_env_step": res["updates_per_env_step"],
+            "total_updates": sched.total_updates, "env_steps": res["env_steps_total"],
+            "warmup_share": res["warmup_share"], "schedule": res,
+            "schedule_text": sched.describe()}
 
 
 @torch.no_grad()
@@ -212,6 +210,8 @@ def describe_plan(plan: dict, cap: int | None = None, source: str = "", baseline
              f"{plan['global_batch']}; replay ratio {plan['replay_ratio']} (sampled transitions per "
              f"env step); {plan['total_updates']} updates over {plan['env_steps']} env steps; "
              f"warm-up {100 * plan['warmup_share']:.1f}% of the run"]
+    if "schedule_text" in plan:
+        lines += plan["schedule_text"].splitlines()
     for st in plan["stages"]:
         cats = ", ".join(f"{k} {fmt_bytes(st[k])}" for k in CATEGORIES)
         lines.append(f"stage {st['stage']} ({st['holds']}; {st['parameters_count']} parameters): "

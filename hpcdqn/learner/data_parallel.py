@@ -50,14 +50,11 @@ class DataParallelLearner(StageLearner):
     # -- learning ----------------------------------------------------------------------------
     @torch.no_grad()
     def phase_targets(self, batches: list[Batch] | None):
-        """Target-net Q(s', .) for every minibatch of a training phase in one forward pass, when
-        the target net cannot change inside the phase (hard sync on phase boundaries: tau = 1
-        and target_update_every a multiple of gradient_steps). Otherwise None. Same values as
-        per-update forwards, far fewer calls (SB3's target_update_interval=10 env steps with
-        train_freq 256 is exactly this case)."""
-        d = self.d
-        if batches is None or d["tau"] < 1.0 or d["target_update_every"] % d["gradient_steps"] \
-                or len(batches) < 2:
+        """Target-net Q(s', .) for every minibatch of a training phase in one forward pass (the
+        target net does not change inside a phase: the loop syncs it between phases, every
+        ``target_update_every`` env steps, as SB3 does). None for fewer than two minibatches.
+        Same values as per-update forwards, far fewer calls."""
+        if batches is None or len(batches) < 2:
             return None
         nxt = torch.as_tensor(np.concatenate([b.next_obs for b in batches]), device=self.device)
         # ~1k-row chunks: big enough for efficient GEMMs, small enough to stay in cache

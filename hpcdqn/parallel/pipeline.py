@@ -28,7 +28,7 @@ One update (``update(batch)``; the batch lives on the first stage):
    updates the priorities); loss and mean Q are reported by the last stage.
 5. Each stage: allreduce-average its gradients over ``dp_comm`` (``GradSync``), clip with the
    norm over *all* stages (squared norms summed over ``pp_comm``, so it equals the unpartitioned
-   norm), Adam step, target sync: ``StageLearner.step_optimizer``, shared.
+   norm), Adam step: ``StageLearner.step_optimizer``, shared (the loop syncs the target).
 
 Acting (``greedy``) and evaluation are the same pipeline with one micro-batch and no backward.
 Every operation is a collective over the replica's ``pp_comm``: the first stage passes data, the

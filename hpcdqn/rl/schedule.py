@@ -1,17 +1,30 @@
-"""Schedules: when the loop trains, logs and how epsilon, learning rate and PER's beta move.
+"""Schedules: the run's resolved clock for a layout, and how epsilon, learning rate and PER's
+beta move.
 
-Units: ``total_steps`` counts env steps over all data-parallel replicas; ``learning_starts`` and
-``train_frequency`` are env steps per replica (``config.training_grid`` turns them into vector
-steps); one *iteration* of the training loop is one vector-env step of every replica, i.e.
-``num_envs * dp`` global env steps.
+Units (the same at any rank count): ``total_steps``, ``dqn.learning_starts``,
+``dqn.train_frequency``, ``dqn.target_update_every``, ``checkpoint_every``, ``stop_after``,
+``log.every`` and ``eval.every`` count **global env steps** (over all data-parallel replicas);
+``dqn.exploration_fraction`` is a share of ``total_steps``; ``dqn.buffer_size`` is the global
+replay capacity (each replica holds ``buffer_size // dp``); ``dqn.batch_size`` is the batch of
+one rank, whose meaning at ``dp > 1`` is set by ``scaling.rule`` (see ``Schedule.resolve``).
+
+One *iteration* of the training loop is one vector-env step of every replica, i.e.
+``num_envs * dp`` global env steps. ``Schedule.resolve(cfg, dp)`` turns the config into
+iterations once, in one place, keeping the configured replay ratio (gradient updates x global
+batch per global env step) exactly, or stops with a ``ConfigError`` that names the key and the
+fix. Rank 0 prints ``describe()`` at start, ``summary.json`` records ``as_dict()`` and
+``hpcdqn plan`` shows both.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from fractions import Fraction
 
-from hpcdqn.config import training_grid
+from hpcdqn.config import ConfigError
+
+RULES = ("global_batch", "sqrt_lr", "linear_lr")
 
 
 def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
@@ -31,25 +44,125 @@ def epsilon_at(dqn: dict, total_steps: int, step: int, rank: int = 0, ranks: int
     return eps
 
 
+def phase_spacing(train_frequency: int, spi: int, where: str) -> int:
+    """Global env steps between training phases: ``train_frequency`` when one iteration
+    (``spi`` env steps) divides it, one iteration when ``train_frequency`` divides that."""
+    if train_frequency % spi == 0:
+        return train_frequency
+    if spi % train_frequency == 0:
+        return spi
+    up = -(-train_frequency // spi) * spi
+    raise ConfigError(
+        f"dqn.train_frequency={train_frequency} global env steps is neither a multiple nor a "
+        f"divisor of one loop iteration ({where} = {spi} env steps), so the training phases "
+        f"cannot keep the configured replay ratio; set dqn.train_frequency to a multiple of "
+        f"{spi} (e.g. {up}) or a divisor of it, or change num_envs")
+
+
+def updates_per_phase(cfg: dict, dp: int, spacing: int, global_batch: int) -> int:
+    """Updates per phase that keep the configured replay ratio (``gradient_steps x batch_size
+    / train_frequency`` sampled transitions per env step) with ``global_batch`` per update."""
+    d = cfg["dqn"]
+    k = Fraction(d["gradient_steps"] * d["batch_size"] * spacing,
+                 d["train_frequency"] * global_batch)
+    if k.denominator == 1 and k >= 1:
+        return int(k)
+    rule = cfg["scaling"]["rule"]
+    # gradient_steps * batch * spacing / (train_frequency * global_batch) is whole when
+    # gradient_steps is a multiple of this:
+    den = Fraction(d["batch_size"] * spacing, d["train_frequency"] * global_batch)
+    need = den.denominator // math.gcd(den.denominator, den.numerator)
+    raise ConfigError(
+        f"scaling.rule={rule} at dp={dp}: keeping the replay ratio of dqn.gradient_steps="
+        f"{d['gradient_steps']}, dqn.batch_size={d['batch_size']} per dqn.train_frequency="
+        f"{d['train_frequency']} env steps needs {k} updates of global batch {global_batch} "
+        f"every {spacing} env steps, not a whole number >= 1; set dqn.gradient_steps to a "
+        f"multiple of {need}, a larger dqn.train_frequency, or scaling.rule=global_batch")
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """The run's clock, in loop iterations (identical on every rank)."""
+    """The run's clock in loop iterations, resolved for one layout (identical on every rank)."""
+    dp: int
+    num_envs: int
+    rule: str
     steps_per_iter: int     # global env steps per iteration (num_envs * dp)
     n_iters: int
-    train_every: int        # a training phase after iterations train_every, 2 train_every, ...
-    learn_start: int        # ... that lie at or past this iteration (SB3's grid)
-    log_every: int
+    learn_start: int        # iterations of warm-up: phases only after iterations >= this ...
+    train_every: int        # ... that are train_every, 2 train_every, ... (counted from 1)
+    updates_per_phase: int
+    target_every: int       # global env steps between target syncs (crossing a multiple)
+    log_every: int          # iterations between metric rows
+    eval_every: int         # iterations between periodic greedy evaluations (0: none)
+    batch_per_replica: int
+    global_batch: int
+    buffer_per_replica: int
+    lr_scale: float         # dqn.lr is multiplied by this (after the warm-up, if any)
+    lr_warmup: float        # share of the updates over which lr ramps from dqn.lr to the scale
+    replay_ratio: float     # sampled transitions (updates x global batch) per global env step
+    exploration_steps: int  # env steps over which epsilon anneals
     total_updates: int
+    warmup_share: float     # share of the run's env steps in warm-up
 
     @classmethod
-    def from_config(cls, cfg: dict, dp: int) -> "Schedule":
-        spi = cfg["num_envs"] * dp
-        n_iters = math.ceil(cfg["total_steps"] / spi)
-        train_every, learn_start = training_grid(cfg)
-        n_phases = max(1, n_iters // train_every - learn_start // train_every)
-        return cls(spi, n_iters, train_every, learn_start, max(1, cfg["log"]["every"] // spi),
-                   n_phases * cfg["dqn"]["gradient_steps"])
+    def resolve(cls, cfg: dict, dp: int) -> "Schedule":
+        """The schedule of ``cfg`` on ``dp`` replicas; ``ConfigError`` naming the key and the
+        fix where this layout cannot keep the configured replay ratio.
 
+        ``scaling.rule``: ``global_batch`` keeps the global batch ``batch_size`` (each replica
+        samples ``batch_size / dp``) and so the updates of one rank: the same algorithm at any
+        ``dp``. ``sqrt_lr`` and ``linear_lr`` keep ``batch_size`` per replica (global batch
+        ``dp x batch_size``), make ``1/dp`` of the updates (the replay ratio is kept) and scale
+        ``dqn.lr`` by ``sqrt(dp)``, or by ``dp`` after a linear ramp over
+        ``scaling.lr_warmup_fraction`` of the updates."""
+        d, sc, E = cfg["dqn"], cfg["scaling"], cfg["num_envs"]
+        rule, spi = sc["rule"], E * dp
+        where = f"num_envs {E} x dp {dp}"
+        batch, per_replica = d["batch_size"], d["batch_size"]
+        if rule == "global_batch":
+            if batch % dp:
+                raise ConfigError(
+                    f"dqn.batch_size={batch} is the global batch under scaling.rule=global_batch "
+                    f"and must be divisible by dp={dp}; use a multiple of {dp} or "
+                    "scaling.rule=sqrt_lr (per-replica batch)")
+            per_replica = batch // dp
+        if per_replica % cfg["micro_batches"] and cfg["pp"] > 1:
+            raise ConfigError(
+                f"the per-replica batch {per_replica} (dqn.batch_size={batch}, scaling.rule="
+                f"{rule}, dp={dp}) must be divisible by micro_batches={cfg['micro_batches']}")
+        global_batch = per_replica * dp
+        spacing = phase_spacing(d["train_frequency"], spi, where)
+        k = updates_per_phase(cfg, dp, spacing, global_batch)
+        n_iters = math.ceil(cfg["total_steps"] / spi)
+        learn_start, every = d["learning_starts"] // spi, spacing // spi
+        first_phase = (learn_start // every + 1) * every      # iterations done at the first phase
+        if first_phase < d["n_step"]:
+            raise ConfigError(
+                f"dqn.learning_starts={d['learning_starts']} is too small for dqn.n_step="
+                f"{d['n_step']}: the first update needs {d['n_step']} env steps per env in "
+                f"replay; set dqn.learning_starts >= {d['n_step'] * spi} ({where})")
+        buffer = d["buffer_size"] // dp
+        if buffer // E < 2 * d["n_step"]:
+            raise ConfigError(
+                f"dqn.buffer_size={d['buffer_size']} is the global replay capacity: at dp={dp} "
+                f"each replica holds {buffer} transitions over {E} envs, too few for dqn.n_step="
+                f"{d['n_step']}; raise dqn.buffer_size")
+        scale = {"global_batch": 1.0, "sqrt_lr": math.sqrt(dp), "linear_lr": float(dp)}[rule]
+        updates = max(0, n_iters // every - learn_start // every) * k
+        return cls(dp=dp, num_envs=E, rule=rule, steps_per_iter=spi, n_iters=n_iters,
+                   learn_start=learn_start, train_every=every, updates_per_phase=k,
+                   target_every=d["target_update_every"],
+                   log_every=max(1, cfg["log"]["every"] // spi),
+                   eval_every=max(1, cfg["eval"]["every"] // spi) if cfg["eval"]["every"] else 0,
+                   batch_per_replica=per_replica, global_batch=global_batch,
+                   buffer_per_replica=buffer, lr_scale=scale,
+                   lr_warmup=sc["lr_warmup_fraction"] if rule == "linear_lr" else 0.0,
+                   replay_ratio=k * global_batch / spacing,
+                   exploration_steps=round(d["exploration_fraction"] * cfg["total_steps"]),
+                   total_updates=updates,
+                   warmup_share=min(learn_start, n_iters) / n_iters)
+
+    # -- the clock --------------------------------------------------------------------------------
     def env_steps(self, iterations: int) -> int:
         return iterations * self.steps_per_iter
 
@@ -59,16 +172,68 @@ class Schedule:
     def trains_after(self, it: int) -> bool:
         return it >= self.learn_start and (it + 1) % self.train_every == 0
 
+    def syncs_target_after(self, it: int) -> bool:
+        """Whether the env-step count crossed a multiple of ``target_every`` in iteration ``it``
+        (SB3: a sync after every ``target_update_interval`` env steps, before that step's
+        training phase)."""
+        t = self.target_every
+        return (it + 1) * self.steps_per_iter // t > it * self.steps_per_iter // t
+
     def logs_after(self, it: int) -> bool:
         return (it + 1) % self.log_every == 0 or it == self.n_iters - 1
 
-    def epsilon(self, cfg: dict, it: int, dp_rank: int, dp: int) -> float:
+    def evaluates_after(self, it: int) -> bool:
+        return bool(self.eval_every) and (it + 1) % self.eval_every == 0
+
+    def epsilon(self, cfg: dict, it: int, dp_rank: int) -> float:
         """This replica's exploration at iteration ``it`` (1 during a uniform warm-up)."""
         d = cfg["dqn"]
         if d["uniform_warmup"] and self.warming_up(it):
             return 1.0
-        return epsilon_at(d, cfg["total_steps"], self.env_steps(it), dp_rank, dp, d["epsilon_ladder"])
+        return epsilon_at(d, cfg["total_steps"], self.env_steps(it), dp_rank, self.dp,
+                          d["epsilon_ladder"])
 
     def progress(self, updates: int) -> float:
         """Share of the run's updates done: drives the lr and beta schedules."""
         return updates / max(1, self.total_updates)
+
+    def lr(self, dqn: dict, frac: float) -> float:
+        """The learning rate at progress ``frac``: ``dqn.lr`` times the rule's scale (ramped up
+        over ``lr_warmup``), decayed linearly to ``lr_final_fraction`` of that at the end."""
+        scale = self.lr_scale
+        if self.lr_warmup > 0 and scale != 1.0:
+            scale = 1.0 + (scale - 1.0) * min(1.0, frac / self.lr_warmup)
+        top = dqn["lr"] * scale
+        return linear_schedule(top, top * dqn["lr_final_fraction"], 1.0, frac)
+
+    # -- for people -------------------------------------------------------------------------------
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.update(replay_ratio=round(self.replay_ratio, 6), warmup_share=round(self.warmup_share, 6),
+                   lr_scale=round(self.lr_scale, 6),
+                   phase_env_steps=self.train_every * self.steps_per_iter,
+                   updates_per_env_step=round(self.updates_per_phase
+                                              / (self.train_every * self.steps_per_iter), 6),
+                   env_steps_total=self.env_steps(self.n_iters),
+                   warmup_env_steps=self.env_steps(min(self.learn_start, self.n_iters)))
+        return out
+
+    def describe(self) -> str:
+        """Two lines for people (rank 0 prints them at start; ``hpcdqn plan`` too)."""
+        spi, phase = self.steps_per_iter, self.train_every * self.steps_per_iter
+        lr = f"lr x {self.lr_scale:.4g}" + (f" after a {100 * self.lr_warmup:.0f}% ramp"
+                                            if self.lr_warmup and self.lr_scale != 1 else "")
+        target = f"target synced every {self.target_every} env steps"
+        if self.target_every <= phase:
+            target += " (once per phase, before it)"
+        elif self.target_every % spi:
+            target += " (on average: syncs fall on iteration ends)"
+        return (f"schedule (dp {self.dp}, {self.num_envs} envs per replica; 1 iteration = {spi} "
+                f"global env steps): {self.n_iters} iterations; warm-up {self.learn_start} "
+                f"iterations ({100 * self.warmup_share:.2f}% of the run); {self.updates_per_phase} "
+                f"updates every {self.train_every} iterations ({phase} env steps) = "
+                f"{self.total_updates} updates; replay ratio {self.replay_ratio:.4g}\n"
+                f"  scaling.rule {self.rule}: batch {self.batch_per_replica} per replica x "
+                f"{self.dp} = global {self.global_batch}, {lr}; epsilon anneals over "
+                f"{self.exploration_steps} env steps; {target}; replay "
+                f"{self.buffer_per_replica} transitions per replica")

@@ -8,7 +8,8 @@ gamma^k, or 0 after a termination (a time-limit truncation still bootstraps):
     L   = mean_i  w_i * huber(Q_online(s_i, a_i) - y_i)     (w: PER importance weights, or 1)
 
 then: gradients averaged over data-parallel replicas -> clip global norm -> Adam step;
-the target network is synced every ``target_update_every`` updates (hard copy, or Polyak tau).
+the target network is synced every ``target_update_every`` global env steps (hard copy, or
+Polyak tau), by the training loop, between training phases.
 The learners (``hpcdqn.learner``) run exactly these functions, on one rank or split over
 pipeline stages.
 """

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from hpcdqn.rl.framereplay import ring_rows
+from hpcdqn.rl.schedule import Schedule
 from hpcdqn.store.codec import decode, encode, env_state, restore_env_state
 from hpcdqn.store.agree import Local, agree
 from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointMismatch,
@@ -44,7 +45,8 @@ class Checkpointer:
         ranges = learner.param_ranges         # every stage's, known on every rank
         self.layout = {"world": grid.world, "dp": grid.dp, "pp": grid.pp,
                        "num_envs": cfg["num_envs"],
-                       "rows": replay.rows if replay is not None else _rows_for(cfg, frame_stack),
+                       "rows": replay.rows if replay is not None else
+                       _rows_for(cfg, grid.dp, frame_stack),
                        "stage_params": [list(ranges[s]) for s in range(grid.pp)],
                        "prioritized": bool(cfg["replay"]["prioritized"]),
                        "frame_stack": int(frame_stack)}
@@ -215,9 +217,10 @@ class Checkpointer:
         return out
 
 
-def _rows_for(cfg: dict, k: int) -> int:
-    d = cfg["dqn"]
-    return ring_rows(d["buffer_size"], cfg["num_envs"], d["n_step"], k)
+def _rows_for(cfg: dict, dp: int, k: int) -> int:
+    """Rows of each replica's replay ring (``dqn.buffer_size`` is the global capacity)."""
+    per_replica = Schedule.resolve(cfg, dp).buffer_per_replica
+    return ring_rows(per_replica, cfg["num_envs"], cfg["dqn"]["n_step"], k)
 
 
 def _same(old: dict, new: dict, keys) -> bool:

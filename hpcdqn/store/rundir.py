@@ -144,11 +144,12 @@ def cfg_get(cfg: dict, dotted: str):
     return node
 
 
-def truncate_metrics(run_dir, env_steps: int) -> None:
-    """Drop metric rows logged after the checkpoint we resume from (they will be redone)."""
+def truncate_metrics(run_dir, env_steps: int, name: str = "metrics.csv") -> None:
+    """Drop the rows of ``name`` (a CSV with an env_steps column) logged after the checkpoint we
+    resume from (they will be redone)."""
     import csv
 
-    p = Path(run_dir) / "metrics.csv"
+    p = Path(run_dir) / name
     if not p.is_file():
         return
     with open(p, newline="") as fh:

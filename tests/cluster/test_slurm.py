@@ -4,7 +4,6 @@ train.sbatch runs to the end, survives USR1 by checkpointing + requeueing + resu
 
 import csv
 import json
-import math
 import subprocess
 import sys
 import time
@@ -58,9 +57,11 @@ def metrics(run_dir) -> list[dict]:
 
 
 def expected_updates(total, dp, learning_starts=500, train_frequency=100, gradient_steps=20):
-    """A phase after every train_frequency env steps per replica, once past learning_starts."""
-    n_iters = math.ceil(total / dp)
-    return (n_iters // train_frequency - learning_starts // train_frequency) * gradient_steps
+    """A phase after every train_frequency global env steps once past learning_starts (global
+    env steps too); the default scaling.rule=sqrt_lr: gradient_steps / dp updates per phase,
+    each on a dp-times larger global batch (the replay ratio of one rank)."""
+    assert train_frequency % dp == 0 and total % dp == 0 and gradient_steps % dp == 0
+    return (total // train_frequency - learning_starts // train_frequency) * gradient_steps // dp
 
 
 def check_checkpoint(run_dir, env_steps):

@@ -72,8 +72,10 @@ def test_flat_forward_equals_sequential(obs_shape, dueling):
     assert torch.equal(net(x), net.net(x))
 
 
-@pytest.mark.parametrize("double", [False, True])
-def test_phase_targets_give_the_same_updates(double):
+@pytest.mark.parametrize("double, tau", [(False, 1.0), (True, 1.0), (True, 0.5)])
+def test_phase_targets_give_the_same_updates(double, tau):
+    """One target forward per phase = a forward per update: the loop syncs the target (hard or
+    Polyak) only between phases."""
     from mpi4py import MPI
 
     from hpcdqn.learner import DataParallelLearner
@@ -81,7 +83,7 @@ def test_phase_targets_give_the_same_updates(double):
     from hpcdqn.rl.replay import Batch
 
     cfg = load_config(overrides=[f"dqn.double={str(double).lower()}", "dqn.gradient_steps=4",
-                                 "dqn.target_update_every=4", "network.hidden=[32, 32]"])
+                                 f"dqn.tau={tau}", "network.hidden=[32, 32]"])
     a = DataParallelLearner(build_layers((4,), 2, [32, 32], seed=3), cfg, MPI.COMM_SELF)
     b = DataParallelLearner(build_layers((4,), 2, [32, 32], seed=3), cfg, MPI.COMM_SELF)
     rng = np.random.default_rng(0)
@@ -100,13 +102,15 @@ def test_phase_targets_give_the_same_updates(double):
         for k in range(4):
             a.update(batches[k])
             b.update(batches[k], q[k])
+        a.sync_target()      # as train.py, between phases
+        b.sync_target()
     assert torch.allclose(a.online.flat, b.online.flat, atol=1e-6)
     assert torch.allclose(a.target.flat, b.target.flat, atol=1e-6)
     assert not torch.equal(a.online.flat, DataParallelLearner(build_layers((4,), 2, [32, 32], seed=3), cfg,
                                                      MPI.COMM_SELF).online.flat)
-    # Polyak averaging changes the target inside a phase: no phase-wide pass
-    cfg["dqn"]["tau"] = 0.5
-    assert DataParallelLearner(build_layers((4,), 2, [32, 32]), cfg, MPI.COMM_SELF).phase_targets(batches) is None
+    assert not torch.equal(a.target.flat, DataParallelLearner(build_layers((4,), 2, [32, 32], seed=3),
+                                                              cfg, MPI.COMM_SELF).target.flat)
+    assert b.phase_targets(batches[:1]) is None      # one update: a forward of its own
 
 
 @pytest.mark.parametrize("hidden, B, delta, per", [([64, 64], 64, 1.0, False),
@@ -120,8 +124,7 @@ def test_mlp_hand_backward_is_bitwise_autograd(hidden, B, delta, per):
     from hpcdqn.rl.networks import build_layers
     from hpcdqn.rl.replay import Batch
 
-    cfg = load_config(overrides=[f"dqn.huber_delta={delta}", "dqn.max_grad_norm=1.0",
-                                 "dqn.target_update_every=5"])
+    cfg = load_config(overrides=[f"dqn.huber_delta={delta}", "dqn.max_grad_norm=1.0"])
     fast = DataParallelLearner(build_layers((4,), 3, hidden, seed=3), cfg, MPI.COMM_SELF)
     slow = DataParallelLearner(build_layers((4,), 3, hidden, seed=3), cfg, MPI.COMM_SELF)
     assert fast.mlp is not None
@@ -134,6 +137,9 @@ def test_mlp_hand_backward_is_bitwise_autograd(hidden, B, delta, per):
                       rng.standard_normal((B, 4)).astype(np.float32),
                       np.where(rng.random(B) < 0.1, 0.0, 0.99).astype(np.float32), w, np.arange(B))
         a, b = fast.update(batch), slow.update(batch)
+        if fast.updates % 5 == 0:      # target syncs (train.py: every target_update_every steps)
+            fast.sync_target()
+            slow.sync_target()
         assert a["loss"] == b["loss"] and a["q"] == b["q"]
         assert torch.equal(fast.online.flat.grad, slow.online.flat.grad)
         assert torch.equal(fast.online.flat, slow.online.flat)

@@ -24,7 +24,7 @@ comm = {"world": world, "dup": world.Dup(), "self": MPI.COMM_SELF,
         "split": world.Split(color=0, key=world.Get_size() - world.Get_rank())}[which]
 n, r = comm.Get_size(), comm.Get_rank()
 GLOBAL_B = 64
-cfg = load_config(overrides=[f"dqn.double={str(double).lower()}", "dqn.target_update_every=5",
+cfg = load_config(overrides=[f"dqn.double={str(double).lower()}",
                              f"parallel.overlap={str(overlap).lower()}", "parallel.bucket_mb=0.05",
                              "network.hidden=[64, 64]", "dqn.lr=1e-3"])
 # every rank builds with a different torch seed: the broadcast must make them identical
@@ -45,6 +45,8 @@ for k in range(K):
     s = slice(r * b, (r + 1) * b)
     learner.update(Batch(obs[s], act[s], ret[s], nxt[s], disc[s], np.ones(b, np.float32),
                          np.arange(b)))
+    if learner.updates % 5 == 0:
+        learner.sync_target()        # (train.py syncs every dqn.target_update_every env steps)
     learner.check_consistency()
 if r == 0:
     np.save(out, np.concatenate([learner.online.numpy_data(), learner.target.numpy_data()]))

@@ -72,7 +72,7 @@ def make_data(rng, obs_shape, n_actions, B):
 for name, obs_shape, n_actions, hidden, dueling, cuts, sched, double, M, GB in cases:
     cfg = load_config(overrides={
         "pp": pp, "micro_batches": M, "schedule": sched, "dqn.double": double,
-        "dqn.batch_size": GB // grid.dp, "dqn.target_update_every": 2, "dqn.max_grad_norm": 0.1,
+        "dqn.batch_size": GB // grid.dp, "dqn.max_grad_norm": 0.1,
         "dqn.lr": 1e-3, "network.hidden": hidden, "network.dueling": dueling,
         "network.cuts": [] if cuts == WHOLE else cuts, "network.split_layers": cuts != WHOLE,
         "parallel.bucket_mb": 0.01, "replay.prioritized": True})   # (so |TD| is returned)
@@ -107,6 +107,10 @@ for name, obs_shape, n_actions, hidden, dueling, cuts, sched, double, M, GB in c
             if k == 0:
                 np.save(outdir / f"{name}_td_pp.npy", out["td_abs"])
                 np.save(outdir / f"{name}_td_ref.npy", r["td_abs"][:b])
+        if (k + 1) % 2 == 0:       # target syncs (train.py: every target_update_every env steps)
+            learner.sync_target()
+            if root:
+                ref.sync_target()
     q1 = learner.q_values(probe if grid.is_first_stage else None)
     online, target = learner.gather_online(), learner.gather_target()
     assert learner.updates == K

@@ -59,7 +59,7 @@ def test_write_fault_on_rank0_and_serial_writer(tmp_path):
 
 
 TRAIN = ["total_steps=3000", "dqn.learning_starts=500", "dqn.train_frequency=100",
-         "dqn.gradient_steps=5", "network.hidden=[32, 32]", "eval.episodes=0",
+         "dqn.gradient_steps=4", "network.hidden=[32, 32]", "eval.episodes=0",
          "log.progress=false", "log.tensorboard=false", "log.every=500", "seed=5",
          "dqn.buffer_size=2000", "checkpoint_every=1000", "keep_last=3"]
 

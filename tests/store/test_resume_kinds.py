@@ -23,7 +23,7 @@ from hpcdqn.store import FAULT_ENV, verify
 from hpcdqn.store.codec import attrs_crc, crc
 
 TINY = ["total_steps=3000", "dqn.learning_starts=500", "dqn.train_frequency=100",
-        "dqn.gradient_steps=5", "network.hidden=[32, 32]", "eval.episodes=0",
+        "dqn.gradient_steps=4", "network.hidden=[32, 32]", "eval.episodes=0",
         "log.progress=false", "log.tensorboard=false", "log.every=500", "seed=5",
         "dqn.buffer_size=2000", "dqn.n_step=3", "checkpoint_every=1000", "keep_last=3"]
 
