@@ -59,25 +59,16 @@ def phase_spacing(train_frequency: int, spi: int, where: str) -> int:
         f"{spi} (e.g. {up}) or a divisor of it, or change num_envs")
 
 
-def updates_per_phase(cfg: dict, dp: int, spacing: int, global_batch: int) -> int:
-    """Updates per phase that keep the configured replay ratio (``gradient_steps x batch_size
-    / train_frequency`` sampled transitions per env step) with ``global_batch`` per update."""
+def updates_per_phase(cfg: dict, spacing: int, global_batch: int) -> tuple[int, int]:
+    """(updates per phase, global env steps between phases) that keep the configured replay
+    ratio (``gradient_steps x batch_size / train_frequency`` sampled transitions per env step)
+    with ``global_batch`` per update. Where ``spacing`` would need a fraction p/q of an update
+    (a global batch larger than the configured one, e.g. ``sqrt_lr`` at ``dp > 1``), phases
+    come q times less often with p updates each: the same ratio, exactly."""
     d = cfg["dqn"]
     k = Fraction(d["gradient_steps"] * d["batch_size"] * spacing,
                  d["train_frequency"] * global_batch)
-    if k.denominator == 1 and k >= 1:
-        return int(k)
-    rule = cfg["scaling"]["rule"]
-    # gradient_steps * batch * spacing / (train_frequency * global_batch) is whole when
-    # gradient_steps is a multiple of this:
-    den = Fraction(d["batch_size"] * spacing, d["train_frequency"] * global_batch)
-    need = den.denominator // math.gcd(den.denominator, den.numerator)
-    raise ConfigError(
-        f"scaling.rule={rule} at dp={dp}: keeping the replay ratio of dqn.gradient_steps="
-        f"{d['gradient_steps']}, dqn.batch_size={d['batch_size']} per dqn.train_frequency="
-        f"{d['train_frequency']} env steps needs {k} updates of global batch {global_batch} "
-        f"every {spacing} env steps, not a whole number >= 1; set dqn.gradient_steps to a "
-        f"multiple of {need}, a larger dqn.train_frequency, or scaling.rule=global_batch")
+    return k.numerator, spacing * k.denominator
 
 
 @dataclass(frozen=True)
@@ -132,7 +123,7 @@ class Schedule:
                 f"{rule}, dp={dp}) must be divisible by micro_batches={cfg['micro_batches']}")
         global_batch = per_replica * dp
         spacing = phase_spacing(d["train_frequency"], spi, where)
-        k = updates_per_phase(cfg, dp, spacing, global_batch)
+        k, spacing = updates_per_phase(cfg, spacing, global_batch)
         n_iters = math.ceil(cfg["total_steps"] / spi)
         learn_start, every = d["learning_starts"] // spi, spacing // spi
         first_phase = (learn_start // every + 1) * every      # iterations done at the first phase

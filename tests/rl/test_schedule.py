@@ -31,15 +31,15 @@ def test_pong_means_the_same_run_on_1_8_64_ranks(rule):
     cfg = load_config(PONG, [f"scaling.rule={rule}"])
     scheds = {dp: Schedule.resolve(cfg, dp) for dp in (1, 8, 64)}
     for dp, s in scheds.items():
-        assert s.steps_per_iter == 8 * dp
+        assert s.steps_per_iter == 4 * dp
         # replay ratio: updates x global batch per global env step, exactly the configured one
         ratio = Fraction(s.updates_per_phase * s.global_batch, s.train_every * s.steps_per_iter)
         assert ratio == Fraction(1 * 32, 4) == s.replay_ratio
         assert s.global_batch == 32 * dp and s.batch_per_replica == 32
         # the same warm-up share (to one iteration) and exploration window
-        assert abs(s.warmup_share - 80_000 / 10_000_000) <= s.steps_per_iter / 10_000_000
+        assert abs(s.warmup_share - 100_000 / 10_000_000) <= s.steps_per_iter / 10_000_000
         assert s.exploration_steps == 1_000_000
-        assert s.buffer_per_replica == 100_000 // dp          # the global capacity, shared
+        assert s.buffer_per_replica == 1_000_000 // dp          # the global capacity, shared
         # updates shrink by dp (each on a dp-times larger batch): the same samples in all
         assert s.total_updates * s.global_batch == pytest.approx(
             scheds[1].total_updates * 32, rel=2e-3)
@@ -99,10 +99,6 @@ def test_target_sync_every_global_env_steps():
     (["num_envs=8", "dqn.train_frequency=12"], 1, ["dqn.train_frequency=12", "e.g. 16"]),
     (["scaling.rule=global_batch", "dqn.train_frequency=258"], 3,
      ["dqn.batch_size=64", "divisible by dp=3", "scaling.rule=sqrt_lr"]),
-    (["scaling.rule=sqrt_lr", "dqn.gradient_steps=1"], 2,
-     ["scaling.rule=sqrt_lr at dp=2", "1/2 updates", "dqn.gradient_steps to a multiple of 2"]),
-    (["scaling.rule=sqrt_lr", "dqn.train_frequency=4", "dqn.gradient_steps=1"], 4,
-     ["1/4 updates", "multiple of 4"]),
     (["dqn.learning_starts=0", "dqn.train_frequency=2"], 2,
      ["dqn.learning_starts=0 is too small for dqn.n_step=3", ">= 6"]),
     (["dqn.buffer_size=32"], 8, ["dqn.buffer_size=32 is the global replay capacity", "4 transitions"]),
@@ -116,20 +112,27 @@ def test_layouts_that_cannot_keep_the_schedule_stop_clearly(overrides, dp, words
         assert w in str(e.value), str(e.value)
 
 
-def test_the_fix_the_error_names_works():
-    cfg = load_config(overrides=["scaling.rule=sqrt_lr", "dqn.gradient_steps=2",
-                                 "dqn.train_frequency=4"])
-    s = Schedule.resolve(cfg, 2)
-    assert s.updates_per_phase == 1 and s.replay_ratio == 32
+@pytest.mark.parametrize("overrides, dp, k, phase", [
+    (["dqn.gradient_steps=1"], 2, 1, 512),                      # 1/2 update per 256 -> 1 per 512
+    (["dqn.train_frequency=4", "dqn.gradient_steps=1"], 4, 1, 16),   # 1/4 per 4 -> 1 per 16
+    (["dqn.train_frequency=4", "dqn.gradient_steps=2"], 2, 1, 4),
+    (["dqn.train_frequency=4", "dqn.gradient_steps=3"], 2, 3, 8),    # 3/2 per 4 -> 3 per 8
+])
+def test_fractional_updates_stretch_the_phase_and_keep_the_ratio(overrides, dp, k, phase):
+    cfg = load_config(overrides=["scaling.rule=sqrt_lr", *overrides])
+    s = Schedule.resolve(cfg, dp)
+    d = cfg["dqn"]
+    assert (s.updates_per_phase, s.train_every * s.steps_per_iter) == (k, phase)
+    assert s.replay_ratio == d["gradient_steps"] * d["batch_size"] / d["train_frequency"]
 
 
 def test_describe_and_record():
     s = Schedule.resolve(load_config(PONG), 64)
     text = s.describe()
     assert len(text.splitlines()) == 2
-    for w in ("1 iteration = 512 global env steps", "replay ratio 8", "warm-up 156 iterations",
+    for w in ("1 iteration = 256 global env steps", "replay ratio 8", "warm-up 390 iterations",
               "global 2048", "lr x 8", "epsilon anneals over 1000000 env steps"):
         assert w in text, text
     rec = s.as_dict()
-    assert rec["replay_ratio"] == 8 and rec["updates_per_env_step"] == pytest.approx(2 / 512, abs=1e-6)
-    assert rec["phase_env_steps"] == 512 and rec["rule"] == "sqrt_lr"
+    assert rec["replay_ratio"] == 8 and rec["updates_per_env_step"] == pytest.approx(1 / 256, abs=1e-6)
+    assert rec["phase_env_steps"] == 256 and rec["rule"] == "sqrt_lr"
