@@ -62,8 +62,9 @@ def _predicted(a, pred, key, fitted_max, unfitted) -> None:
     if beyond:
         a.plot([q["ranks"] for q in inside[-1:] + beyond], [q[key] for q in inside[-1:] + beyond],
                ":", color="C3", lw=1.5,
-               label=f"{LABEL} on more nodes than measured (between-node terms: "
-                     f"{'fitted' if 'beta_net' not in unfitted else 'none measured, 0'})")
+               label=f"{LABEL}, more nodes than measured"
+                     + (" (no between-node data: intra-node terms only)"
+                        if "beta_net" in unfitted else ""))
     if f"{key}_low" in pred[0]:
         a.fill_between(px, [q[f"{key}_low"] for q in pred], [q[f"{key}_high"] for q in pred],
                        color="C3", alpha=0.12, label="band: +-held-out error of the allreduce")
@@ -79,7 +80,7 @@ def plot_scaling(path: Path, rows, info) -> None:
     fitted_max = max(info["coef"].get("ranks") or [1])
     p0, thr0 = summ[0]["ranks"], summ[0]["env_steps_per_s"]
     xmax = max([s["ranks"] for s in summ] + [q["ranks"] for q in pred])
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 5.8))
     a1.plot([p0, xmax], [thr0, thr0 * xmax / p0], ":", color="k", lw=1, label="ideal (linear)")
     _measured(a1, rows, summ, "env_steps_per_s", "C0")
     _predicted(a1, pred, "env_steps_per_s", fitted_max, info["coef"]["unfitted"])
@@ -88,7 +89,9 @@ def plot_scaling(path: Path, rows, info) -> None:
     _predicted(a2, pred, "efficiency", fitted_max, info["coef"]["unfitted"])
     for a in (a1, a2):
         _log2_axis(a, xmax, matplotlib)
-        a.legend(fontsize=7)
+    handles, labels = a2.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower left", ncol=3, fontsize=7, frameon=False,
+               bbox_to_anchor=(0.04, 0.0))
     a1.set_yscale("log")
     a1.set_ylabel("env steps / s (all ranks)")
     a1.set_title(f"{meta['mode']} scaling: throughput")
@@ -97,7 +100,7 @@ def plot_scaling(path: Path, rows, info) -> None:
     a2.set_title(f"{meta['mode']} scaling: efficiency")
     _time_split(a3, summ)
     fig.suptitle(_subtitle(info), fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -111,12 +114,11 @@ def _time_split(a, summ) -> None:
         a.bar(labels, v, bottom=bottom, color=color, label=k, width=0.6)
         bottom = [b + x for b, x in zip(bottom, v)]
     a.set_ylim(0, 1.0)
-    a.set_ylabel("share of wall time (median over repeats, mean over ranks)")
+    a.set_ylabel("share of wall time")
     a.set_xlabel("MPI ranks" + ("   (* oversubscribed: ranks > cores)"
                                 if any(s["oversubscribed"] for s in summ) else ""))
-    a.set_title("time split: compute, allreduce transfer, wait for slowest, bubble, other")
-    a.title.set_fontsize(9)
-    a.legend(fontsize=7, loc="lower right")
+    a.set_title("time split (median over repeats, mean over ranks)")
+    a.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def _subtitle(info) -> str:

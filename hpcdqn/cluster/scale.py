@@ -378,12 +378,12 @@ def report_lines(info: dict, bench_rows) -> list[str]:
     if bench_rows:
         ranks = sorted({b["ranks"] for b in bench_rows})
         lines.append("hpcdqn scale: Allreduce sweep, median us [p25-p75] (bytes x ranks):")
-        lines.append("  " + f"{'bytes':>10}" + "".join(f"{f'p={p}':>24}" for p in ranks))
+        lines.append("  " + f"{'bytes':>10}" + "".join(f"{f'p={p}':>26}" for p in ranks))
         for n in sorted({b["n_bytes"] for b in bench_rows}):
             cells = {b["ranks"]: b for b in bench_rows if b["n_bytes"] == n}
             lines.append("  " + f"{n:>10}" + "".join(
-                f"{'%.1f [%.1f-%.1f]' % (1e6 * c['median_s'], 1e6 * c['p25_s'], 1e6 * c['p75_s']):>24}"
-                if (c := cells.get(p)) else f"{'-':>24}" for p in ranks))
+                f"{'%.1f [%.1f-%.1f]' % (1e6 * c['median_s'], 1e6 * c['p25_s'], 1e6 * c['p75_s']):>26}"
+                if (c := cells.get(p)) else f"{'-':>26}" for p in ranks))
     c = info["coef"]
     lines.append(f"hpcdqn scale: model {info['model']}: t0={c['t0'] * 1e6:.2f}us "
                  f"alpha={c['alpha'] * 1e6:.2f}us beta={c['beta'] * 1e9:.4f}ns/B "
