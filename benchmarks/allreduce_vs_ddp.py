@@ -208,7 +208,12 @@ def worker(model, rounds, iters, port):
     if rank == 0:
         print(json.dumps({"model": model, "params": n_params, "res": res, "plan": plan,
                           "raw_mpi": raw_mpi, "raw_gloo": raw_gloo}), flush=True)
+    dist.barrier()
     dist.destroy_process_group()   # gloo's threads must stop before the interpreter does
+    comm.Barrier()
+    sys.stdout.flush()
+    MPI.Finalize()
+    os._exit(0)     # a gloo thread still holding a tensor aborts the interpreter's own shutdown
 
 
 def summarize(model, w) -> dict:
