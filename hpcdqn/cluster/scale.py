@@ -324,7 +324,8 @@ def model_info(rows, bench_rows, meta) -> dict:
         * base["updates"] / 1e3
     seen = {"measured_ranks": [s["ranks"] for s in summ],
             "measured_nodes": [b["nodes"] for b in bench_rows] or [1]}
-    pred = predict(base, coef, {**meta, **seen}, sigma, band) if base["updates"] else []
+    pred = predict(base, coef, {**meta, **seen}, sigma, band) \
+        if base["updates"] and bench_rows else []       # no sweep (--no-bench): no model
     return {"label": LABEL, "mode": meta["mode"], "model": MODEL_TEXT, "coef": coef,
             "held_out": test, "band_rel": band, "straggler_sigma_s": sigma,
             "straggler": "wait(dp) = sigma * E[max of dp standard normals], fitted to the measured "
@@ -384,6 +385,8 @@ def report_lines(info: dict, bench_rows) -> list[str]:
             lines.append("  " + f"{n:>10}" + "".join(
                 f"{'%.1f [%.1f-%.1f]' % (1e6 * c['median_s'], 1e6 * c['p25_s'], 1e6 * c['p75_s']):>26}"
                 if (c := cells.get(p)) else f"{'-':>26}" for p in ranks))
+    if not bench_rows:
+        return lines + ["hpcdqn scale: no Allreduce sweep (--no-bench): no model, no prediction"]
     c = info["coef"]
     lines.append(f"hpcdqn scale: model {info['model']}: t0={c['t0'] * 1e6:.2f}us "
                  f"alpha={c['alpha'] * 1e6:.2f}us beta={c['beta'] * 1e9:.4f}ns/B "
@@ -398,7 +401,8 @@ def report_lines(info: dict, bench_rows) -> list[str]:
                      f"{100 * t['median_abs_rel_err']:.0f}% over sizes"
                      + (f", {100 * g:+.0f}% at the gradient's size" if g is not None else ""))
     else:
-        lines.append("hpcdqn scale: held-out test: not possible (one rank count)")
+        lines.append("hpcdqn scale: held-out test: not possible (one rank count): the model's "
+                     "dependence on p is untested")
     return lines
 
 
