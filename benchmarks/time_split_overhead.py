@@ -26,6 +26,7 @@ OUT = HERE / "benchmarks" / "results" / "time_split_overhead.json"
 def run(root: Path, run_dir: str) -> dict:
     from hpcdqn.cluster.scale import child_env, launch_cmd
 
+    load = os.getloadavg()[0]          # > 0.5 before a run: something else is running
     env = {**child_env(), "PYTHONPATH": str(root)}
     cmd = launch_cmd(2, "mpirun") + [sys.executable, "-m", "hpcdqn.cli", "train",
                                      f"run_dir={run_dir}", "log.progress=false",
@@ -35,7 +36,8 @@ def run(root: Path, run_dir: str) -> dict:
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
     s = json.loads((Path(run_dir) / "summary.json").read_text())
-    return {"ups": s["ups"], "sps": s["sps"], "time_split": s.get("time_split", {}).get("shares")}
+    return {"ups": s["ups"], "sps": s["sps"], "loadavg_1m_before": round(load, 2),
+            "time_split": s.get("time_split", {}).get("shares")}
 
 
 def main():
