@@ -72,8 +72,7 @@ def worker(a) -> None:
     for _ in range(a.warmup):
         learner.update(batch)
     if a.pp > 1:
-        learner.wait_seconds = learner.schedule_wait_seconds = 0.0
-        learner.schedule_seconds = learner.update_seconds = 0.0
+        learner.reset_timings()
     comm.Barrier()
     t0 = time.perf_counter()
     for _ in range(a.updates):

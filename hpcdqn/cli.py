@@ -299,11 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_info)
 
-    s = sub.add_parser("scale", help="weak/strong scaling study: CSV, PNG and an allreduce cost model",
+    s = sub.add_parser("scale", help="weak/strong scaling study: CSV, PNG, Allreduce sweep and a "
+                                     "communication model tested on a held-out rank count",
                        description="Runs short trainings over rank counts (mpirun, or srun inside a "
-                                   "Slurm allocation), repeats each point, writes scaling.csv, "
-                                   "scaling.png, allreduce.csv and prediction.csv/json (a fitted "
-                                   "allreduce cost model, labelled as a prediction).")
+                                   "Slurm allocation; checkpoints off), repeats each point, and an "
+                                   "Allreduce sweep (4 B to 64 MiB) at each; writes scaling.csv "
+                                   "(with the time split), scaling.png, allreduce.csv/png (the "
+                                   "sweep) and prediction.csv/json (a fitted communication model, "
+                                   "its error at the held-out largest rank count, labelled as a "
+                                   "prediction).")
     s.add_argument("--ranks", help="comma separated rank counts, e.g. 1,2,4")
     s.add_argument("--mode", choices=["weak", "strong", "target"], default="weak",
                    help="weak: total_steps is per replica (scaled by dp); strong: fixed total_steps; "
@@ -314,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--launcher", choices=["auto", "mpirun", "srun"], default="auto",
                    help="auto: srun inside a Slurm allocation (SLURM_JOB_ID set), else mpirun")
     s.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
-    s.add_argument("--no-bench", action="store_true", help="skip the allreduce microbenchmark")
+    s.add_argument("--no-bench", action="store_true", help="skip the Allreduce sweep")
+    s.add_argument("--sweep-max", type=int, default=64 * 2**20, metavar="BYTES",
+                   help="largest message of the Allreduce sweep (4 B to this, powers of 4)")
     s.add_argument("--merge", nargs="+", metavar="DIR",
                    help="combine finished studies (their scaling.csv/allreduce.csv) into --out")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")

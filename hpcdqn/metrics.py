@@ -6,8 +6,16 @@ import csv
 import sys
 from pathlib import Path
 
+# the time split (``Learner.time_split``): shares of the wall time since this process started
+# training, averaged over ranks; they add up to 1
+SHARE_COLUMNS = ["compute_share", "allreduce_share", "wait_share", "bubble_share", "other_share"]
 COLUMNS = ["env_steps", "updates", "episodes", "episodic_return", "episodic_length", "loss",
-           "mean_q", "epsilon", "lr", "sps", "ups", "allreduce_share", "wall_s"]
+           "mean_q", "epsilon", "lr", "sps", "ups", *SHARE_COLUMNS, "wall_s"]
+
+
+def share_columns(split: dict) -> dict:
+    """The metrics row's share columns from a ``Learner.time_split`` result."""
+    return {c: split["shares"][c[:-len("_share")]] for c in SHARE_COLUMNS}
 
 
 class MetricsLogger:

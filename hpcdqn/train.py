@@ -31,7 +31,7 @@ from hpcdqn import config as config_mod
 from hpcdqn.learner import build_learner
 from hpcdqn.learner.budget import (cap_per_rank, check_fits, current_rss, fmt_bytes, peak_rss,
                                    plan_memory)
-from hpcdqn.metrics import MetricsLogger
+from hpcdqn.metrics import MetricsLogger, share_columns
 from hpcdqn.parallel.grid import RankGrid, choose_device, mpi
 from hpcdqn.parallel.lifecycle import agree_signal, install_signal_handlers
 from hpcdqn.parallel.memory import keep_freed_memory
@@ -275,6 +275,7 @@ class Trainer:
                                  cfg["log"]["progress"] and not self.quiet,
                                  sched.env_steps(sched.n_iters), append=self.resumed)
         self.t0 = time.perf_counter() - s.wall_offset
+        self.t_leg = time.perf_counter()      # this process's start (the time split's window)
         self.log.progress(s.shown_steps)
         for it in range(s.iteration, sched.n_iters):
             s.iteration = it + 1
@@ -362,7 +363,8 @@ class Trainer:
                "loss": mean("loss", "nl"), "mean_q": mean("q", "nl"),
                "epsilon": s.epsilon, "lr": learner.lr,
                "sps": steps_done / wall, "ups": learner.updates / wall,
-               "allreduce_share": learner.sync_seconds() / wall, "wall_s": wall}
+               **share_columns(learner.time_split(time.perf_counter() - self.t_leg, self.comm)),
+               "wall_s": wall}
         self.log.log(row)
         self.log.progress(steps_done - s.shown_steps,
                           {"ret": f"{row['episodic_return']:.1f}", "eps": f"{s.epsilon:.2f}"})
@@ -394,6 +396,7 @@ class Trainer:
         """Collective: final model file, evaluation and summary (rank 0 writes them)."""
         cfg, learner, grid, s = self.cfg, self.learner, self.grid, self.state
         wall = time.perf_counter() - self.t0
+        split = learner.time_split(time.perf_counter() - self.t_leg, self.comm)   # collective
         self.log.close()
         if self.rollout is not None:
             self.rollout.close()
@@ -403,7 +406,7 @@ class Trainer:
         memory = self.comm.allgather(self.memory_report())
         summary = {"env_steps": env_steps, "updates": learner.updates, "wall_s": round(wall, 3),
                    "sps": round(env_steps / wall, 1), "ups": round(learner.updates / wall, 1),
-                   "allreduce_share": round(learner.sync_seconds() / wall, 4),
+                   "allreduce_share": round(split["shares"]["allreduce"], 4), "time_split": split,
                    **grid.describe(), "run_dir": str(self.run_dir),
                    "parameter_bytes_per_stage": self.stage_bytes,
                    "memory_per_rank": memory,

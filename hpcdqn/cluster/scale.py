@@ -1,33 +1,34 @@
-"""`hpcdqn scale`: weak and strong scaling studies, with a fitted allreduce cost model.
+"""`hpcdqn scale`: weak and strong scaling studies, with a communication model fitted to measured
+Allreduce sweeps and tested on a held-out rank count.
 
     hpcdqn scale --ranks 1,2,4 --mode weak --out scaling/ [--repeats 3] [--config F] [KEY=VALUE ...]
 
 For every rank count ``p`` (and every repeat) a short ``hpcdqn train`` runs under ``mpirun -n p``
-(workstation) or ``srun -n p`` (inside a Slurm allocation, i.e. with ``SLURM_JOB_ID`` set); its
-``summary.json`` gives the throughput. ``p`` ranks form ``dp = p / pp`` replicas.
+(workstation) or ``srun -n p`` (inside a Slurm allocation, i.e. with ``SLURM_JOB_ID`` set), with
+checkpoints off; its ``summary.json`` gives the throughput and the time split (compute,
+allreduce transfer, waiting for the slowest replica, pipeline bubble, other). ``p`` ranks form
+``dp = p / pp`` replicas.
 
 - ``--mode weak``: the same work per replica: ``total_steps`` (from the config or ``KEY=VALUE``) is
   the work of ONE replica and a run with ``dp`` replicas does ``dp * total_steps``.
 - ``--mode strong``: ``total_steps`` is fixed, whatever ``p``.
 
 Efficiency is throughput per rank relative to the smallest rank count measured:
-``eff(p) = sps(p) / (p / p0 * mean sps(p0))`` (1.0 is ideal, for weak and strong alike).
+``eff(p) = sps(p) / (p / p0 * median sps(p0))`` (1.0 is ideal, for weak and strong alike).
+Repeats are summarised by their median and 25th/75th percentiles.
 
-For each ``p > 1`` a microbenchmark times ``MPI_Allreduce`` (in place, float32, sum: what the
-gradient sync does) on several message sizes around the gradient size, and the model
+At every rank count an OSU-style Allreduce sweep runs (``costmodel.bench_main``: 4 B to 64 MiB),
+the model of ``hpcdqn.cluster.costmodel`` is fitted to it, and tested: fitted on every rank count
+but the largest, its error at the largest is reported (``held_out``). Rank counts above the
+cores of a workstation are oversubscribed (ranks share cores): they are flagged everywhere.
 
-    t_allreduce(p, n_bytes) = alpha * log2(p) + beta * 2 * (p - 1) / p * n_bytes
-
-(a latency term per tree/recursive-doubling stage and a ring-style bandwidth term) is fitted to
-those timings (non-negative least squares on relative error). With the measured compute time per
-run it predicts throughput and efficiency at 16 to 1024 ranks: ``prediction.csv`` and
-``prediction.json``, drawn dashed on ``scaling.png`` and labelled "prediction (model)". It is a
-model, not a measurement: it ignores contention, stragglers, topology and pipeline traffic.
-
-Outputs in ``--out``: ``scaling.csv`` (one row per run), ``allreduce.csv`` (benchmark points),
-``prediction.csv``, ``prediction.json``, ``scaling.png``, ``runs/`` (the training runs).
-``--merge DIR ...`` combines the outputs of several studies (e.g. one Slurm job per node count)
-and redoes the efficiency, fit, prediction and plot.
+Outputs in ``--out``: ``scaling.csv`` (one row per run, with the time split), ``allreduce.csv``
+(the sweep: median, p25, p75 per rank count and size, the model's value and its error),
+``prediction.csv`` and ``prediction.json`` (the model, the held-out test, the predicted
+throughput with a band), ``scaling.png`` (throughput, efficiency, time split; predictions dashed,
+extrapolation beyond 8x the largest fitted rank count shaded), ``allreduce.png`` (the sweep and
+the model), ``runs/``. ``--merge DIR ...`` combines the outputs of several studies (e.g. one Slurm
+job per node count) and redoes the analysis.
 """
 
 from __future__ import annotations
@@ -44,14 +45,25 @@ import sys
 import time
 from pathlib import Path
 
-from hpcdqn.cluster.costmodel import LABEL, bench_main, fit_allreduce, predict, t_allreduce
+from hpcdqn.cluster.costmodel import (EXTRAPOLATION_FACTOR, LABEL, MAX_SWEEP_BYTES, MODEL_TEXT, bench_main, fit_model,
+                                      fit_straggler, held_out, predict, relative_errors, spread,
+                                      sweep_sizes)
 
+SPLIT = ("compute", "allreduce", "wait", "bubble", "other")
 COLUMNS = ["ranks", "dp", "pp", "repeat", "env_steps_per_s", "updates_per_s", "allreduce_share",
-           "efficiency", "mode", "nodes", "env_steps", "updates", "wall_s", "run_dir"]
-BENCH_COLUMNS = ["ranks", "n_bytes", "seconds"]
-PRED_COLUMNS = ["ranks", "dp", "env_steps_per_s", "updates_per_s", "efficiency",
-                "t_allreduce_s", "allreduce_share"]
-STUDY_DEFAULTS = ["log.progress=false", "log.tensorboard=false", "eval.episodes=0"]
+           "efficiency", "mode", "nodes", "oversubscribed",
+           *[f"{k}_share" for k in SPLIT if k != "allreduce"],
+           *[f"{k}_ms_per_update" for k in SPLIT if k != "other"],
+           "env_steps", "updates", "wall_s", "run_dir"]
+BENCH_COLUMNS = ["ranks", "nodes", "ranks_per_node", "oversubscribed", "n_bytes", "iters",
+                 "median_s", "p25_s", "p75_s", "model_s", "rel_err", "role"]
+PRED_COLUMNS = ["ranks", "dp", "nodes", "extrapolation", "beyond_measured_nodes", "env_steps_per_s", "env_steps_per_s_low",
+                "env_steps_per_s_high", "updates_per_s", "efficiency", "efficiency_low",
+                "efficiency_high", "t_allreduce_s", "t_wait_s"]
+STUDY_DEFAULTS = ["log.progress=false", "log.tensorboard=false", "eval.episodes=0",
+                  "checkpoint=false"]
+OVERSUBSCRIBED = ("oversubscribed: more ranks than cores, ranks share cores; its timings "
+                  "measure time-sharing, not scaling")
 
 
 class ScaleError(RuntimeError):
@@ -145,7 +157,7 @@ def parse_ranks(text: str) -> list[int]:
 
 
 def run_study(ranks, mode, out: Path, repeats=1, config=None, overrides=(), launcher="auto",
-              timeout=1800.0, bench=True, log=print) -> dict:
+              timeout=1800.0, bench=True, log=print, sweep_max=MAX_SWEEP_BYTES) -> dict:
     from hpcdqn.config import load_config
 
     if mode not in ("weak", "strong"):
@@ -161,48 +173,73 @@ def run_study(ranks, mode, out: Path, repeats=1, config=None, overrides=(), laun
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    base_steps = cfg["total_steps"]
     rows, bench_rows, grad_bytes = [], [], None
-    cfg_args = ["--config", str(config)] if config else []
     load0 = _loadavg()
-    log(f"hpcdqn scale: {mode} scaling over ranks {ranks} x {repeats} repeat(s) with {launcher}; "
-        f"total_steps={base_steps}{' per replica' if mode == 'weak' else ''}")
+    log(f"hpcdqn scale: {mode} scaling over ranks {ranks} x {repeats} repeat(s) with {launcher}, "
+        f"checkpoints off; total_steps={cfg['total_steps']}{' per replica' if mode == 'weak' else ''}")
+    over = [p for p in ranks if oversubscribed(p, launcher)]
+    if over:
+        log(f"hpcdqn scale: NOTE ranks {over} exceed this machine's {_cores()} cores: "
+            f"{OVERSUBSCRIBED}")
     for p in ranks:
-        dp = p // pp
-        steps = base_steps * dp if mode == "weak" else base_steps
         for r in range(repeats):
-            run_dir = out / "runs" / f"{mode}_p{p}_r{r}"
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            cmd = launch_cmd(p, launcher) + [sys.executable, "-m", "hpcdqn.cli", "train", *cfg_args,
-                                             *STUDY_DEFAULTS, *overrides, f"total_steps={steps}",
-                                             f"run_dir={run_dir}"]
-            t = time.perf_counter()
-            _run(cmd, timeout, out / "logs" / f"{mode}_p{p}_r{r}.log")
-            s = json.loads((run_dir / "summary.json").read_text())
-            row = {"ranks": s["world"], "dp": s["dp"], "pp": s["pp"], "repeat": r,
-                   "env_steps_per_s": s["sps"], "updates_per_s": s["ups"],
-                   "allreduce_share": s["allreduce_share"], "efficiency": float("nan"), "mode": mode,
-                   "nodes": nodes_for(p, launcher), "env_steps": s["env_steps"],
-                   "updates": s["updates"], "wall_s": s["wall_s"], "run_dir": str(run_dir)}
-            if row["ranks"] != p:
-                raise ScaleError(f"asked for {p} ranks, the run had world={row['ranks']}")
-            rows.append(row)
-            log(f"  p={p} repeat={r}: {row['env_steps_per_s']:.1f} env-steps/s, "
-                f"{row['updates_per_s']:.1f} updates/s, allreduce {100 * row['allreduce_share']:.1f}% "
-                f"({time.perf_counter() - t:.0f}s)")
+            rows.append(run_point(p, r, mode, cfg, config, overrides, launcher, out, timeout, log))
             if grad_bytes is None:
-                grad_bytes = _grad_bytes(run_dir)
-        if bench and p // pp > 1:
-            sizes = bench_sizes(grad_bytes // pp)
+                grad_bytes = _grad_bytes(Path(rows[-1]["run_dir"]))
+        if bench:
+            sizes = sweep_sizes(grad_bytes // pp, sweep_max)
             bench_rows += run_bench(p, sizes, launcher, out, timeout)
-            log(f"  p={p} allreduce: " + ", ".join(f"{b['n_bytes']}B {1e6 * b['seconds']:.1f}us"
-                                                    for b in bench_rows if b["ranks"] == p))
+            log(f"  p={p} allreduce sweep: {len(sizes)} sizes, median (p25-p75) at the "
+                f"gradient's {grad_bytes // pp} B: " + ", ".join(
+                    f"{1e6 * b['median_s']:.1f} us ({1e6 * b['p25_s']:.1f}-{1e6 * b['p75_s']:.1f})"
+                    for b in bench_rows if b["ranks"] == p and b["n_bytes"] == grad_bytes // pp // 4 * 4))
     meta = {"mode": mode, "pp": pp, "grad_bytes": grad_bytes, "launcher": launcher,
-            "host": socket.gethostname(), "env_id": cfg["env_id"], "total_steps": base_steps,
+            "host": socket.gethostname(), "env_id": cfg["env_id"], "total_steps": cfg["total_steps"],
             "bucket_mb": cfg["parallel"]["bucket_mb"], "cores": _cores(),
-            "loadavg_1m": [load0, _loadavg()]}
+            "ranks_per_node": ranks_per_node(launcher), "loadavg_1m": [load0, _loadavg()]}
     return finish(out, rows, bench_rows, meta, log)
+
+
+def run_point(p, r, mode, cfg, config, overrides, launcher, out: Path, timeout, log) -> dict:
+    """One training run at ``p`` ranks (repeat ``r``): its row of scaling.csv."""
+    dp = p // cfg["pp"]
+    steps = cfg["total_steps"] * dp if mode == "weak" else cfg["total_steps"]
+    run_dir = out / "runs" / f"{mode}_p{p}_r{r}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg_args = ["--config", str(config)] if config else []
+    cmd = launch_cmd(p, launcher) + [sys.executable, "-m", "hpcdqn.cli", "train", *cfg_args,
+                                     *STUDY_DEFAULTS, *overrides, f"total_steps={steps}",
+                                     f"run_dir={run_dir}"]
+    t = time.perf_counter()
+    _run(cmd, timeout, out / "logs" / f"{mode}_p{p}_r{r}.log")
+    s = json.loads((run_dir / "summary.json").read_text())
+    if s["world"] != p:
+        raise ScaleError(f"asked for {p} ranks, the run had world={s['world']}")
+    split = s["time_split"]
+    row = {"ranks": s["world"], "dp": s["dp"], "pp": s["pp"], "repeat": r,
+           "env_steps_per_s": s["sps"], "updates_per_s": s["ups"],
+           "efficiency": float("nan"), "mode": mode, "nodes": s.get("nodes", nodes_for(p, launcher)),
+           "oversubscribed": oversubscribed(p, launcher),
+           **{f"{k}_share": split["shares"][k] for k in SPLIT},
+           **{f"{k}_ms_per_update": split["per_update_ms"][k] for k in SPLIT if k != "other"},
+           "env_steps": s["env_steps"], "updates": s["updates"], "wall_s": s["wall_s"],
+           "run_dir": str(run_dir)}
+    log(f"  p={p} repeat={r}: {row['env_steps_per_s']:.1f} env-steps/s, "
+        f"{row['updates_per_s']:.1f} updates/s; time: " + ", ".join(
+            f"{k} {100 * row[f'{k}_share']:.1f}%" for k in SPLIT)
+        + f" ({time.perf_counter() - t:.0f}s){' [oversubscribed]' if row['oversubscribed'] else ''}")
+    return row
+
+
+def oversubscribed(p: int, launcher: str) -> bool:
+    """More ranks than this machine's cores under mpirun (Slurm does not oversubscribe)."""
+    return launcher != "srun" and p > _cores()
+
+
+def ranks_per_node(launcher: str) -> int:
+    """Ranks one node holds in this study's setting: Slurm's tasks per node, else the cores."""
+    return (_tasks_per_node() if launcher == "srun" else None) or _cores()
 
 
 def _cores() -> int:
@@ -223,65 +260,150 @@ def _grad_bytes(run_dir: Path) -> int:
         return int(f["online"].size) * 4                     # float32 gradient buffer
 
 
-def bench_sizes(grad_bytes: int) -> list[int]:
-    g = max(64, int(grad_bytes))
-    return sorted({8, 1024, max(64, g // 16), max(64, g // 4), g, 4 * g})
-
-
 def run_bench(p: int, sizes, launcher: str, out: Path, timeout: float) -> list[dict]:
     path = out / "logs" / f"allreduce_p{p}.json"
     cmd = launch_cmd(p, launcher) + [sys.executable, "-m", "hpcdqn.cluster.scale", "bench",
                                      ",".join(map(str, sizes)), str(path)]
     _run(cmd, timeout, out / "logs" / f"allreduce_p{p}.log")
-    return [{"ranks": p, "n_bytes": int(n), "seconds": float(t)}
-            for n, t in json.loads(path.read_text())["points"]]
+    res = json.loads(path.read_text())
+    return [{"ranks": p, "nodes": res["nodes"], "ranks_per_node": res["ranks_per_node"],
+             "oversubscribed": oversubscribed(p, launcher), **q} for q in res["points"]]
 
 
 # -- analysis -----------------------------------------------------------------------------------
 def add_efficiency(rows: list[dict]) -> float:
-    """Fill ``efficiency`` in place; returns the baseline throughput per rank."""
+    """Fill ``efficiency`` in place (against the median at the smallest rank count); returns
+    the baseline throughput per rank."""
     p0 = min(r["ranks"] for r in rows)
-    base = [r["env_steps_per_s"] for r in rows if r["ranks"] == p0]
-    per_rank = sum(base) / len(base) / p0
+    per_rank = spread([r["env_steps_per_s"] for r in rows if r["ranks"] == p0])["median"] / p0
     for r in rows:
         r["efficiency"] = round(r["env_steps_per_s"] / (r["ranks"] * per_rank), 4)
     return per_rank
 
 
+def summarize(rows) -> list[dict]:
+    """Per rank count: median, p25 and p75 over repeats of throughput, efficiency and the split."""
+    keys = ["env_steps_per_s", "updates_per_s", "efficiency", *[f"{k}_share" for k in SPLIT],
+            *[f"{k}_ms_per_update" for k in SPLIT if k != "other"]]
+    out = []
+    for p in sorted({r["ranks"] for r in rows}):
+        g = [r for r in rows if r["ranks"] == p]
+        row = {"ranks": p, "dp": g[0]["dp"], "repeats": len(g),
+               "oversubscribed": bool(g[0].get("oversubscribed"))}
+        for k in keys:
+            sp = spread([float(r.get(k, 0.0) or 0.0) for r in g])
+            row.update({k: round(sp["median"], 6), f"{k}_p25": round(sp["p25"], 6),
+                        f"{k}_p75": round(sp["p75"], 6)})
+        out.append(row)
+    return out
+
+
+def model_info(rows, bench_rows, meta) -> dict:
+    """The fitted model (on every sweep point), the held-out test, the straggler term and the
+    predicted throughput; the sweep rows get the model's value and role in place."""
+    coef = fit_model(bench_rows)
+    test = held_out(bench_rows, (meta.get("grad_bytes") or 0) // meta["pp"])
+    top = test["held_out_ranks"] if test else None
+    for b, e in zip(bench_rows, relative_errors(bench_rows, test["coef"] if test else coef)):
+        b.update(model_s=e["model_s"], rel_err=round(e["rel_err"], 4),
+                 role="held out" if b["ranks"] == top else "fit")
+    summ = summarize(rows)
+    sigma = fit_straggler([(s["dp"], s["wait_ms_per_update"] / 1e3) for s in summ
+                           if not s["oversubscribed"]])
+    band = None
+    if test:
+        band = abs(test["rel_err_at_grad_bytes"] if test["rel_err_at_grad_bytes"] is not None
+                   else test["median_abs_rel_err"])
+    p0 = summ[0]["ranks"]
+    base_rows = [r for r in rows if r["ranks"] == p0]
+    base = {"ranks": p0, **{k: spread([r[k] for r in base_rows])["median"]
+                            for k in ("wall_s", "updates", "env_steps")}}
+    base["allreduce_s"] = spread([r["allreduce_ms_per_update"] for r in base_rows])["median"] \
+        * base["updates"] / 1e3
+    base["wait_s"] = spread([r["wait_ms_per_update"] for r in base_rows])["median"] \
+        * base["updates"] / 1e3
+    seen = {"measured_ranks": [s["ranks"] for s in summ],
+            "measured_nodes": [b["nodes"] for b in bench_rows] or [1]}
+    pred = predict(base, coef, {**meta, **seen}, sigma, band) \
+        if base["updates"] and bench_rows else []       # no sweep (--no-bench): no model
+    return {"label": LABEL, "mode": meta["mode"], "model": MODEL_TEXT, "coef": coef,
+            "held_out": test, "band_rel": band, "straggler_sigma_s": sigma,
+            "straggler": "wait(dp) = sigma * E[max of dp standard normals], fitted to the measured "
+                         "waits at rank counts that are not oversubscribed",
+            "baseline": base, "measured": summ, "meta": meta, "rows": pred,
+            "assumptions": [
+                "time per update outside the gradient sync as measured at the smallest rank count",
+                "one gradient allreduce per update over the dp replicas, cost from the fitted model",
+                "model terms no measured point exercised are zero (see coef.unfitted): e.g. without "
+                "multi-node sweeps the between-node cost is NOT modelled",
+                f"rows with extrapolation=true lie beyond {EXTRAPOLATION_FACTOR}x the largest fitted rank count",
+                "a prediction, not a measurement"]}
+
+
 def finish(out: Path, rows, bench_rows, meta, log=print) -> dict:
-    """Efficiency, CSVs, fit, prediction and plot for a finished (or merged) study."""
+    """Efficiency, CSVs, fit, held-out test, prediction and plots for a finished (or merged)
+    study."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not rows:
         raise ScaleError("no measurements")
     add_efficiency(rows)
+    info = model_info(rows, bench_rows, meta)
     _write_csv(out / "scaling.csv", COLUMNS, rows)
     _write_csv(out / "allreduce.csv", BENCH_COLUMNS, bench_rows)
-    alpha, beta = fit_allreduce(bench_rows)
-    pred, info = predict(rows, alpha, beta, meta)
-    info["fit_points"] = len([b for b in bench_rows if b["ranks"] > 1])
-    info["fit_residuals"] = [
-        {**b, "model_s": t_allreduce(b["ranks"], b["n_bytes"], alpha, beta)} for b in bench_rows]
-    info["meta"] = meta
-    info["measured"] = summarize(rows)
-    _write_csv(out / "prediction.csv", PRED_COLUMNS, pred)
+    _write_csv(out / "prediction.csv", PRED_COLUMNS, info["rows"])
     (out / "prediction.json").write_text(json.dumps(info, indent=2))
     (out / "study.json").write_text(json.dumps(meta, indent=2))
-    plot(out / "scaling.png", rows, pred if info["fit_points"] else [], meta, alpha, beta)
-    log(f"hpcdqn scale: wrote {out / 'scaling.csv'}, {out / 'scaling.png'}, "
-        f"{out / 'prediction.csv'} (alpha={alpha * 1e6:.2f}us, "
-        f"beta={beta * 1e9:.4f}ns/B{' - no fit: no multi-rank benchmark' if not info['fit_points'] else ''})")
-    return {"rows": rows, "bench": bench_rows, "prediction": pred, "model": info}
+    from hpcdqn.cluster.figures import plot_scaling, plot_sweep
+
+    plot_scaling(out / "scaling.png", rows, info)
+    if bench_rows:
+        plot_sweep(out / "allreduce.png", bench_rows, info)
+    for line in report_lines(info, bench_rows):
+        log(line)
+    log(f"hpcdqn scale: wrote {out / 'scaling.csv'}, {out / 'allreduce.csv'}, "
+        f"{out / 'prediction.csv'}, {out / 'scaling.png'}"
+        + (f", {out / 'allreduce.png'}" if bench_rows else ""))
+    return {"rows": rows, "bench": bench_rows, "prediction": info["rows"], "model": info}
 
 
-def summarize(rows) -> list[dict]:
-    out = []
-    for p in sorted({r["ranks"] for r in rows}):
-        g = [r for r in rows if r["ranks"] == p]
-        out.append({"ranks": p, "repeats": len(g),
-                    **{k: round(sum(r[k] for r in g) / len(g), 4)
-                       for k in ("env_steps_per_s", "updates_per_s", "allreduce_share", "efficiency")}})
-    return out
+def report_lines(info: dict, bench_rows) -> list[str]:
+    """What the study prints: the time split, the sweep table, the model and its held-out error."""
+    lines = ["hpcdqn scale: measured (median over repeats, [p25, p75]); time split per update:"]
+    for s in info["measured"]:
+        lines.append(
+            f"  p={s['ranks']:<3} {s['env_steps_per_s']:9.1f} env-steps/s "
+            f"[{s['env_steps_per_s_p25']:.1f}, {s['env_steps_per_s_p75']:.1f}]  eff "
+            f"{s['efficiency']:.3f}  " + " ".join(f"{k} {100 * s[f'{k}_share']:.1f}%" for k in SPLIT)
+            + ("  [oversubscribed]" if s["oversubscribed"] else ""))
+    if bench_rows:
+        ranks = sorted({b["ranks"] for b in bench_rows})
+        lines.append("hpcdqn scale: Allreduce sweep, median us [p25-p75] (bytes x ranks):")
+        lines.append("  " + f"{'bytes':>10}" + "".join(f"{f'p={p}':>26}" for p in ranks))
+        for n in sorted({b["n_bytes"] for b in bench_rows}):
+            cells = {b["ranks"]: b for b in bench_rows if b["n_bytes"] == n}
+            lines.append("  " + f"{n:>10}" + "".join(
+                f"{'%.1f [%.1f-%.1f]' % (1e6 * c['median_s'], 1e6 * c['p25_s'], 1e6 * c['p75_s']):>26}"
+                if (c := cells.get(p)) else f"{'-':>26}" for p in ranks))
+    if not bench_rows:
+        return lines + ["hpcdqn scale: no Allreduce sweep (--no-bench): no model, no prediction"]
+    c = info["coef"]
+    lines.append(f"hpcdqn scale: model {info['model']}: t0={c['t0'] * 1e6:.2f}us "
+                 f"alpha={c['alpha'] * 1e6:.2f}us beta={c['beta'] * 1e9:.4f}ns/B "
+                 f"alpha_net={c['alpha_net'] * 1e6:.2f}us beta_net={c['beta_net'] * 1e9:.4f}ns/B"
+                 + (f" (not fitted, no point exercises them: {', '.join(c['unfitted'])})"
+                    if c["unfitted"] else ""))
+    t = info["held_out"]
+    if t:
+        g = t["rel_err_at_grad_bytes"]
+        lines.append(f"hpcdqn scale: held-out test: fitted on p={t['fitted_on_ranks']}, predicts "
+                     f"p={t['held_out_ranks']} with median |error| "
+                     f"{100 * t['median_abs_rel_err']:.0f}% over sizes"
+                     + (f", {100 * g:+.0f}% at the gradient's size" if g is not None else ""))
+    else:
+        lines.append("hpcdqn scale: held-out test: not possible (one rank count): the model's "
+                     "dependence on p is untested")
+    return lines
 
 
 def _write_csv(path: Path, cols, rows) -> None:
@@ -293,6 +415,8 @@ def _write_csv(path: Path, cols, rows) -> None:
 
 def _read_csv(path: Path) -> list[dict]:
     def conv(v):
+        if v in ("True", "False"):
+            return v == "True"
         for t in (int, float):
             try:
                 return t(v)
@@ -311,7 +435,8 @@ def merge(dirs, out: Path, log=print) -> dict:
             raise ScaleError(f"{d}: no scaling.csv (did that study finish?)")
         rows += _read_csv(d / "scaling.csv")
         if (d / "allreduce.csv").exists():
-            bench += _read_csv(d / "allreduce.csv")
+            bench += [{k: v for k, v in b.items() if k not in ("model_s", "rel_err", "role")}
+                      for b in _read_csv(d / "allreduce.csv")]
         if (d / "study.json").exists():
             metas.append(json.loads((d / "study.json").read_text()))
     seen: dict[int, int] = {}
@@ -325,64 +450,6 @@ def merge(dirs, out: Path, log=print) -> dict:
     return finish(out, rows, bench, meta, log)
 
 
-# -- plot ---------------------------------------------------------------------------------------
-def plot(path: Path, rows, pred, meta, alpha, beta) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summ = summarize(rows)
-    ps = [s["ranks"] for s in summ]
-    p0 = ps[0]
-    thr0 = summ[0]["env_steps_per_s"]
-    xmax = max(ps + [r["ranks"] for r in pred])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.6))
-    ideal_x = [p0, xmax]
-    a1.plot(ideal_x, [thr0, thr0 * xmax / p0], ":", color="k", lw=1, label="ideal (linear)")
-    a1.scatter([r["ranks"] for r in rows], [r["env_steps_per_s"] for r in rows], s=12,
-               color="C0", alpha=0.45, zorder=3)
-    a1.plot(ps, [s["env_steps_per_s"] for s in summ], "o-", color="C0", label="measured (mean)",
-            zorder=4)
-    a2.axhline(1.0, ls=":", color="k", lw=1, label="ideal")
-    a2.scatter([r["ranks"] for r in rows], [r["efficiency"] for r in rows], s=12, color="C1",
-               alpha=0.45, zorder=3)
-    a2.plot(ps, [s["efficiency"] for s in summ], "o-", color="C1", label="measured (mean)", zorder=4)
-    if pred:
-        px = [q["ranks"] for q in pred]
-        a1.plot(px, [q["env_steps_per_s"] for q in pred], "--", color="C3", label=LABEL)
-        a2.plot(px, [q["efficiency"] for q in pred], "--", color="C3", label=LABEL)
-    from matplotlib.ticker import FuncFormatter
-
-    for a in (a1, a2):
-        a.set_xscale("log", base=2)
-        a.set_xticks([2 ** k for k in range(int(math.log2(xmax)) + 1)])
-        a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        a.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        a.set_xlabel("MPI ranks")
-        a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=8)
-    a1.set_yscale("log")
-    a1.set_ylabel("env steps / s (all ranks)")
-    a1.set_title(f"{meta['mode']} scaling: throughput")
-    a2.set_ylabel(f"efficiency (vs {p0} rank{'s' if p0 > 1 else ''})")
-    a2.set_ylim(0, max(1.2, max(r["efficiency"] for r in rows) * 1.1))
-    a2.set_title(f"{meta['mode']} scaling: efficiency")
-    sub = (f"{meta.get('env_id', '')}, pp={meta['pp']}, host {meta.get('host', '?')}, "
-           f"launcher {meta.get('launcher', '?')}")
-    if meta.get("loadavg_1m") and None not in meta["loadavg_1m"]:
-        sub += (f", {meta.get('cores', '?')} cores, load avg {meta['loadavg_1m'][0]:g}"
-                f"->{meta['loadavg_1m'][1]:g} (other jobs share the cores)"
-                if max(meta["loadavg_1m"]) > meta.get("cores", 1) else "")
-    if pred:
-        sub += (f"\n{LABEL}: t_ar = {alpha * 1e6:.2f}us*log2(p) + 2(p-1)/p*n/"
-                f"{(1 / beta / 1e9) if beta > 0 else float('inf'):.2f}GB/s, n={meta.get('grad_bytes')}B")
-    fig.suptitle(sub, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # -- command line -------------------------------------------------------------------------------
 def main_cli(args) -> int:
     from hpcdqn.config import ConfigError
@@ -394,7 +461,8 @@ def main_cli(args) -> int:
         if not args.ranks:
             raise ScaleError("--ranks is required (e.g. --ranks 1,2,4)")
         run_study(parse_ranks(args.ranks), args.mode, Path(args.out), args.repeats, args.config,
-                  args.overrides, args.launcher, args.timeout, not args.no_bench)
+                  args.overrides, args.launcher, args.timeout, not args.no_bench,
+                  sweep_max=args.sweep_max)
     except (ScaleError, ConfigError) as e:
         print(f"hpcdqn scale: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,12 @@ COLLECTIVES = {"greedy": "the replica's stages (pp_comm)",
                "update": "the replica's stages (pp_comm), then the stage's replicas (dp_comm)",
                "evaluate": "the replica's stages (pp_comm)",
                "gather_online": "the replica's stages (pp_comm)",
-               "check_consistency": "the stage's replicas (dp_comm)"}
+               "check_consistency": "the stage's replicas (dp_comm)",
+               "time_split": "the communicator given (the training loop: the world)"}
+
+# where an update's time goes (``StageLearner.time_split``); 'other' is the rest of the wall
+# time: acting, env steps, replay, logging, checkpoints
+TIME_KINDS = ("compute", "allreduce", "wait", "bubble")
 
 
 class Learner(Protocol):
@@ -57,10 +62,16 @@ class Learner(Protocol):
     def check_consistency(self) -> None:
         """Stop loudly if the replicas' parameters differ."""
 
+    def time_split(self, wall: float, comm) -> dict:
+        """The time split of this process's ``wall`` seconds, averaged over ``comm``'s ranks."""
+
     # local
     def phase_targets(self, batches) -> list | None: ...
     def set_lr(self, lr: float) -> None: ...
     def sync_seconds(self) -> float: ...
+    def replica_wait_seconds(self) -> float: ...
+    def bubble_seconds(self) -> float: ...
+    def time_split_seconds(self) -> dict: ...
     def param_range(self) -> tuple[int, int]: ...
     def parameter_bytes(self) -> int: ...
     def state_arrays(self) -> dict: ...
@@ -99,6 +110,7 @@ class StageLearner:
         if self.plan.gradient == "autograd-accumulate":
             self.online.accumulate_grads_in_place()
         self.updates = 0
+        self.update_seconds = 0.0      # inside update() (the time split's whole)
 
     # -- optimizer step -------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -142,7 +154,33 @@ class StageLearner:
         check_consistent(self.online.checksum(), self.dp_comm)
 
     def sync_seconds(self) -> float:
+        """Seconds in the gradient allreduce's transfer (after every replica arrived)."""
         return self.sync.seconds
+
+    def replica_wait_seconds(self) -> float:
+        """Seconds waiting for the slowest replica before the gradient allreduce."""
+        return self.sync.wait_seconds
+
+    def bubble_seconds(self) -> float:
+        """Seconds a pipeline stage spent blocked on its neighbours inside updates (0 here)."""
+        return 0.0
+
+    def time_split_seconds(self) -> dict:
+        """This rank's seconds inside updates, by kind (``TIME_KINDS``): 'allreduce' (transfer),
+        'wait' (for the slowest replica), 'bubble' (blocked on the replica's other stages),
+        'compute' (the rest of the update: forwards, backward, clip, Adam); and 'update'."""
+        u, ar, w, b = self.update_seconds, self.sync_seconds(), self.replica_wait_seconds(), \
+            self.bubble_seconds()
+        return {"update": u, "compute": max(0.0, u - ar - w - b), "allreduce": ar, "wait": w,
+                "bubble": b}
+
+    def time_split(self, wall: float, comm) -> dict:
+        """Collective over ``comm`` (the training loop passes the world): where this process's
+        last ``wall`` seconds went, averaged over ``comm``'s ranks: ``seconds`` and ``shares``
+        (of ``wall``) per kind in ``TIME_KINDS`` plus 'other' (everything outside updates:
+        acting, env steps, replay, logging, checkpoints), ``per_update_ms`` (mean over updates),
+        and ``per_rank`` (each rank's seconds, for the spread)."""
+        return split_over_ranks(self.time_split_seconds(), self.updates, wall, comm)
 
     def parameter_bytes(self) -> int:
         """Bytes of online + target parameters + Adam moments held by this rank."""
@@ -189,3 +227,27 @@ class StageLearner:
                      arrays.get("exp_avg_sq") if step > 0 else None)
         self.updates = int(scalars["updates"])
         self.set_lr(scalars["lr"])
+
+
+def split_over_ranks(mine: dict, updates: int, wall: float, comm) -> dict:
+    """Collective over ``comm``: ``StageLearner.time_split`` from each rank's seconds (one
+    ``Allgather`` of a few floats)."""
+    kinds = ("update",) + TIME_KINDS
+    v = np.array([mine[k] for k in kinds] + [wall], dtype=np.float64)
+    allv = np.empty((comm.Get_size(), v.size), dtype=np.float64)
+    if comm.Get_size() > 1:
+        comm.Allgather(v, allv)
+    else:
+        allv[0] = v
+    mean = allv.mean(axis=0)
+    sec = dict(zip(kinds, mean[:-1].tolist()))
+    wall_mean = float(mean[-1])
+    sec["other"] = max(0.0, wall_mean - sec["update"])
+    parts = TIME_KINDS + ("other",)
+    return {"wall_s": round(wall_mean, 6),
+            "seconds": {k: round(sec[k], 6) for k in parts},
+            "shares": {k: round(sec[k] / wall_mean, 6) if wall_mean > 0 else 0.0 for k in parts},
+            "per_update_ms": {k: round(1e3 * sec[k] / updates, 6) if updates else 0.0
+                              for k in ("update",) + TIME_KINDS},
+            "per_rank": [{"rank": r, **{k: round(float(x), 6) for k, x in zip(kinds, row[:-1])}}
+                         for r, row in enumerate(allv)]}

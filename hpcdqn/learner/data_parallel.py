@@ -3,6 +3,8 @@ averaged over the replicas (``dp_comm``: any communicator, COMM_SELF, a Split, a
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -63,6 +65,7 @@ class DataParallelLearner(StageLearner):
 
     def update(self, batch: Batch, q_next_target=None) -> dict:
         """Collective over dp_comm: one gradient update on ``batch``."""
+        t_start = time.perf_counter()
         d = self.d
         b = to_tensors(batch, self.device)
         with torch.no_grad():
@@ -81,6 +84,7 @@ class DataParallelLearner(StageLearner):
                             d["huber_delta"])
         self.step_optimizer()
         td_abs = td.abs().cpu().numpy() if self.cfg["replay"]["prioritized"] else None
+        self.update_seconds += time.perf_counter() - t_start
         return {"loss": float(loss.detach()), "q": float(q.mean()), "td_abs": td_abs}
 
     # -- what the loop and checkpoints ask ---------------------------------------------------

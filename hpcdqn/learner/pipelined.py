@@ -56,10 +56,12 @@ class PipelineLearner(StageLearner):
         self.micro = cfg["micro_batches"]
         self.schedule = cfg["schedule"]
         self._out_shapes: dict = {}
-        # timing (seconds): blocked inside the F/B schedule, inside it, whole updates
+        # timing (seconds): blocked inside the F/B schedule, inside it; blocked on the other
+        # stages anywhere in an update (receives, send completion, the norm over pp_comm)
         self.schedule_wait_seconds = 0.0
         self.schedule_seconds = 0.0
-        self.update_seconds = 0.0
+        self.update_link_wait_seconds = 0.0
+        self.norm_wait_seconds = 0.0
 
     @torch.no_grad()
     def _out_shape(self, in_shape: tuple, dtype) -> tuple:
@@ -145,7 +147,7 @@ class PipelineLearner(StageLearner):
     def update(self, batch, q_next_target=None) -> dict:
         """Collective over the replica's stages, then dp_comm: ``batch`` on the first stage,
         None on the others (``q_next_target`` is unused: the target forwards are pipelined)."""
-        t_start = time.perf_counter()
+        t_start, w_start = time.perf_counter(), self.link.wait_seconds
         P = self.P
         b = None
         if self.first:
@@ -174,6 +176,7 @@ class PipelineLearner(StageLearner):
         self.schedule_wait_seconds += self.link.wait_seconds - w_sched
         out = self._report(loss_sum, td_parts, q_parts, len(splits), n)
         self.link.finish_sends()
+        self.update_link_wait_seconds += self.link.wait_seconds - w_start
         self.step_optimizer()
         self.update_seconds += time.perf_counter() - t_start
         return out
@@ -257,7 +260,9 @@ class PipelineLearner(StageLearner):
         sq = np.array([sum(float(torch.linalg.vector_norm(g[i:i + chunk], dtype=torch.float64)) ** 2
                            for i in range(0, g.numel(), chunk))])
         MPI = mpi()
+        t = time.perf_counter()
         self.pp_comm.Allreduce(MPI.IN_PLACE, [sq, MPI.DOUBLE], op=MPI.SUM)
+        self.norm_wait_seconds += time.perf_counter() - t
         return torch.tensor(math.sqrt(sq[0]), dtype=g.dtype, device=g.device)
 
     # -- what the training loop and checkpoints ask ---------------------------------------------
@@ -286,11 +291,24 @@ class PipelineLearner(StageLearner):
         """Collective over the replica's stages: the whole target network on world rank 0."""
         return self._gather(self.target)
 
-    @property
-    def wait_seconds(self) -> float:
-        return self.link.wait_seconds
+    def bubble_seconds(self) -> float:
+        """The pipeline bubble as measured: seconds this stage spent blocked on the replica's
+        other stages inside updates (receives, completing sends, the gradient norm's allreduce
+        over pp_comm). Acting's pipelined forwards are not included (they are not updates)."""
+        return self.update_link_wait_seconds + self.norm_wait_seconds
 
     def timings(self) -> dict:
-        return {"wait_s": self.wait_seconds, "schedule_wait_s": self.schedule_wait_seconds,
-                "schedule_s": self.schedule_seconds,
-                "update_s": self.update_seconds, "allreduce_s": self.sync.seconds}
+        """Seconds since start: 'wait_s' (every StageLink wait, acting included),
+        'schedule_wait_s' / 'schedule_s' (blocked inside / the whole forward-backward schedule),
+        'bubble_s' (``bubble_seconds``), 'update_s', 'allreduce_s' (transfer), 'dp_wait_s'
+        (for the slowest replica)."""
+        return {"wait_s": self.link.wait_seconds, "schedule_wait_s": self.schedule_wait_seconds,
+                "schedule_s": self.schedule_seconds, "bubble_s": self.bubble_seconds(),
+                "update_s": self.update_seconds, "allreduce_s": self.sync.seconds,
+                "dp_wait_s": self.sync.wait_seconds}
+
+    def reset_timings(self) -> None:
+        """Zero every timer (a benchmark's warm-up is over)."""
+        self.link.wait_seconds = self.schedule_wait_seconds = self.schedule_seconds = 0.0
+        self.update_link_wait_seconds = self.norm_wait_seconds = self.update_seconds = 0.0
+        self.sync.seconds = self.sync.wait_seconds = 0.0

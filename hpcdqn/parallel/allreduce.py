@@ -7,6 +7,14 @@ size-capped *buckets* (contiguous slices). Each bucket is reduced with the buffe
 ``overlap=True``: buckets are laid out from the *last* layer backwards (the order autograd
 finishes them); when every parameter of a bucket has its gradient, a non-blocking
 ``Iallreduce`` starts while backward continues on earlier layers. ``finish()`` waits for all.
+
+Time accounting: before the reduction every rank enters a timed ``Barrier`` on the same
+communicator. The time inside it is *waiting for the slowest replica* (``wait_seconds``: its
+own compute is done, another's is not); the time after it, inside the reductions, is the
+*transfer* (``seconds``). Without the barrier the first rank to arrive would count its wait
+as communication. Its cost is one barrier per update (a few microseconds in a node; measured
+in the README), and a barrier's own latency is counted as waiting. With overlap, reductions
+already in flight may progress inside the barrier (that part of the transfer is hidden anyway).
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ class GradSync:
         if overlap and not can_overlap(module, comm):
             raise ValueError("overlapped allreduce needs dp > 1 and gradients in host memory")
         self.overlap = overlap
-        self.seconds = 0.0           # time spent inside MPI reductions (for the allreduce share)
+        self.seconds = 0.0           # transfer: inside the reductions, after every replica arrived
+        self.wait_seconds = 0.0      # waiting for the slowest replica (the timed barrier)
         self.calls = 0
         self.buckets = self.bucket_bounds(module, bucket_mb)
         self._requests = []
@@ -63,8 +72,9 @@ class GradSync:
         if self.size == 1:
             return
         MPI = mpi()
-        t = time.perf_counter()
         g = self.module.flat.grad
+        self.wait_for_replicas(g)
+        t = time.perf_counter()
         if self.overlap:
             MPI.Request.Waitall(self._requests)
             self._requests = []
@@ -81,6 +91,16 @@ class GradSync:
         g.div_(self.size)
         self.seconds += time.perf_counter() - t
         self.calls += 1
+
+    def wait_for_replicas(self, g: torch.Tensor) -> None:
+        """Collective over ``comm``: a timed barrier, once this rank's gradient is computed
+        (on a GPU: its kernels finished), so that waiting for the slowest replica is not
+        counted as transfer."""
+        if g.is_cuda:
+            torch.cuda.synchronize(g.device)
+        t = time.perf_counter()
+        self.comm.Barrier()
+        self.wait_seconds += time.perf_counter() - t
 
     # -- overlapped path --------------------------------------------------------------------
     def _reset_pending(self):

@@ -253,7 +253,7 @@ def test_scale_inside_an_allocation_writes_csv_png_and_prediction(slurm_cluster,
     out = tmp_path / "study"
     job = sbatch(slurm_cluster, tmp_path, "-n", "2", "-J", name, "--time=10", SCALING,
                  "--ranks", "1,2", "--mode", "weak", "--out", out, "--timeout", "150",
-                 *TINY, "total_steps=1500")
+                 "--sweep-max", "1024", *TINY, "total_steps=1500")
     wait_done(slurm_cluster, job, tmp_path, name, timeout=360)
     check_study(out, launcher="srun", ranks=[1, 2])
 
@@ -264,10 +264,13 @@ def test_scale_with_mpirun_on_a_workstation(tmp_path):
     out = tmp_path / "study"
     env = {k: v for k, v in mpi_env().items() if not k.startswith("SLURM_")}
     r = subprocess.run([sys.executable, "-m", "hpcdqn.cli", "scale", "--ranks", "1,2", "--mode",
-                        "strong", "--out", str(out), "--timeout", "150", *TINY, "total_steps=1500"],
+                        "strong", "--out", str(out), "--timeout", "150", "--sweep-max", "1024", *TINY,
+                        "total_steps=1500"],
                        env=env, capture_output=True, text=True, timeout=280, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-4000:]
     check_study(out, launcher="mpirun", ranks=[1, 2])
+    assert "checkpoints off" in r.stdout and "Allreduce sweep, median us [p25-p75]" in r.stdout
+    assert "held-out test: fitted on p=[1], predicts p=2" in r.stdout, r.stdout
 
 
 def check_study(out, launcher, ranks):
@@ -279,39 +282,41 @@ def check_study(out, launcher, ranks):
     for r in rows:
         assert float(r["env_steps_per_s"]) > 0 and float(r["updates_per_s"]) > 0, r
         assert 0 < float(r["efficiency"]) <= 1.5, r
-        assert 0 <= float(r["allreduce_share"]) < 1, r
+        shares = [float(r[f"{k}_share"]) for k in ("compute", "allreduce", "wait", "bubble", "other")]
+        assert all(0 <= x <= 1 for x in shares) and sum(shares) == pytest.approx(1, abs=2e-3), r
+        assert float(r["compute_share"]) > 0 and float(r["bubble_share"]) == 0, r   # pp=1
+        if int(r["ranks"]) == 1:
+            assert float(r["allreduce_share"]) == 0 and float(r["wait_share"]) == 0, r
+        else:
+            assert float(r["allreduce_share"]) > 0 and float(r["wait_share"]) > 0, r
+        assert r["oversubscribed"] == "False"
+        run = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        assert run["checkpoints"] == 0 and run["time_split"]["shares"]["compute"] > 0, run
     assert float(rows[0]["efficiency"]) == 1.0
-    png = (out / "scaling.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    for name in ("scaling.png", "allreduce.png"):
+        png = (out / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000, name
     pred = json.loads((out / "prediction.json").read_text())
-    assert pred["label"] == "prediction (model)" and pred["fit_points"] >= 2, pred
-    assert pred["alpha_s"] >= 0 and pred["beta_s_per_byte"] >= 0
+    assert pred["label"] == "prediction (model)" and pred["coef"]["ranks"] == ranks, pred
     assert pred["meta"]["launcher"] == launcher
+    test = pred["held_out"]          # fitted on p=1, tested at p=2
+    assert test["held_out_ranks"] == 2 and test["fitted_on_ranks"] == [1], test
+    assert all(math.isfinite(e["rel_err"]) for e in test["errors"]), test
     with open(out / "prediction.csv", newline="") as f:
         p = {int(r["ranks"]): r for r in csv.DictReader(f)}
     assert {16, 64, 256, 1024} <= set(p), p
+    assert p[16]["extrapolation"] == "False" and p[32]["extrapolation"] == "True"   # > 8 x 2
     for q in p.values():
-        assert float(q["env_steps_per_s"]) > 0 and 0 < float(q["efficiency"]) <= 1.0 + 1e-9, q
+        assert float(q["env_steps_per_s"]) > 0 and float(q["efficiency"]) > 0, q
+        assert float(q["env_steps_per_s_low"]) <= float(q["env_steps_per_s"]) \
+            <= float(q["env_steps_per_s_high"]), q
     with open(out / "allreduce.csv", newline="") as f:
         bench = list(csv.DictReader(f))
-    assert bench and all(int(b["ranks"]) == 2 and float(b["seconds"]) > 0 for b in bench)
-
-
-def test_allreduce_model_fit_recovers_known_terms():
-    from hpcdqn.cluster.costmodel import fit_allreduce, t_allreduce
-
-    alpha, beta = 3e-6, 1 / 5e9
-    pts = [{"ranks": p, "n_bytes": n, "seconds": t_allreduce(p, n, alpha, beta)}
-           for p in (2, 4, 8) for n in (8, 1024, 65536, 1 << 20, 1 << 24)]
-    a, b = fit_allreduce(pts)
-    assert a == pytest.approx(alpha, rel=1e-6) and b == pytest.approx(beta, rel=1e-6)
-    # one rank count only (p=2): still separable through the message sizes
-    a2, b2 = fit_allreduce([q for q in pts if q["ranks"] == 2])
-    assert a2 == pytest.approx(alpha, rel=1e-6) and b2 == pytest.approx(beta, rel=1e-6)
-    # never negative, even from noise that prefers a negative latency
-    a3, b3 = fit_allreduce([{"ranks": 2, "n_bytes": 8, "seconds": 1e-9},
-                            {"ranks": 2, "n_bytes": 1 << 20, "seconds": 1e-3}])
-    assert a3 >= 0 and b3 >= 0
+    assert {int(b["ranks"]) for b in bench} == {1, 2}
+    for b in bench:        # the tiny sweep: 4 B ... --sweep-max, and the gradient's size
+        assert float(b["p25_s"]) <= float(b["median_s"]) <= float(b["p75_s"]), b
+        assert int(b["iters"]) >= 10 and b["role"] == ("held out" if b["ranks"] == "2" else "fit")
+    assert {int(b["n_bytes"]) for b in bench} >= {4, 16, 64, 256, 1024}
 
 
 def test_submit_scaling_dry_run_uses_arrays_and_a_loop_over_node_counts(tmp_path):
