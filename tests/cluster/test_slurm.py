@@ -4,6 +4,7 @@ train.sbatch runs to the end, survives USR1 by checkpointing + requeueing + resu
 
 import csv
 import json
+import math
 import subprocess
 import sys
 import time
