@@ -10,7 +10,7 @@ from pathlib import Path
 # training, averaged over ranks; they add up to 1
 SHARE_COLUMNS = ["compute_share", "allreduce_share", "wait_share", "bubble_share", "other_share"]
 COLUMNS = ["env_steps", "updates", "episodes", "episodic_return", "episodic_length", "loss",
-           "mean_q", "epsilon", "lr", "sps", "ups", *SHARE_COLUMNS, "wall_s"]
+           "mean_q", "epsilon", "lr", "sps", "ups", *SHARE_COLUMNS, "rss_mb", "wall_s"]
 
 
 def share_columns(split: dict) -> dict:

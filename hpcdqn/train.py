@@ -364,7 +364,7 @@ class Trainer:
                "epsilon": s.epsilon, "lr": learner.lr,
                "sps": steps_done / wall, "ups": learner.updates / wall,
                **share_columns(learner.time_split(time.perf_counter() - self.t_leg, self.comm)),
-               "wall_s": wall}
+               "rss_mb": current_rss() / 2**20, "wall_s": wall}   # rank 0's resident memory
         self.log.log(row)
         self.log.progress(steps_done - s.shown_steps,
                           {"ret": f"{row['episodic_return']:.1f}", "eps": f"{s.epsilon:.2f}"})
