@@ -25,7 +25,10 @@ For pp=2, the bubble three ways:
   bubble, being added on another branch) is not used here: ``bubble_accounted`` is a hook left
   null until it lands;
 - ``simulated``: ``hpcdqn.parallel.pipeline.bubble_simulated`` (this implementation's op order,
-  unit-cost forwards passed on one by one, backward = 2 forwards, free messages);
+  unit-cost forwards passed on one by one, backward = 2 forwards, free messages), each stage's
+  idle share of its *own* window (first op to last): for stage 0 that window is the whole
+  update, as for ``measured``; the last stage's window starts late, so its simulated value is
+  lower than what ``measured`` (over the whole update) can show;
 - ``textbook``: ``(P-1)/(M+P-1)``.
 
 Timings on a shared machine are noisy: re-run on a quiet one before quoting them.
@@ -58,7 +61,7 @@ def _setup(a):
     from hpcdqn.learner import build_learner
     from hpcdqn.learner.budget import process_baseline
     from hpcdqn.parallel.grid import RankGrid
-    from hpcdqn.parallel.memory import keep_freed_memory
+    from hpcdqn.parallel.memory import keep_freed_memory, release_freed_memory
     from hpcdqn.rl.networks import meta_layers
     from hpcdqn.rl.replay import Batch
 
@@ -75,6 +78,7 @@ def _setup(a):
     base = process_baseline()
     layers = meta_layers((OBS,), ACTIONS, a.hidden)
     learner = build_learner(grid, layers, cfg, "cpu", seed=1)
+    release_freed_memory()       # as ``hpcdqn train`` does once the learner is built
     batch = None
     if grid.is_first_stage:
         rng = np.random.default_rng(grid.dp_rank)
