@@ -7,16 +7,18 @@ gradient buffer), ``gradients`` (one flat buffer), ``optimizer`` (Adam's two mom
 estimate: what one update keeps for backward, in-flight micro-batches included, plus the
 transient target forwards; shapes by formula, nothing allocated) and ``transient`` (an
 allowance for what training touches beyond those tensors: ``RUNTIME`` for the first update's
-library working memory and code pages, MPI message buffers and the allocator's free lists,
-plus ``SLACK`` of the rest). The planner also counts the process ``baseline`` (Python, torch
+library working memory and code pages, MPI message buffers and the allocator's free lists;
+``THREAD`` per torch thread beyond the first; the activations once more, for the update's
+temporaries of the same widths; and ``SLACK`` of the rest). The planner also counts the process ``baseline`` (Python, torch
 with its optimizer's imports, MPI, the envs: measured, this process's RSS,
 ``process_baseline``).
 
-Measured (peak RSS = VmHWM; CartPole, batch 32, four hidden layers 500 to 4500 wide, pp=1, 2
-and 4): peak - (baseline + parameters + target + gradients + optimizer + replay +
-activations) was 13-31 MB on every rank and every size, so a fixed ``RUNTIME`` of 48 MiB and a
-5% ``SLACK`` keep the plan above the measured peak by a few percent (tests/learner/test_memory.py
-checks it). Two start-up costs that used to come on top are now in the baseline or gone: torch's
+Measured (peak RSS = VmHWM; CartPole, batch 32, one thread, four hidden layers 500 to 4500
+wide, pp=1, 2 and 4): peak - (baseline + parameters + target + gradients + optimizer + replay +
+activations) was 13-31 MB on every rank and every size; at batch 512 (4 x 4096, pp=1) it was
+115 MiB with one thread and 190 MiB with two. The allowance keeps the plan above the measured
+peak by a few percent in all of these (tests/learner/test_memory.py checks 1.0-1.15x at batch
+32). Two start-up costs that used to come on top are now in the baseline or gone: torch's
 optimizer imports (~70 MB, measured in the baseline) and a meta-device forward for shapes
 (imports torch's meta kernels, ~70 MB: shapes are computed by formula instead).
 
@@ -48,6 +50,7 @@ from hpcdqn.rl.schedule import Schedule
 CATEGORIES = ("parameters", "target", "gradients", "optimizer", "replay", "activations",
               "transient")
 RUNTIME = 48 << 20      # bytes: first-update library memory, MPI buffers, free lists (measured)
+THREAD = 80 << 20       # bytes per torch thread beyond the first (BLAS/OpenMP buffers: measured)
 SLACK = 0.05            # of a stage's other categories
 ENV_CAP = "HPCDQN_MEM_PER_RANK"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -218,13 +221,15 @@ def plan_memory(cfg: dict, obs_shape: tuple, obs_dtype, n_actions: int, world: i
     replay = ReplayBuffer.nbytes_for(d["buffer_size"], cfg["num_envs"], obs_shape, obs_dtype,
                                      d["n_step"], cfg["replay"]["prioritized"])
     per_stage, in_shape = [], tuple(obs_shape)
+    threads = cfg["threads"] or os.cpu_count() or 1        # (0: torch's default, one per core)
     for s, ((a, b), (lo, hi)) in enumerate(zip(stages, ranges)):
         n = hi - lo
         widths, in_shape = stage_widths(stage_modules(layers, a, b), in_shape)
         cats = {"parameters": 4 * n, "target": 4 * n, "gradients": 4 * n, "optimizer": 8 * n,
                 "replay": replay if s == 0 else 0,
                 "activations": activation_bytes(widths, cfg, s, pp)}
-        cats["transient"] = RUNTIME + int(SLACK * sum(cats.values()))
+        cats["transient"] = (RUNTIME + (threads - 1) * THREAD + cats["activations"]
+                             + int(SLACK * sum(cats.values())))
         per_stage.append({"stage": s, "holds": contents[s], "parameters_count": n, **cats,
                           "total": sum(cats.values())})
     sched = Schedule.from_config(cfg, dp)
