@@ -168,38 +168,56 @@ def _add_target_args(s) -> None:
 
 
 def _cmd_eval(args) -> int:
+    """Greedy evaluation of a run's model file. One process: the whole online network, if it
+    fits one rank. Under ``mpirun -n P`` with the run's own pp=P: each rank reads and holds only
+    its stage (``store.modelfile.load_model_stage``) and the stages serve the forward passes."""
     from pathlib import Path
 
-    import torch
-
-    from hpcdqn.rl.evaluate import evaluate
-    from hpcdqn.store.modelfile import load_model
-
-    from hpcdqn.learner.budget import ENV_CAP, cap_per_rank, current_rss, fmt_bytes
-    from hpcdqn.store.modelfile import model_size
+    from hpcdqn.parallel.grid import mpi
 
     run = Path(args.run_dir)
     path = run / "model.h5" if run.is_dir() else run
+    if mpi().COMM_WORLD.Get_size() > 1:
+        return _eval_pipelined(args, run, path)
     try:
-        n, pp = model_size(path)
-        need, (cap, source) = 4 * n + current_rss(), cap_per_rank(1)
-        if need > cap:
-            raise ValueError(f"the whole online network ({n} parameters, {fmt_bytes(4 * n)}) does "
-                             f"not fit on one rank ({fmt_bytes(cap)}, {source}); evaluating with "
-                             f"the run's pp={pp} is not supported yet: raise {ENV_CAP} if the node "
-                             "has the memory")
-        print(f"hpcdqn eval: on one rank (the run had pp={pp}): the whole online network, "
-              f"{n} parameters ({fmt_bytes(4 * n)}), fits in {fmt_bytes(cap)} ({source})",
-              file=sys.stderr)
-        net, cfg, _, _ = load_model(path)
+        policy, cfg = _whole_network_policy(path)
     except (FileNotFoundError, ValueError) as e:
         print(f"hpcdqn eval: {e}", file=sys.stderr)
         return 2
+    print(json.dumps(_run_eval(policy, cfg, args, run)))
+    return 0
+
+
+def _whole_network_policy(path):
+    """(greedy policy of the whole online network on this rank, the run's config); ValueError
+    naming the way out if the whole network does not fit one rank."""
+    import torch
+
+    from hpcdqn.learner.budget import ENV_CAP, cap_per_rank, current_rss, fmt_bytes
+    from hpcdqn.store.modelfile import load_model, model_size
+
+    n, pp = model_size(path)
+    need, (cap, source) = 4 * n + current_rss(), cap_per_rank(1)
+    if need > cap:
+        how = f"`mpirun -n {pp} hpcdqn eval` (each rank holds one stage), or " if pp > 1 else ""
+        raise ValueError(f"the whole online network ({n} parameters, {fmt_bytes(4 * n)}) does not "
+                         f"fit on one rank ({fmt_bytes(cap)}, {source}): use {how}raise {ENV_CAP} "
+                         "if the node has the memory")
+    print(f"hpcdqn eval: on one rank (the run had pp={pp}): the whole online network, {n} "
+          f"parameters ({fmt_bytes(4 * n)}), fits in {fmt_bytes(cap)} ({source})", file=sys.stderr)
+    net, cfg, _, _ = load_model(path)
     torch.set_num_threads(max(1, cfg.get("threads", 1)))
 
     @torch.no_grad()
     def policy(obs):
         return net(torch.as_tensor(obs)).argmax(1).numpy()
+
+    return policy, cfg
+
+
+def _run_eval(policy, cfg: dict, args, run) -> dict:
+    """``args.episodes`` greedy episodes (default: the run's eval.episodes, else 10)."""
+    from hpcdqn.rl.evaluate import evaluate
 
     episodes = args.episodes or cfg["eval"]["episodes"] or 10
     n_envs = min(cfg["eval"]["num_envs"], episodes)
@@ -209,7 +227,46 @@ def _cmd_eval(args) -> int:
                    args.seed if args.seed is not None else cfg["seed"] + 10_000_000, args.epsilon,
                    atari=cfg.get("atari"))
     res["run_dir"] = str(run)
-    print(json.dumps(res))
+    return res
+
+
+def _eval_pipelined(args, run, path) -> int:
+    """``mpirun -n P hpcdqn eval RUN`` for a run with pp=P: collective over the world; errors
+    (a missing file, another pp) are agreed so every rank stops with the same message."""
+    import torch
+
+    from hpcdqn.learner.budget import fmt_bytes
+    from hpcdqn.learner.pipelined import StagePolicy
+    from hpcdqn.parallel.grid import RankGrid, mpi
+    from hpcdqn.store.agree import Local, agree
+    from hpcdqn.store.modelfile import load_model_stage, model_size
+
+    comm = mpi().COMM_WORLD
+    world, rank = comm.Get_size(), comm.Get_rank()
+    with Local() as loc:
+        n, pp = model_size(path)
+        if pp != world:
+            raise ValueError(f"the run has pp={pp} but {world} ranks were launched: evaluate it "
+                             + (f"with `mpirun -n {pp} hpcdqn eval {run}` (each rank holds one "
+                                "stage) or " if pp > 1 else "") + f"on one rank (`hpcdqn eval {run}`)")
+        net, cfg, _, _, (lo, hi) = load_model_stage(path, pp, rank)
+    try:
+        agree(comm, "load", path, loc.err, what="model file", keep_kind=True)
+    except Exception as e:  # noqa: BLE001 - the same agreed message on every rank
+        if rank == 0:
+            print(f"hpcdqn eval: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, cfg.get("threads", 1)))
+    held = comm.gather(hi - lo, root=0)
+    if rank == 0:
+        print(f"hpcdqn eval: pipelined over the run's pp={pp} ranks, each holding only its stage "
+              f"(parameters per stage: {', '.join(f'{h} ({fmt_bytes(4 * h)})' for h in held)}; "
+              f"{n} in all)", file=sys.stderr)
+    grid = RankGrid(comm, pp)
+    res = StagePolicy(net, grid).evaluate(lambda greedy: _run_eval(greedy, cfg, args, run))
+    grid.free()
+    if rank == 0:
+        print(json.dumps(res))
     return 0
 
 

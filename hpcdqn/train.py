@@ -30,11 +30,11 @@ import torch
 from hpcdqn import config as config_mod
 from hpcdqn.learner import build_learner
 from hpcdqn.learner.budget import (cap_per_rank, check_fits, current_rss, fmt_bytes, peak_rss,
-                                   plan_memory)
+                                   plan_memory, process_baseline)
 from hpcdqn.metrics import MetricsLogger, share_columns
 from hpcdqn.parallel.grid import RankGrid, choose_device, mpi
 from hpcdqn.parallel.lifecycle import agree_signal, install_signal_handlers
-from hpcdqn.parallel.memory import keep_freed_memory
+from hpcdqn.parallel.memory import keep_freed_memory, release_freed_memory
 from hpcdqn.rl.envs import frame_stack, make_vector_env
 from hpcdqn.rl.evaluate import evaluate
 from hpcdqn.rl.networks import meta_layers
@@ -175,11 +175,9 @@ class Trainer:
         self.frame_stack = frame_stack(env)     # > 0: the replay stores each frame once
         if not grid.is_first_stage:
             env.close()      # (built for its spaces: only a replica's first stage acts)
+        self.mem_plan = self.check_memory()     # stops here, on every rank, if it cannot fit
         # shapes only (meta device): each rank allocates just its own stage, with the values
         # the whole network would get from `seed` (networks.initial_flat)
-        # the process baseline: Python, torch, MPI and the envs, before the network and replay
-        self.baseline_rss = current_rss()
-        self.mem_plan = self.check_memory()     # stops here, on every rank, if it cannot fit
         layers = meta_layers(self.obs_space.shape, self.n_actions, cfg["network"]["hidden"],
                              cfg["network"]["dueling"])
         self.learner = build_learner(grid, layers, cfg, self.device, seed=cfg["seed"])
@@ -199,6 +197,7 @@ class Trainer:
         self.ckpt = Checkpointer(self.run_dir, cfg, grid, layers, env_info, self.learner,
                                  self.replay, env if self.rollout is not None else None,
                                  self.frame_stack)
+        release_freed_memory()      # start-up temporaries (the backward check's copy) leave no hole
 
     def check_memory(self) -> dict:
         """Collective over the world: the planner's per-stage bytes for this layout, checked
@@ -211,8 +210,10 @@ class Trainer:
         cap, source = cap_per_rank(local.Get_size())
         local.Free()
         cap = self.comm.allreduce(cap, op=MPI.MIN)
-        baseline = self.comm.allreduce(current_rss(), op=MPI.MAX)
-        check_fits(plan, cap, source, baseline)
+        # the process baseline: Python, torch (its optimizer's imports), MPI and the envs,
+        # before the network and replay
+        self.baseline_rss = process_baseline()
+        check_fits(plan, cap, source, self.comm.allreduce(self.baseline_rss, op=MPI.MAX))
         return plan
 
     def memory_report(self) -> dict:
@@ -221,9 +222,11 @@ class Trainer:
         g = self.grid
         cats = dict(self.learner.memory_bytes())
         cats["replay"] = self.replay.nbytes if self.replay is not None else 0
-        cats["activations_estimate"] = self.mem_plan["stages"][g.pp_rank]["activations"]
+        planned = self.mem_plan["stages"][g.pp_rank]
+        cats["activations_estimate"] = planned["activations"]
         return {"rank": g.rank, "dp_rank": g.dp_rank, "pp_rank": g.pp_rank, **cats,
-                "baseline_rss": self.baseline_rss, "peak_rss": peak_rss()}
+                "baseline_rss": self.baseline_rss, "planned_rss": self.baseline_rss + planned["total"],
+                "peak_rss": peak_rss()}
 
     def _announce(self) -> None:
         """Rank 0 says once how this job computes its updates, what each stage holds and the
@@ -241,8 +244,9 @@ class Trainer:
             print(f"hpcdqn: memory rank {r['rank']} (stage {r['pp_rank']}): " + ", ".join(
                 f"{k} {fmt_bytes(r[k])}" for k in ("parameters", "target", "gradients", "optimizer",
                                                    "replay", "activations_estimate"))
-                  + f"; RSS baseline {fmt_bytes(r['baseline_rss'])}, peak so far "
-                    f"{fmt_bytes(r['peak_rss'])}", file=sys.stderr, flush=True)
+                  + f"; RSS baseline {fmt_bytes(r['baseline_rss'])}, planned peak "
+                    f"{fmt_bytes(r['planned_rss'])}, peak so far {fmt_bytes(r['peak_rss'])}",
+                  file=sys.stderr, flush=True)
 
     # -- resume -----------------------------------------------------------------------------------
     def resume(self, run_dir) -> None:
@@ -257,6 +261,7 @@ class Trainer:
         if self.rollout is not None:
             self.rollout.load(st)
         self.resumed = True
+        release_freed_memory()      # the arrays read from the checkpoint
         if self.root:
             for name in ("metrics.csv", EVAL_CSV):
                 truncate_metrics(self.run_dir, int(c["env_steps"]), name)

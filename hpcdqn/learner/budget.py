@@ -3,17 +3,32 @@ and the check ``hpcdqn train`` makes before allocating) and the accounting a run
 
 Categories, per rank: ``parameters`` (online network), ``target`` (target network; it has no
 gradient buffer), ``gradients`` (one flat buffer), ``optimizer`` (Adam's two moments),
-``replay`` (the replay shard's arrays, first pipeline stages only) and ``activations`` (an
+``replay`` (the replay shard's arrays, first pipeline stages only), ``activations`` (an
 estimate: what one update keeps for backward, in-flight micro-batches included, plus the
-transient target forwards; shapes from a meta-device forward, nothing allocated). The planner
-also counts the process ``baseline`` (Python, torch, MPI: measured, this process's RSS).
+transient target forwards; shapes by formula, nothing allocated) and ``transient`` (an
+allowance for what training touches beyond those tensors: ``RUNTIME`` for the first update's
+library working memory and code pages, MPI message buffers and the allocator's free lists;
+``THREAD`` per torch thread beyond the first; the activations once more, for the update's
+temporaries of the same widths; and ``SLACK`` of the rest). The planner also counts the process ``baseline`` (Python, torch
+with its optimizer's imports, MPI, the envs: measured, this process's RSS,
+``process_baseline``).
+
+Measured (peak RSS = VmHWM; CartPole, batch 32, one thread, four hidden layers 500 to 4500
+wide, pp=1, 2 and 4): peak - (baseline + parameters + target + gradients + optimizer + replay +
+activations) was 13-31 MB on every rank and every size; at batch 512 (4 x 4096, pp=1) it was
+115 MiB with one thread and 190 MiB with two. The allowance keeps the plan above the measured
+peak by a few percent in all of these (tests/learner/test_memory.py checks 1.0-1.15x at batch
+32). Two start-up costs that used to come on top are now in the baseline or gone: torch's
+optimizer imports (~70 MB, measured in the baseline) and a meta-device forward for shapes
+(imports torch's meta kernels, ~70 MB: shapes are computed by formula instead).
 
 Stage sizes come from the network built on the meta device (``networks.meta_layers``), cut
 exactly as the pipeline learner will cut it, so the plan allocates nothing of the network.
 
 The cap per rank: ``--mem-per-rank`` / ``HPCDQN_MEM_PER_RANK`` (e.g. ``6G``), else under
 Slurm the allocation (``SLURM_MEM_PER_CPU`` x cpus per task, or ``SLURM_MEM_PER_NODE`` /
-tasks per node), else the node's ``MemTotal`` / ranks on this node.
+tasks per node; 0, Slurm's "all of the node", falls through), else the node's ``MemTotal`` /
+ranks on this node. The cap is the planner's: the kernel does not enforce it.
 """
 
 from __future__ import annotations
@@ -23,15 +38,20 @@ import resource
 
 import numpy as np
 import torch
+from torch import nn
 
 from hpcdqn.config import ConfigError
-from hpcdqn.parallel.partition import (boundary_offset, describe, layer_offsets, plan_stages,
-                                       stage_modules)
-from hpcdqn.rl.networks import meta_layers, unroll
+from hpcdqn.parallel.partition import (LinearPiece, describe, layer_offsets, param_ranges,
+                                       plan_stages, stage_modules)
 from hpcdqn.rl.framereplay import replay_nbytes
+from hpcdqn.rl.networks import DuelingHead, Scale, meta_layers, unroll
 from hpcdqn.rl.schedule import Schedule
 
-CATEGORIES = ("parameters", "target", "gradients", "optimizer", "replay", "activations")
+CATEGORIES = ("parameters", "target", "gradients", "optimizer", "replay", "activations",
+              "transient")
+RUNTIME = 48 << 20      # bytes: first-update library memory, MPI buffers, free lists (measured)
+THREAD = 80 << 20       # bytes per torch thread beyond the first (BLAS/OpenMP buffers: measured)
+SLACK = 0.05            # of a stage's other categories
 ENV_CAP = "HPCDQN_MEM_PER_RANK"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -63,6 +83,16 @@ def current_rss() -> int:
     return 1024 * kb if kb is not None else peak_rss()
 
 
+def process_baseline() -> int:
+    """This process's RSS once the libraries every rank loads anyway are in: constructing a
+    torch optimizer imports ``torch._dynamo`` (sympy, mpmath: ~70 MB per rank), so a throwaway
+    one-element Adam is made first. Network, replay and training state come on top of this."""
+    from hpcdqn.rl.optim import make_adam
+
+    make_adam(torch.nn.Parameter(torch.zeros(1)), {"lr": 1e-3, "adam_eps": 1e-8})
+    return current_rss()
+
+
 def parse_bytes(text: str) -> int:
     """'6G', '512M', '1.5G', '1000000' -> bytes (binary units; a trailing B or iB is fine)."""
     t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
@@ -90,16 +120,28 @@ def cap_per_rank(local_ranks: int, override: str | None = None) -> tuple[int, st
         return parse_bytes(override), "--mem-per-rank"
     if os.environ.get(ENV_CAP):
         return parse_bytes(os.environ[ENV_CAP]), ENV_CAP
-    env = os.environ
-    if env.get("SLURM_MEM_PER_CPU"):
-        cpus = int(env.get("SLURM_CPUS_PER_TASK", "1") or 1)
-        return int(env["SLURM_MEM_PER_CPU"]) * (1 << 20) * cpus, "SLURM_MEM_PER_CPU x cpus per task"
-    if env.get("SLURM_MEM_PER_NODE"):
-        tasks = int((env.get("SLURM_NTASKS_PER_NODE") or str(local_ranks)).split("(")[0])
-        return int(env["SLURM_MEM_PER_NODE"]) * (1 << 20) // max(1, tasks), \
-            "SLURM_MEM_PER_NODE / tasks per node"
+    per_cpu, per_node = _slurm_int("SLURM_MEM_PER_CPU"), _slurm_int("SLURM_MEM_PER_NODE")
+    if per_cpu:     # (Slurm gives MB; 0 means "all of the node's memory": next rule)
+        cpus = _slurm_int("SLURM_CPUS_PER_TASK") or 1
+        return per_cpu * (1 << 20) * cpus, f"Slurm: SLURM_MEM_PER_CPU={per_cpu}M x {cpus} cpus per task"
+    if per_node:
+        tasks = _slurm_int("SLURM_NTASKS_PER_NODE") or local_ranks
+        return per_node * (1 << 20) // max(1, tasks), \
+            f"Slurm: SLURM_MEM_PER_NODE={per_node}M / {tasks} tasks per node"
     total = (_meminfo_kb("MemTotal") or 0) * 1024
     return total // max(1, local_ranks), f"MemTotal / {local_ranks} rank(s) on this node"
+
+
+def _slurm_int(name: str) -> int | None:
+    """A Slurm count from the environment (``4``, or ``4(x2)`` as SLURM_NTASKS_PER_NODE may be)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        return int(text.split("(")[0])
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a number; unset it or set {ENV_CAP} "
+                          "(e.g. 6G)") from None
 
 
 def _meminfo_kb(key: str) -> int | None:
@@ -123,20 +165,43 @@ def stage_layout(cfg: dict, obs_shape: tuple, n_actions: int):
         total = layer_offsets(layers)[-1]
         return layers, [((0, 0), (len(layers), 0))], [(0, total)], [f"layers [0, {len(layers)})"]
     stages = plan_stages(layers, pp, net["cuts"], net["split_layers"])
-    off = layer_offsets(layers)
-    ranges = [(boundary_offset(layers, a, off), boundary_offset(layers, b, off)) for a, b in stages]
-    return layers, stages, ranges, describe(stages)
+    return layers, stages, param_ranges(layers, stages), describe(stages)
 
 
-@torch.no_grad()
-def activation_bytes(modules, in_shape: tuple, in_dtype, cfg: dict, stage: int, pp: int) -> int:
-    """Estimated bytes one update keeps alive on this stage (meta forward: no allocation)."""
-    x = torch.zeros((1, *in_shape), dtype=in_dtype, device="meta")
-    widths = [int(np.prod(in_shape))]
+def leaf_shape(leaf, in_shape: tuple) -> tuple:
+    """Per-sample output shape of one of the network's leaf modules for a per-sample input
+    shape, by formula (a forward on the meta device would import torch's meta kernels: ~70 MB
+    in every rank); a module of another kind: by a meta-device forward."""
+    if isinstance(leaf, LinearPiece):
+        return (leaf.out_features,) if leaf.last else (int(in_shape[0]) + leaf.r1 - leaf.r0,)
+    if isinstance(leaf, nn.Linear):
+        return (leaf.out_features,)
+    if isinstance(leaf, DuelingHead):
+        return (leaf.advantage.out_features,)
+    if isinstance(leaf, (nn.ReLU, Scale)):
+        return tuple(in_shape)
+    if isinstance(leaf, nn.Flatten) and leaf.start_dim == 1 and leaf.end_dim == -1:
+        return (int(np.prod(in_shape)),)
+    if isinstance(leaf, nn.Conv2d) and not isinstance(leaf.padding, str):
+        hw = [(d + 2 * p - dil * (k - 1) - 1) // s + 1 for d, p, dil, k, s in zip(
+            in_shape[1:], leaf.padding, leaf.dilation, leaf.kernel_size, leaf.stride)]
+        return (leaf.out_channels, *hw)
+    with torch.no_grad():
+        return tuple(leaf(torch.zeros((1, *in_shape), device="meta")).shape[1:])
+
+
+def stage_widths(modules, in_shape: tuple) -> tuple[list[int], tuple]:
+    """(per-sample sizes of the stage's input and of every leaf's output, the output shape)."""
+    shape, widths = tuple(in_shape), [int(np.prod(in_shape))]
     for m in modules:
         for leaf in unroll(m):
-            x = leaf(x)
-            widths.append(int(np.prod(x.shape[1:])))
+            shape = leaf_shape(leaf, shape)
+            widths.append(int(np.prod(shape)))
+    return widths, shape
+
+
+def activation_bytes(widths: list[int], cfg: dict, stage: int, pp: int) -> int:
+    """Estimated bytes one update keeps alive on a stage whose leaves produce ``widths``."""
     batch, micro = cfg["dqn"]["batch_size"], max(1, cfg["micro_batches"]) if pp > 1 else 1
     rows = -(-batch // micro)
     in_flight = micro if cfg["schedule"] == "gpipe" or pp == 1 else min(micro, pp - stage)
@@ -158,17 +223,18 @@ def plan_memory(cfg: dict, obs_shape: tuple, obs_dtype, n_actions: int, world: i
     d, sched = cfg["dqn"], Schedule.resolve(cfg, dp)
     replay = replay_nbytes(sched.buffer_per_replica, cfg["num_envs"], obs_shape, obs_dtype,
                            d["n_step"], cfg["replay"]["prioritized"], frame_stack)
-    per_stage, in_shape, in_dtype = [], tuple(obs_shape), torch.from_numpy(
-        np.zeros(0, dtype=obs_dtype)).dtype
+    per_stage, in_shape = [], tuple(obs_shape)
+    threads = cfg["threads"] or os.cpu_count() or 1        # (0: torch's default, one per core)
     for s, ((a, b), (lo, hi)) in enumerate(zip(stages, ranges)):
         n = hi - lo
-        mods = stage_modules(layers, a, b)
+        widths, in_shape = stage_widths(stage_modules(layers, a, b), in_shape)
         cats = {"parameters": 4 * n, "target": 4 * n, "gradients": 4 * n, "optimizer": 8 * n,
                 "replay": replay if s == 0 else 0,
-                "activations": activation_bytes(mods, in_shape, in_dtype, cfg, s, pp)}
+                "activations": activation_bytes(widths, cfg, s, pp)}
+        cats["transient"] = (RUNTIME + (threads - 1) * THREAD + cats["activations"]
+                             + int(SLACK * sum(cats.values())))
         per_stage.append({"stage": s, "holds": contents[s], "parameters_count": n, **cats,
                           "total": sum(cats.values())})
-        in_shape, in_dtype = _out_shape(mods, in_shape, in_dtype), torch.float32
     res = sched.as_dict()
     return {"world": world, "dp": dp, "pp": pp, "stages": per_stage,
             "global_batch": sched.global_batch, "replay_ratio": res["replay_ratio"],
@@ -176,15 +242,6 @@ def plan_memory(cfg: dict, obs_shape: tuple, obs_dtype, n_actions: int, world: i
             "total_updates": sched.total_updates, "env_steps": res["env_steps_total"],
             "warmup_share": res["warmup_share"], "schedule": res,
             "schedule_text": sched.describe()}
-
-
-@torch.no_grad()
-def _out_shape(modules, in_shape: tuple, in_dtype) -> tuple:
-    x = torch.zeros((1, *in_shape), dtype=in_dtype, device="meta")
-    for m in modules:
-        for leaf in unroll(m):
-            x = leaf(x)
-    return tuple(x.shape[1:])
 
 
 def check_fits(plan: dict, cap: int, source: str, baseline: int, ranks_per_stage=None) -> list[str]:
@@ -197,7 +254,8 @@ def check_fits(plan: dict, cap: int, source: str, baseline: int, ranks_per_stage
         f"this layout needs {fmt_bytes(need)} on pipeline stage {worst['stage']} (parameters "
         f"{fmt_bytes(worst['parameters'])}, target {fmt_bytes(worst['target'])}, gradients "
         f"{fmt_bytes(worst['gradients'])}, Adam {fmt_bytes(worst['optimizer'])}, replay "
-        f"{fmt_bytes(worst['replay'])}, activations ~{fmt_bytes(worst['activations'])}, process "
+        f"{fmt_bytes(worst['replay'])}, activations ~{fmt_bytes(worst['activations'])}, transient "
+        f"~{fmt_bytes(worst['transient'])}, process "
         f"baseline {fmt_bytes(baseline)}) but a rank may use {fmt_bytes(cap)} ({source}); stopped "
         f"before allocating. Use more pipeline stages (pp={2 * plan['pp']} with "
         f"{2 * plan['world']} ranks), a smaller dqn.buffer_size or network, or raise the cap "
@@ -235,7 +293,7 @@ def job_plan(cfg: dict, world: int, local_ranks: int, cap_override: str | None =
     env.close()
     plan = plan_memory(cfg, space.shape, space.dtype, n_actions, world, stack)
     cap, source = cap_per_rank(local_ranks, cap_override)
-    baseline = current_rss()
+    baseline = process_baseline()
     need = max(st["total"] for st in plan["stages"]) + baseline
     return {**plan, "mem_per_rank": cap, "mem_per_rank_source": source, "baseline_rss": baseline,
             "largest_rank_bytes": need, "fits": need <= cap}

@@ -18,8 +18,7 @@ import torch
 from hpcdqn.learner.base import StageLearner
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.parallel.grid import mpi
-from hpcdqn.parallel.partition import (boundary_offset, describe, layer_offsets, plan_stages,
-                                       stage_modules)
+from hpcdqn.parallel.partition import describe, param_ranges, plan_stages, stage_modules
 from hpcdqn.parallel.pipeline import (OP_GREEDY, OP_QVALUES, OP_STOP, OP_UPDATE, TAG_ACT,
                                       TAG_DBL, TAG_GRAD, TAG_INFER, TAG_INFER_OUT, TAG_LABELS,
                                       TAG_RESULT, TAG_TGT, StageLink, as_np, micro_splits,
@@ -27,41 +26,10 @@ from hpcdqn.parallel.pipeline import (OP_GREEDY, OP_QVALUES, OP_STOP, OP_UPDATE,
 from hpcdqn.rl.td import td_loss, td_target, to_tensors
 
 
-class PipelineLearner(StageLearner):
-    """One pipeline stage of one data-parallel replica (``grid.pp_rank`` of ``grid.pp``)."""
-
-    def __init__(self, layers, cfg: dict, grid, device="cpu", seed: int | None = None):
-        """``layers``: the whole network, real or (with ``seed``) on the meta device; this rank
-        materialises only its stage (rows of a cut layer included)."""
-        if grid.pp < 2:
-            raise ValueError("PipelineLearner needs pp >= 2; use DataParallelLearner for pp=1")
-        self.grid = grid
-        self.P, self.stage = grid.pp, grid.pp_rank
-        self.first, self.last = grid.is_first_stage, grid.is_last_stage
-        self.stages = plan_stages(layers, grid.pp, cfg["network"]["cuts"],
-                                  cfg["network"]["split_layers"])
-        offsets = layer_offsets(layers)
-        self.param_ranges = [(boundary_offset(layers, a, offsets), boundary_offset(layers, b, offsets))
-                             for a, b in self.stages]
-        self.stage_sizes = [b - a for a, b in self.param_ranges]
-        self.stage_contents = describe(self.stages)
-        lo, hi = self.param_ranges[self.stage]
-        super().__init__(stage_modules(layers, *self.stages[self.stage]), cfg, grid.dp_comm,
-                         device, pipeline=True, init=(layers, lo, hi, seed))
-        if self.online.numel != self.stage_sizes[self.stage]:
-            raise RuntimeError(f"stage {self.stage} holds {self.online.numel} parameters, its "
-                               f"range {self.param_ranges[self.stage]} says {self.stage_sizes[self.stage]}")
-        self.pp_comm = grid.pp_comm
-        self.link = StageLink(grid.pp_comm, self.stage, self.P)
-        self.micro = cfg["micro_batches"]
-        self.schedule = cfg["schedule"]
-        self._out_shapes: dict = {}
-        # timing (seconds): blocked inside the F/B schedule, inside it; blocked on the other
-        # stages anywhere in an update (receives, send completion, the norm over pp_comm)
-        self.schedule_wait_seconds = 0.0
-        self.schedule_seconds = 0.0
-        self.update_link_wait_seconds = 0.0
-        self.norm_wait_seconds = 0.0
+class StageInference:
+    """The forward passes of one pipeline stage for acting and evaluation (collectives over the
+    replica's stages). Needs ``online`` (this stage's FlatModule), ``link``, ``grid``, ``P``,
+    ``stage``, ``first``, ``last``, ``device`` and an ``_out_shapes`` dict."""
 
     @torch.no_grad()
     def _out_shape(self, in_shape: tuple, dtype) -> tuple:
@@ -138,6 +106,58 @@ class PipelineLearner(StageLearner):
                 link.finish_sends()
                 return None
             self._serve_infer(op, batch, in_shape)
+
+
+class StagePolicy(StageInference):
+    """One stage of a trained network for greedy evaluation with the run's own pp (``mpirun -n
+    P hpcdqn eval RUN``): this stage's online parameters only, no target, gradients or
+    optimizer state. ``online``: the stage's FlatModule (``store.modelfile.load_model_stage``)."""
+
+    def __init__(self, online: FlatModule, grid, device="cpu"):
+        if grid.pp < 2:
+            raise ValueError("StagePolicy needs pp >= 2: on one rank, use the whole network")
+        self.online, self.grid, self.device = online, grid, torch.device(device)
+        self.P, self.stage = grid.pp, grid.pp_rank
+        self.first, self.last = grid.is_first_stage, grid.is_last_stage
+        self.link = StageLink(grid.pp_comm, self.stage, self.P)
+        self._out_shapes: dict = {}
+
+
+class PipelineLearner(StageInference, StageLearner):
+    """One pipeline stage of one data-parallel replica (``grid.pp_rank`` of ``grid.pp``)."""
+
+    def __init__(self, layers, cfg: dict, grid, device="cpu", seed: int | None = None):
+        """``layers``: the whole network, real or (with ``seed``) on the meta device; this rank
+        materialises only its stage (rows of a cut layer included)."""
+        if grid.pp < 2:
+            raise ValueError("PipelineLearner needs pp >= 2; use DataParallelLearner for pp=1")
+        self.grid = grid
+        self.P, self.stage = grid.pp, grid.pp_rank
+        self.first, self.last = grid.is_first_stage, grid.is_last_stage
+        self.stages = plan_stages(layers, grid.pp, cfg["network"]["cuts"],
+                                  cfg["network"]["split_layers"])
+        self.param_ranges = param_ranges(layers, self.stages)
+        self.stage_sizes = [b - a for a, b in self.param_ranges]
+        self.stage_contents = describe(self.stages)
+        lo, hi = self.param_ranges[self.stage]
+        super().__init__(stage_modules(layers, *self.stages[self.stage]), cfg, grid.dp_comm,
+                         device, pipeline=True, init=(layers, lo, hi, seed))
+        if self.online.numel != self.stage_sizes[self.stage]:
+            raise RuntimeError(f"stage {self.stage} holds {self.online.numel} parameters, its "
+                               f"range {self.param_ranges[self.stage]} says {self.stage_sizes[self.stage]}")
+        self.pp_comm = grid.pp_comm
+        self.link = StageLink(grid.pp_comm, self.stage, self.P)
+        self.micro = cfg["micro_batches"]
+        self.schedule = cfg["schedule"]
+        self._out_shapes: dict = {}
+        # timing (seconds): blocked inside the F/B schedule, inside it; blocked on the other
+        # stages anywhere in an update (receives, send completion, the norm over pp_comm);
+        # whole updates
+        self.schedule_wait_seconds = 0.0
+        self.schedule_seconds = 0.0
+        self.update_link_wait_seconds = 0.0
+        self.norm_wait_seconds = 0.0
+        self.update_seconds = 0.0
 
     # -- learning ---------------------------------------------------------------------------------
     def phase_targets(self, batches):
@@ -254,10 +274,10 @@ class PipelineLearner(StageLearner):
         """Collective over pp_comm: the norm of the whole replica's gradient (squared stage norms
         summed)."""
         g = self.online.flat.grad
-        # in float64, a chunk at a time (a float64 copy of a big stage's gradient would be the
-        # largest allocation of the update)
+        # float32 norms of 4M-element chunks (no copy: a float64 cast, even a chunk at a time,
+        # was the update's largest temporary and fragmented the heap), squares summed in float64
         chunk = 1 << 22
-        sq = np.array([sum(float(torch.linalg.vector_norm(g[i:i + chunk], dtype=torch.float64)) ** 2
+        sq = np.array([sum(float(torch.linalg.vector_norm(g[i:i + chunk])) ** 2
                            for i in range(0, g.numel(), chunk))])
         MPI = mpi()
         t = time.perf_counter()

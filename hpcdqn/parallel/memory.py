@@ -40,3 +40,18 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def release_freed_memory() -> bool:
+    """Give the pages of freed blocks back to the OS (glibc ``malloc_trim(0)``, which also
+    releases free pages inside the heap, not only at its top). With ``keep_freed_memory`` a
+    start-up temporary (the hand-written backward's check clones a gradient; a resume reads
+    arrays before copying them in) would otherwise stay resident as a hole the training state,
+    allocated later, cannot reuse: called once the learner is built (and after a resume).
+    True if it ran."""
+    trim = getattr(libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

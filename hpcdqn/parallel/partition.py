@@ -133,6 +133,13 @@ def boundary_offset(layers, b: Boundary, offsets: list[int]) -> int:
     return offsets[i] + r * splittable(layers[i])[0].in_features
 
 
+def param_ranges(layers, stages: list[tuple[Boundary, Boundary]]) -> list[tuple[int, int]]:
+    """Every stage's range ``[lo, hi)`` of the flattened network's parameters."""
+    offsets = layer_offsets(layers)
+    return [(boundary_offset(layers, a, offsets), boundary_offset(layers, b, offsets))
+            for a, b in stages]
+
+
 def plan_stages(layers, pp: int, cuts: list[int] | None = None,
                 split_layers: bool = True) -> list[tuple[Boundary, Boundary]]:
     """The ``pp`` stages as (start, stop) boundaries; see the module docstring."""

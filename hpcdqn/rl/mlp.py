@@ -108,7 +108,11 @@ def check_against_autograd(net: nn.Module, layers: list[Dense], grad: torch.Tens
         q_all, inputs = mlp_forward(layers, obs)
         _, _, q = td_loss(q_all, actions, target, weights, huber_delta)
         mlp_td_backward(layers, inputs, q_all, q, actions, target, weights, huber_delta)
-    diff = float((grad.detach() - auto).abs().max()) if grad.numel() else 0.0
-    scale = float(auto.abs().max()) if grad.numel() else 0.0
+    diff = scale = 0.0
+    g, chunk = grad.detach(), 1 << 20      # compared a chunk at a time: no full-size temporaries
+    for i in range(0, g.numel(), chunk):
+        a = auto[i:i + chunk]
+        diff = max(diff, float((g[i:i + chunk] - a).abs().max()))
+        scale = max(scale, float(a.abs().max()))
     grad.zero_()
     return diff / scale if scale > 0 else diff

@@ -71,11 +71,11 @@ def build_layers(obs_shape: tuple, n_actions: int, hidden: list[int], dueling: b
             convs = [nn.Sequential(nn.Conv2d(c, 32, 8, stride=4), nn.ReLU()),
                      nn.Sequential(nn.Conv2d(32, 64, 4, stride=2), nn.ReLU()),
                      nn.Sequential(nn.Conv2d(64, 64, 3, stride=1), nn.ReLU())]
-            with torch.no_grad():
-                x = torch.zeros(1, c, h, w)
-                for m in convs:
-                    x = m(x)
-            flat = int(np.prod(x.shape[1:]))
+            # the convs' output size by formula: a probe forward on the meta device (as
+            # meta_layers builds) would import torch's meta kernels, ~70 MB in every rank
+            for k, stride in ((8, 4), (4, 2), (3, 1)):
+                h, w = (h - k) // stride + 1, (w - k) // stride + 1
+            flat = 64 * h * w
             width = hidden[-1] if hidden else 512
             layers = [Scale(1.0 / 255.0), *convs, nn.Flatten(), _dense(flat, width)]
             last = width

@@ -18,6 +18,7 @@ import torch
 
 from hpcdqn import __version__
 from hpcdqn.parallel.flat import FlatModule
+from hpcdqn.parallel.partition import param_ranges, plan_stages, stage_modules
 from hpcdqn.rl.networks import meta_layers, num_params
 from hpcdqn.store.mpiio import io_mode, mpi_info
 
@@ -111,44 +112,74 @@ def _declared(f, path) -> tuple:
     return cfg, obs_shape, n_actions, hidden, dueling
 
 
-def _expected_params(obs_shape, n_actions, hidden, dueling) -> int:
-    """The declared network's parameter count, built on the meta device (nothing allocated)."""
-    return sum(num_params(m) for m in meta_layers(obs_shape, n_actions, hidden, dueling))
+def _checked(f, path) -> tuple:
+    """(cfg, obs_shape, n_actions, meta layers, the 'online' dataset) of an open model file,
+    every size checked before anything is allocated: the declared network's parameter count
+    (computed without allocating) against the stored dataset's shape and its bytes on disk."""
+    if f.attrs.get("format") != FORMAT:
+        raise ValueError(f"'{path}' is not an hpcdqn model file (format={f.attrs.get('format')!r})")
+    cfg, obs_shape, n_actions, hidden, dueling = _declared(f, path)
+    layers = meta_layers(obs_shape, n_actions, hidden, dueling)
+    n = sum(num_params(m) for m in layers)
+    ds = f.get("online")
+    if not isinstance(ds, h5py.Dataset) or ds.dtype != np.float32 or ds.shape != (n,):
+        raise ValueError(f"'{path}': dataset 'online' is {getattr(ds, 'shape', None)} "
+                         f"{getattr(ds, 'dtype', None)}; the network in its config has {n} "
+                         "float32 parameters")
+    if n > MAX_PARAMS or ds.id.get_storage_size() < 4 * n:
+        raise ValueError(f"'{path}': dataset 'online' declares {n} parameters but holds "
+                         f"{ds.id.get_storage_size()} bytes on disk")
+    return cfg, obs_shape, n_actions, layers, ds
 
 
-def load_model(path: Path, device="cpu"):
-    """Returns (FlatModule with the trained parameters, cfg, obs_shape, n_actions). Every size
-    is checked before anything is allocated: the declared network's parameter count (computed
-    without allocating) against the stored dataset's shape and its bytes on disk."""
+def _open(path: Path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file '{path}' does not exist (did the run finish?)")
     try:
-        f = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as e:
         raise ValueError(f"'{path}' cannot be opened (truncated or not an HDF5 file): {e}") from None
-    with f:
-        if f.attrs.get("format") != FORMAT:
-            raise ValueError(f"'{path}' is not an hpcdqn model file (format={f.attrs.get('format')!r})")
-        cfg, obs_shape, n_actions, hidden, dueling = _declared(f, path)
-        n = _expected_params(obs_shape, n_actions, hidden, dueling)
-        ds = f.get("online")
-        if not isinstance(ds, h5py.Dataset) or ds.dtype != np.float32 or ds.shape != (n,):
-            raise ValueError(f"'{path}': dataset 'online' is {getattr(ds, 'shape', None)} "
-                             f"{getattr(ds, 'dtype', None)}; the network in its config has {n} "
-                             "float32 parameters")
-        if n > MAX_PARAMS or ds.id.get_storage_size() < 4 * n:
-            raise ValueError(f"'{path}': dataset 'online' declares {n} parameters but holds "
-                             f"{ds.id.get_storage_size()} bytes on disk")
-        net = FlatModule(meta_layers(obs_shape, n_actions, hidden, dueling), device, grad=False)
-        try:
-            if net.flat.device.type == "cpu":
-                ds.read_direct(net.flat.data.numpy())   # (no second copy of the parameters)
-            else:
-                net.load_flat_(ds[...])
-        except (OSError, RuntimeError) as e:
-            raise ValueError(f"'{path}': dataset 'online' cannot be read: {e}") from None
+
+
+def _read_into(net: FlatModule, ds, lo: int, hi: int, path) -> None:
+    """Parameters [lo, hi) of the dataset into ``net.flat`` (on the CPU without a second copy),
+    checked finite."""
+    try:
+        if net.flat.device.type == "cpu":
+            ds.read_direct(net.flat.data.numpy(), source_sel=np.s_[lo:hi])
+        else:
+            net.load_flat_(ds[lo:hi])
+    except (OSError, RuntimeError, TypeError) as e:
+        raise ValueError(f"'{path}': dataset 'online' cannot be read: {e}") from None
     bad = int((~torch.isfinite(net.flat.data)).sum())
     if bad:
         raise ValueError(f"'{path}': {bad} parameters are NaN or infinite (a diverged run?)")
+
+
+def load_model(path: Path, device="cpu"):
+    """Returns (FlatModule with the trained parameters, cfg, obs_shape, n_actions); sizes are
+    checked before anything is allocated (``_checked``)."""
+    with _open(path) as f:
+        cfg, obs_shape, n_actions, layers, ds = _checked(f, path)
+        net = FlatModule(layers, device, grad=False)
+        _read_into(net, ds, 0, net.numel, path)
     return net, cfg, obs_shape, n_actions
+
+
+def load_model_stage(path: Path, pp: int, stage: int, device="cpu"):
+    """Stage ``stage`` of ``pp`` of the trained network, cut as the run's pipeline cut it (its
+    config's ``network.cuts`` / ``split_layers``): (FlatModule holding only that stage's
+    parameters, cfg, obs_shape, n_actions, (lo, hi) of the flat vector). Nothing of the
+    other stages is read or allocated."""
+    with _open(path) as f:
+        cfg, obs_shape, n_actions, layers, ds = _checked(f, path)
+        stages = plan_stages(layers, pp, cfg["network"].get("cuts"),
+                             cfg["network"].get("split_layers", True))
+        lo, hi = param_ranges(layers, stages)[stage]
+        net = FlatModule(stage_modules(layers, *stages[stage]), device, grad=False)
+        if net.numel != hi - lo:
+            raise ValueError(f"'{path}': stage {stage} of {pp} holds {net.numel} parameters, its "
+                             f"range [{lo}, {hi}) says {hi - lo}")
+        _read_into(net, ds, lo, hi, path)
+    return net, cfg, obs_shape, n_actions, (lo, hi)
