@@ -61,15 +61,20 @@ class MemoryPlanError(ConfigError):
 
 
 # -- the OS's view ----------------------------------------------------------------------------------
-def _status_kb(key: str) -> int | None:
+def _proc_kb(path: str, key: str) -> int | None:
+    """A ``KEY:  N kB`` line of a /proc file (``/proc/self/status``, ``/proc/meminfo``)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def _status_kb(key: str) -> int | None:
+    return _proc_kb("/proc/self/status", key)
 
 
 def peak_rss() -> int:
@@ -145,14 +150,7 @@ def _slurm_int(name: str) -> int | None:
 
 
 def _meminfo_kb(key: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return _proc_kb("/proc/meminfo", key)
 
 
 # -- the plan ---------------------------------------------------------------------------------------
