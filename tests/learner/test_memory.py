@@ -14,7 +14,7 @@ import time
 import pytest
 
 from hpcdqn.config import ConfigError, load_config
-from hpcdqn.learner.budget import cap_per_rank, parse_bytes, plan_memory, process_baseline
+from hpcdqn.learner.budget import cap_per_rank, parse_bytes, plan_memory
 from mpi_util import hpcdqn, mpi_env
 
 STATE = ["parameters", "target", "gradients", "optimizer"]
@@ -35,10 +35,10 @@ def _train(run, n, pp, extra, env=None, check=True, timeout=600):
     return r, summary
 
 
-def _cap_between(pp_low: int, pp_high: int) -> int:
+def _cap_between(pp_low: int, pp_high: int, base: int) -> int:
     """A per-rank cap the planner puts between the two layouts' largest ranks (geometric mean),
-    from the plan and this process's baseline: nothing allocated."""
-    base = process_baseline()
+    from the plan and a training process's measured baseline ``base``: nothing allocated. (Not
+    this pytest process's baseline: it holds whatever earlier tests imported.)"""
     need = {}
     for pp in (pp_low, pp_high):
         cfg = load_config(overrides=[f"pp={pp}", *BIG, *MANY])
@@ -51,14 +51,14 @@ def big(tmp_path_factory):
     """The >= 1 GB network: pp=1 under the cap (stops), pp=2 under the cap (200 updates), and
     uncapped pp=1 and pp=4 (oversubscribed) for a few updates each."""
     root = tmp_path_factory.mktemp("big")
-    cap = _cap_between(1, 2)
+    runs = {1: _train(root / "pp1", 1, 1, [*BIG, *FEW])[1]}
+    cap = _cap_between(1, 2, runs[1]["memory_per_rank"][0]["baseline_rss"])
     capped = {"HPCDQN_MEM_PER_RANK": str(cap)}
     t = time.time()
     stop, stop_summary = _train(root / "pp1-capped", 1, 1, [*BIG, *MANY], env=capped, check=False)
     stop_s = time.time() - t
-    runs = {1: _train(root / "pp1", 1, 1, [*BIG, *FEW])[1],
-            2: _train(root / "pp2-capped", 2, 2, [*BIG, *MANY], env=capped)[1],
-            4: _train(root / "pp4", 4, 4, [*BIG, *FEW])[1]}
+    runs[2] = _train(root / "pp2-capped", 2, 2, [*BIG, *MANY], env=capped)[1]
+    runs[4] = _train(root / "pp4", 4, 4, [*BIG, *FEW])[1]
     return {"cap": cap, "stop": stop, "stop_summary": stop_summary, "stop_s": stop_s, "runs": runs}
 
 
