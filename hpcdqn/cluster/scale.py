@@ -9,8 +9,10 @@ checkpoints off; its ``summary.json`` gives the throughput and the time split (c
 allreduce transfer, waiting for the slowest replica, pipeline bubble, other). ``p`` ranks form
 ``dp = p / pp`` replicas.
 
-- ``--mode weak``: the same work per replica: ``total_steps`` (from the config or ``KEY=VALUE``) is
-  the work of ONE replica and a run with ``dp`` replicas does ``dp * total_steps``.
+- ``--mode weak``: the same work per replica: ``total_steps``, ``dqn.learning_starts`` and
+  ``dqn.buffer_size`` (global counts, from the config or ``KEY=VALUE``) are
+  the work of ONE replica, multiplied by ``dp`` for a run with ``dp`` replicas (under the
+  default ``scaling.rule=sqrt_lr`` each replica then steps, stores and updates as one rank does).
 - ``--mode strong``: ``total_steps`` is fixed, whatever ``p``.
 
 Efficiency is throughput per rank relative to the smallest rank count measured:
@@ -203,14 +205,16 @@ def run_study(ranks, mode, out: Path, repeats=1, config=None, overrides=(), laun
 def run_point(p, r, mode, cfg, config, overrides, launcher, out: Path, timeout, log) -> dict:
     """One training run at ``p`` ranks (repeat ``r``): its row of scaling.csv."""
     dp = p // cfg["pp"]
-    steps = cfg["total_steps"] * dp if mode == "weak" else cfg["total_steps"]
+    k = dp if mode == "weak" else 1
+    d = cfg["dqn"]       # weak: the global counts grow with dp (each replica's share stays)
+    scaled = [f"total_steps={cfg['total_steps'] * k}", f"dqn.learning_starts={d['learning_starts'] * k}",
+              f"dqn.buffer_size={d['buffer_size'] * k}"]
     run_dir = out / "runs" / f"{mode}_p{p}_r{r}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
     cfg_args = ["--config", str(config)] if config else []
     cmd = launch_cmd(p, launcher) + [sys.executable, "-m", "hpcdqn.cli", "train", *cfg_args,
-                                     *STUDY_DEFAULTS, *overrides, f"total_steps={steps}",
-                                     f"run_dir={run_dir}"]
+                                     *STUDY_DEFAULTS, *overrides, *scaled, f"run_dir={run_dir}"]
     t = time.perf_counter()
     _run(cmd, timeout, out / "logs" / f"{mode}_p{p}_r{r}.log")
     s = json.loads((run_dir / "summary.json").read_text())

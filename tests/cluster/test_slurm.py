@@ -257,6 +257,9 @@ def test_scale_inside_an_allocation_writes_csv_png_and_prediction(slurm_cluster,
                  "--sweep-max", "1024", *TINY, "total_steps=1500")
     wait_done(slurm_cluster, job, tmp_path, name, timeout=360)
     check_study(out, launcher="srun", ranks=[1, 2])
+    with open(out / "scaling.csv", newline="") as f:       # weak: each replica does one rank's work
+        work = {int(r["ranks"]): (int(r["env_steps"]), int(r["updates"])) for r in csv.DictReader(f)}
+    assert work == {1: (1500, 200), 2: (3000, 200)}, work
 
 
 # -- no cluster needed ---------------------------------------------------------------------------
