@@ -21,9 +21,9 @@ For pp=2, the bubble three ways:
   repeat). Then
   ``bubble = 1 - fb / (wall - opt)`` (the stage's idle share of the forward/backward part of an
   update: waiting for the other stage, and the transfers) and ``idle = 1 - (fb + opt) / wall``
-  (of the whole update). The learners' own time accounting (compute / transfer / waiting /
-  bubble, being added on another branch) is not used here: ``bubble_accounted`` is a hook left
-  null until it lands;
+  (of the whole update). ``bubble_accounted``: the learner's own time accounting
+  (``PipelineLearner.timings()['bubble_s']``: time blocked on the other stage inside updates,
+  what ``hpcdqn train`` reports as ``bubble_share``) over the timed updates' wall time;
 - ``simulated``: ``hpcdqn.parallel.pipeline.bubble_simulated`` (this implementation's op order,
   unit-cost forwards passed on one by one, backward = 2 forwards, free messages), each stage's
   idle share of its *own* window (first op to last): for stage 0 that window is the whole
@@ -134,6 +134,8 @@ def worker(a) -> None:
     comm, grid, layers, learner, batch, rows, base = _setup(a)
     for _ in range(a.warmup):
         learner.update(batch)
+    if grid.pp > 1:
+        learner.reset_timings()      # the learner's own time accounting counts the timed updates
     walls = []
     for _ in range(a.updates):
         comm.Barrier()
@@ -142,17 +144,19 @@ def worker(a) -> None:
         comm.Barrier()
         walls.append(time.perf_counter() - t0)
     wall = float(np.median(walls))
-    fb = opt = 0.0
+    fb = opt = accounted = 0.0
     if grid.pp > 1:
+        accounted = learner.timings()["bubble_s"] / max(sum(walls), 1e-12)
         comm.Barrier()
         fb, opt = _pure_stage(learner, layers, grid, rows, a.micro, a.updates)
-    mine = np.array([fb, opt, base, peak_rss(), learner.online.numel], dtype=np.float64)
+    mine = np.array([fb, opt, base, peak_rss(), learner.online.numel, accounted], dtype=np.float64)
     allv = np.empty((comm.Get_size(), mine.size)) if comm.Get_rank() == 0 else None
     comm.Gather(mine, allv, root=0)
     if comm.Get_rank() == 0:
         ranks = [{"rank": i, "parameters": int(v[4]), "baseline_rss": int(v[2]),
                   "peak_rss": int(v[3]), "above_baseline": int(v[3] - v[2]),
-                  **({"fb_s": round(v[0], 4), "opt_s": round(v[1], 4)} if grid.pp > 1 else {})}
+                  **({"fb_s": round(v[0], 4), "opt_s": round(v[1], 4),
+                      "bubble_accounted": round(v[5], 4)} if grid.pp > 1 else {})}
                  for i, v in enumerate(allv)]
         print(json.dumps({"wall_s_per_update": wall, "ranks": ranks}), flush=True)
     grid.free()
@@ -178,7 +182,8 @@ def bubbles(res: dict, micro: int) -> dict:
     idle = [round(1 - (r["fb_s"] + r["opt_s"]) / wall, 4) for r in res["ranks"]]
     return {"measured": measured, "idle_whole_update": idle,
             "simulated": [round(b, 4) for b in bubble_simulated(2, micro, "1f1b", forwards=3)],
-            "textbook": round(bubble_theory(2, micro), 4), "bubble_accounted": None}
+            "textbook": round(bubble_theory(2, micro), 4),
+            "bubble_accounted": [r["bubble_accounted"] for r in res["ranks"]]}
 
 
 def run_net(key: str, a) -> dict:
