@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -54,11 +55,10 @@ def is_user_error(e: BaseException) -> bool:
 
 def _user_error_class(kind: str):
     """The exception class of a user-error kind (``user_error_kind``), for ranks that agree on
-    another rank's error without having raised one themselves."""
+    another rank's error without having raised one themselves (set-up phases raise config,
+    layout and env errors; checkpoint errors are agreed by ``store`` itself)."""
     if kind == "layout":
         from hpcdqn.parallel.grid import LayoutError as cls
-    elif kind == "checkpoint":
-        from hpcdqn.store.errors import CheckpointError as cls
     elif kind == "env":
         from hpcdqn.rl.envs import EnvError as cls
     else:
@@ -96,6 +96,16 @@ def agree_user_errors(comm, err: BaseException | None) -> None:
     raise e
 
 
+def leave_together(comm, timeout_s: float = 10.0) -> None:
+    """Every rank of ``comm`` arrives here before any leaves (a non-blocking barrier, given up
+    after ``timeout_s``): mpirun ends the job when the first rank exits with a non-zero status,
+    which must not cut rank 0 off before its message is out."""
+    req = comm.Ibarrier()
+    end = time.monotonic() + timeout_s
+    while not req.Test() and time.monotonic() < end:
+        time.sleep(0.005)
+
+
 def abort_on_exception(fn, *args, **kwargs):
     """Run fn; if it raises on this rank, print the traceback tagged with the rank and abort
     every rank of the job (MPI_Abort) so nobody waits forever in a collective. An error every
@@ -120,6 +130,7 @@ def abort_on_exception(fn, *args, **kwargs):
                     sys.stderr.write(f"hpcdqn train: {user_error_kind(e) or 'error'} error: {msg}\n")
                 sys.stderr.flush()
             sys.stdout.flush()
+            leave_together(MPI.COMM_WORLD)
             raise SystemExit(2) from None
         if is_user_error(e):   # a clear message, no traceback: the input is wrong, not the code
             sys.stderr.write(f"hpcdqn train: {user_error_kind(e)} error (rank {rank}/{size}): {e}\n")
