@@ -426,8 +426,8 @@ def report_lines(info: dict, bench_rows) -> list[str]:
     if info.get("prediction_skipped"):
         lines.append(f"hpcdqn scale: prediction: {info['prediction_skipped']}")
     if info.get("straggler_skipped"):
-        lines.append(f"hpcdqn scale: straggler term: {info['straggler_skipped']} (taken as 0 in "
-                     "predictions)")
+        lines.append(f"hpcdqn scale: straggler term: {info['straggler_skipped']}"
+                     + (" (taken as 0 in the predictions)" if info["rows"] else ""))
     return lines
 
 
