@@ -90,9 +90,10 @@ setup() {
   local pip=(quiet_pip "${pipargs[@]}")
   log "installing python dependencies (pinned in constraints.txt)"
   "${pip[@]}" --upgrade pip setuptools wheel
-  # runtime, tests (pytest, minari), Atari (ale-py, opencv), benchmark peer (stable-baselines3)
+  # runtime, tests (pytest, minari), Atari (ale-py, opencv), LunarLander (box2d, pygame),
+  # benchmark peer (stable-baselines3)
   "${pip[@]}" numpy mpi4py "cython>=3" pkgconfig torch gymnasium tqdm tensorboardX matplotlib \
-    pytest pytest-timeout minari ale-py opencv-python-headless stable-baselines3
+    pytest pytest-timeout minari ale-py opencv-python-headless box2d pygame stable-baselines3
   if ! "$PY" -c 'import h5py, sys; sys.exit(0 if h5py.get_config().mpi else 1)' 2>/dev/null; then
     log "building h5py against parallel HDF5 (about 2 minutes, cached afterwards)"
     "$PY" -m pip uninstall -q -y h5py 2>/dev/null || true

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 # `hpcdqn train` exit status when a SIGUSR1 (Slurm's --signal=B:USR1@T warning, preemption) stopped
 # training and a checkpoint was written: "checkpointed, requeue me" (slurm/train.sbatch requeues).
@@ -100,6 +101,8 @@ def _cmd_train(args) -> int:
             raise
         if _launcher_rank() == 0:      # every rank found the same (config, --resume's files)
             print(f"hpcdqn train: {user_error_kind(e)} error: {e}", file=sys.stderr)
+        else:       # (before MPI: no barrier) mpirun ends the job at the first non-zero exit
+            time.sleep(0.5)        # ... let rank 0's message out first
         return 2
     from mpi4py import MPI
 

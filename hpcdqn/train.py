@@ -33,7 +33,7 @@ from hpcdqn.learner.budget import (cap_per_rank, check_fits, current_rss, fmt_by
                                    plan_memory, process_baseline)
 from hpcdqn.metrics import MetricsLogger, share_columns
 from hpcdqn.parallel.grid import RankGrid, choose_device, mpi
-from hpcdqn.parallel.lifecycle import agree_signal, install_signal_handlers
+from hpcdqn.parallel.lifecycle import agree_signal, agree_user_errors, install_signal_handlers
 from hpcdqn.parallel.memory import keep_freed_memory, release_freed_memory
 from hpcdqn.rl.envs import frame_stack, make_vector_env
 from hpcdqn.rl.evaluate import evaluate
@@ -147,8 +147,10 @@ class Trainer:
     def __init__(self, cfg: dict, comm=None, quiet: bool = False, resume: str | None = None):
         self.cfg, self.quiet = cfg, quiet
         self.comm = comm if comm is not None else mpi().COMM_WORLD
-        self.grid = grid = RankGrid(self.comm, cfg["pp"])
-        self.schedule = Schedule.resolve(cfg, grid.dp)    # the same on every rank (or its error)
+        with Local() as loc:    # the same on every rank, or the same error: agreed, exit 2
+            self.grid = grid = RankGrid(self.comm, cfg["pp"])
+            self.schedule = Schedule.resolve(cfg, grid.dp)
+        agree_user_errors(self.comm, loc.err)
         self.device = configure_process(cfg, grid.local_rank)
         self.run_dir, self.lock = make_run_dir(cfg, self.comm, resume)
         self.root = grid.is_root
@@ -170,7 +172,10 @@ class Trainer:
         env_seed = cfg["seed"] + 1000 * grid.dp_rank
         torch.manual_seed(cfg["seed"])
         rng = np.random.default_rng([cfg["seed"], grid.dp_rank, 17])
-        env = make_vector_env(cfg["env_id"], cfg["num_envs"], env_seed, cfg["vector"], cfg["atari"])
+        with Local() as loc:    # an env id or its options that do not work: agreed, exit 2
+            env = make_vector_env(cfg["env_id"], cfg["num_envs"], env_seed, cfg["vector"],
+                                  cfg["atari"])
+        agree_user_errors(self.comm, loc.err)
         self.obs_space, self.n_actions = env.single_observation_space, int(env.single_action_space.n)
         self.frame_stack = frame_stack(env)     # > 0: the replay stores each frame once
         if not grid.is_first_stage:
@@ -204,8 +209,10 @@ class Trainer:
         against the per-rank cap (``learner.budget``) before the network or replay is allocated;
         every rank takes the same decision (the largest baseline, the smallest cap)."""
         MPI = mpi()
-        plan = plan_memory(self.cfg, self.obs_space.shape, self.obs_space.dtype, self.n_actions,
-                           self.grid.world, self.frame_stack)
+        with Local() as loc:    # (a pipeline split this network cannot make: agreed, exit 2)
+            plan = plan_memory(self.cfg, self.obs_space.shape, self.obs_space.dtype,
+                               self.n_actions, self.grid.world, self.frame_stack)
+        agree_user_errors(self.comm, loc.err)
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         cap, source = cap_per_rank(local.Get_size())
         local.Free()
@@ -213,7 +220,10 @@ class Trainer:
         # the process baseline: Python, torch (its optimizer's imports), MPI and the envs,
         # before the network and replay
         self.baseline_rss = process_baseline()
-        check_fits(plan, cap, source, self.comm.allreduce(self.baseline_rss, op=MPI.MAX))
+        baseline = self.comm.allreduce(self.baseline_rss, op=MPI.MAX)
+        with Local() as loc:    # the same decision on every rank (the smallest cap, largest baseline)
+            check_fits(plan, cap, source, baseline)
+        agree_user_errors(self.comm, loc.err)
         return plan
 
     def memory_report(self) -> dict:

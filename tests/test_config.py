@@ -45,7 +45,6 @@ def test_overrides_by_name_and_dotted():
     (["dqn=1"], ["is a section"]),
     (["dqn.epsilon_end=0.9", "dqn.epsilon_start=0.5"], ["epsilon_end must be <="]),
     (["eval.episodes=15"], ["multiple of eval.num_envs"]),
-    (["dqn.learning_starts=0", "dqn.train_frequency=1", "dqn.n_step=3"], ["too small for dqn.n_step"]),
 ])
 def test_config_errors_are_clear(override, words):
     """Each error before any work: loading the config, or resolving its schedule (which the

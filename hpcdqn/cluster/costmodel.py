@@ -152,12 +152,26 @@ def relative_errors(points: list[dict], coef: dict) -> list[dict]:
     return out
 
 
+def held_out_skipped(points: list[dict]) -> str | None:
+    """Why the held-out test cannot be made on these sweep points (None: it can). The fit must
+    see communication (a rank count p >= 2: at p = 1 an allreduce is a local copy, every term
+    but t0 is zero) and another communicating rank count must be left to test on."""
+    ranks = sorted({q["ranks"] for q in points})
+    talking = [p for p in ranks if p >= 2]
+    if len(talking) >= 2:
+        return None
+    return (f"skipped: a held-out test needs at least two communicating rank counts (p >= 2), one "
+            f"to fit the communication terms and one to test them on; this sweep has p={ranks}"
+            + (f" (a fit on p={[p for p in ranks if p < talking[0]]} has no communication term "
+               f"to predict p={talking[0]} with)" if talking and talking[0] > ranks[0] else ""))
+
+
 def held_out(points: list[dict], grad_bytes: int | None = None) -> dict | None:
     """Fit on every rank count but the largest, predict the largest: per-size relative errors,
-    their median |error| and the error at the gradient's size (None with fewer than 2 rank
-    counts: nothing to test on)."""
+    their median |error| and the error at the gradient's size (None where ``held_out_skipped``
+    says why: fewer than two communicating rank counts, nothing to fit or test on)."""
     ranks = sorted({q["ranks"] for q in points})
-    if len(ranks) < 2 or ranks[-1] < 2:
+    if held_out_skipped(points):
         return None
     top = ranks[-1]
     coef = fit_model([q for q in points if q["ranks"] < top])

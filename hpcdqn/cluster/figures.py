@@ -51,7 +51,7 @@ def _measured(a, rows, summ, key, color) -> None:
         a.plot([], [], "o", color=color, mfc="white", label="oversubscribed (ranks > cores)")
 
 
-def _predicted(a, pred, key, fitted_max, unfitted) -> None:
+def _predicted(a, pred, key, fitted_max, unfitted, band=None) -> None:
     """The model dashed with its band; the extrapolated range shaded."""
     if not pred:
         return
@@ -65,7 +65,7 @@ def _predicted(a, pred, key, fitted_max, unfitted) -> None:
                label=f"{LABEL}, more nodes than measured"
                      + (" (no between-node data: intra-node terms only)"
                         if "beta_net" in unfitted else ""))
-    if f"{key}_low" in pred[0]:
+    if band is not None and f"{key}_low" in pred[0]:    # no held-out test: no band to draw
         a.fill_between(px, [q[f"{key}_low"] for q in pred], [q[f"{key}_high"] for q in pred],
                        color="C3", alpha=0.12, label="band: +-held-out error of the allreduce")
     lim = EXTRAPOLATION_FACTOR * fitted_max
@@ -83,10 +83,11 @@ def plot_scaling(path: Path, rows, info) -> None:
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 5.8))
     a1.plot([p0, xmax], [thr0, thr0 * xmax / p0], ":", color="k", lw=1, label="ideal (linear)")
     _measured(a1, rows, summ, "env_steps_per_s", "C0")
-    _predicted(a1, pred, "env_steps_per_s", fitted_max, info["coef"]["unfitted"])
+    _predicted(a1, pred, "env_steps_per_s", fitted_max, info["coef"]["unfitted"],
+               info.get("band_rel"))
     a2.axhline(1.0, ls=":", color="k", lw=1, label="ideal")
     _measured(a2, rows, summ, "efficiency", "C1")
-    _predicted(a2, pred, "efficiency", fitted_max, info["coef"]["unfitted"])
+    _predicted(a2, pred, "efficiency", fitted_max, info["coef"]["unfitted"], info.get("band_rel"))
     for a in (a1, a2):
         _log2_axis(a, xmax, matplotlib)
     handles, labels = a2.get_legend_handles_labels()
@@ -131,12 +132,15 @@ def _subtitle(info) -> str:
     sub += (f"\n{LABEL}: t0={c['t0'] * 1e6:.2f}us, alpha={c['alpha'] * 1e6:.2f}us*log2(q), "
             f"beta={c['beta'] * 1e9:.3f}ns/B*2(q-1)/q*n"
             + (", between-node terms not measured" if "beta_net" in c.get("unfitted", []) else "")
-            + f", straggler sigma={1e6 * (info['straggler_sigma_s'] or 0):.1f}us")
+            + (f", straggler sigma={1e6 * info['straggler_sigma_s']:.1f}us"
+               if info["straggler_sigma_s"] is not None else ", straggler not fitted (no dp > 1)"))
     if t:
         g = t["rel_err_at_grad_bytes"]
         sub += (f"\nheld-out test: fitted on p={t['fitted_on_ranks']}, predicting p="
                 f"{t['held_out_ranks']}: median |error| {100 * t['median_abs_rel_err']:.0f}% over "
                 f"sizes" + (f", {100 * g:+.0f}% at the gradient's size" if g is not None else ""))
+    elif info.get("held_out_skipped"):
+        sub += "\nheld-out test " + info["held_out_skipped"].split(";")[0]
     return sub
 
 

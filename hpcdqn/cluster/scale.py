@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 from hpcdqn.cluster.costmodel import (EXTRAPOLATION_FACTOR, LABEL, MAX_SWEEP_BYTES, MODEL_TEXT, bench_main, fit_model,
-                                      fit_straggler, held_out, predict, relative_errors, spread,
+                                      fit_straggler, held_out, held_out_skipped, predict, relative_errors, spread,
                                       sweep_sizes)
 
 SPLIT = ("compute", "allreduce", "wait", "bubble", "other")
@@ -328,10 +328,14 @@ def model_info(rows, bench_rows, meta) -> dict:
         * base["updates"] / 1e3
     seen = {"measured_ranks": [s["ranks"] for s in summ],
             "measured_nodes": [b["nodes"] for b in bench_rows] or [1]}
-    pred = predict(base, coef, {**meta, **seen}, sigma, band) \
-        if base["updates"] and bench_rows else []       # no sweep (--no-bench): no model
+    no_pred = prediction_skipped(base, bench_rows)
+    pred = [] if no_pred else predict(base, coef, {**meta, **seen}, sigma, band)
     return {"label": LABEL, "mode": meta["mode"], "model": MODEL_TEXT, "coef": coef,
-            "held_out": test, "band_rel": band, "straggler_sigma_s": sigma,
+            "held_out": test, "held_out_skipped": held_out_skipped(bench_rows) if bench_rows
+            else "skipped: no Allreduce sweep (--no-bench)",
+            "prediction_skipped": no_pred, "band_rel": band, "straggler_sigma_s": sigma,
+            "straggler_skipped": None if sigma is not None else
+            "not fitted: no measured rank count with dp > 1 that is not oversubscribed",
             "straggler": "wait(dp) = sigma * E[max of dp standard normals], fitted to the measured "
                          "waits at rank counts that are not oversubscribed",
             "baseline": base, "measured": summ, "meta": meta, "rows": pred,
@@ -342,6 +346,18 @@ def model_info(rows, bench_rows, meta) -> dict:
                 "multi-node sweeps the between-node cost is NOT modelled",
                 f"rows with extrapolation=true lie beyond {EXTRAPOLATION_FACTOR}x the largest fitted rank count",
                 "a prediction, not a measurement"]}
+
+
+def prediction_skipped(base: dict, bench_rows) -> str | None:
+    """Why no throughput prediction is made (None: one is)."""
+    if not bench_rows:
+        return "skipped: no Allreduce sweep (--no-bench), no communication model"
+    if not base["updates"]:
+        return "skipped: the smallest rank count made no updates"
+    if not any(b["ranks"] >= 2 for b in bench_rows):
+        return ("skipped: the Allreduce sweep has no communicating rank count (p >= 2), so the "
+                "model has no communication term to predict other rank counts with")
+    return None
 
 
 def finish(out: Path, rows, bench_rows, meta, log=print) -> dict:
@@ -405,8 +421,13 @@ def report_lines(info: dict, bench_rows) -> list[str]:
                      f"{100 * t['median_abs_rel_err']:.0f}% over sizes"
                      + (f", {100 * g:+.0f}% at the gradient's size" if g is not None else ""))
     else:
-        lines.append("hpcdqn scale: held-out test: not possible (one rank count): the model's "
+        lines.append(f"hpcdqn scale: held-out test: {info['held_out_skipped']}; the model's "
                      "dependence on p is untested")
+    if info.get("prediction_skipped"):
+        lines.append(f"hpcdqn scale: prediction: {info['prediction_skipped']}")
+    if info.get("straggler_skipped"):
+        lines.append(f"hpcdqn scale: straggler term: {info['straggler_skipped']}"
+                     + (" (taken as 0 in the predictions)" if info["rows"] else ""))
     return lines
 
 

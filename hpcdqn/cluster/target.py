@@ -169,8 +169,9 @@ def summarize(rows: list[dict], rules: list[str], target: float) -> list[dict]:
                  "final_solved": sum(bool(r["final_solved"]) for r in rs),
                  "median_steps_to_target": median_or_none([r["steps_to_target"] for r in rs]),
                  "median_wall_to_target_s": median_or_none([r["wall_to_target_s"] for r in rs]),
-                 "median_final_eval": statistics.median(
-                     [r["final_eval_mean"] for r in rs if r["final_eval_mean"] is not None] or [0]),
+                 "median_final_eval": statistics.median(evals) if (evals := [
+                     r["final_eval_mean"] for r in rs if r["final_eval_mean"] is not None])
+                 else None,       # no final evaluation (eval.episodes=0): none to report, not 0
                  "final_evals": [r["final_eval_mean"] for r in rs]}
             if dp == 1:
                 base = m

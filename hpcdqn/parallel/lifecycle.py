@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -52,6 +53,59 @@ def is_user_error(e: BaseException) -> bool:
     return user_error_kind(e) is not None
 
 
+def _user_error_class(kind: str):
+    """The exception class of a user-error kind (``user_error_kind``), for ranks that agree on
+    another rank's error without having raised one themselves (set-up phases raise config,
+    layout and env errors; checkpoint errors are agreed by ``store`` itself)."""
+    if kind == "layout":
+        from hpcdqn.parallel.grid import LayoutError as cls
+    elif kind == "env":
+        from hpcdqn.rl.envs import EnvError as cls
+    else:
+        from hpcdqn.config import ConfigError as cls
+    return cls
+
+
+def agree_user_errors(comm, err: BaseException | None) -> None:
+    """Collective over ``comm``, after a set-up phase that every rank runs alike (resolving the
+    config for the layout, building the envs, the memory plan): if some rank's ``err`` is a user
+    error (``user_error_kind``), every rank raises the same agreed error, whose distinct
+    messages (``.messages``) ``abort_on_exception`` prints once (rank 0) before every rank exits
+    with status 2: no MPI_Abort, so no Open MPI abort report. A rank whose ``err`` is anything
+    else re-raises it (its traceback, then MPI_Abort); the others go on and are ended by that
+    abort."""
+    mine = None if err is None else (user_error_kind(err), str(err))
+    if comm.Get_size() > 1:
+        from mpi4py import MPI
+
+        flag = np.array([0 if err is None else 1], np.int32)
+        comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+        if not flag[0]:
+            return
+        got = comm.allgather(mine)
+    else:
+        got = [mine]
+    if err is not None and mine[0] is None:
+        raise err
+    bad = [g for g in got if g is not None and g[0] is not None]
+    if not bad:
+        return            # only other ranks' bugs: their abort ends this rank
+    messages = list(dict.fromkeys(m for _, m in bad))      # distinct, in rank order
+    e = err if err is not None else _user_error_class(bad[0][0])("; ".join(messages))
+    e.agreed, e.messages = True, messages
+    raise e
+
+
+def leave_together(comm, timeout_s: float = 10.0) -> None:
+    """Every rank of ``comm`` arrives here before any leaves (a non-blocking barrier, given up
+    after ``timeout_s``): mpirun ends the job when the first rank exits with a non-zero status,
+    which must not cut rank 0 off before its message is out."""
+    req = comm.Ibarrier()
+    end = time.monotonic() + timeout_s
+    while not req.Test() and time.monotonic() < end:
+        time.sleep(0.005)
+
+
 def abort_on_exception(fn, *args, **kwargs):
     """Run fn; if it raises on this rank, print the traceback tagged with the rank and abort
     every rank of the job (MPI_Abort) so nobody waits forever in a collective. An error every
@@ -72,9 +126,11 @@ def abort_on_exception(fn, *args, **kwargs):
             raise
         if getattr(e, "agreed", False):   # every rank raised the same error: say it once, exit
             if rank == 0:
-                sys.stderr.write(f"hpcdqn train: {user_error_kind(e) or 'error'} error: {e}\n")
+                for msg in getattr(e, "messages", None) or [str(e)]:
+                    sys.stderr.write(f"hpcdqn train: {user_error_kind(e) or 'error'} error: {msg}\n")
                 sys.stderr.flush()
             sys.stdout.flush()
+            leave_together(MPI.COMM_WORLD)
             raise SystemExit(2) from None
         if is_user_error(e):   # a clear message, no traceback: the input is wrong, not the code
             sys.stderr.write(f"hpcdqn train: {user_error_kind(e)} error (rank {rank}/{size}): {e}\n")

@@ -71,6 +71,16 @@ def updates_per_phase(cfg: dict, spacing: int, global_batch: int) -> tuple[int, 
     return k.numerator, spacing * k.denominator
 
 
+def warmup_iterations(dqn: dict, spi: int) -> int:
+    """Warm-up iterations: ``learning_starts`` global env steps, and at least ``n_step - 1``
+    iterations. An n-step return needs ``n_step`` consecutive steps of one env, so no update can
+    come before every env holds ``n_step`` of them; the first phase comes after iteration
+    ``learn_start`` or later, i.e. after ``n_step`` iterations or more. The floor is the same
+    rule at every ``dp`` (``n_step`` steps per env, one per iteration): a ``learning_starts``
+    below it (e.g. 0, as SB3 allows) is raised to it, never refused."""
+    return max(dqn["learning_starts"] // spi, dqn["n_step"] - 1)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The run's clock in loop iterations, resolved for one layout (identical on every rank)."""
@@ -94,6 +104,7 @@ class Schedule:
     exploration_steps: int  # env steps over which epsilon anneals
     total_updates: int
     warmup_share: float     # share of the run's env steps in warm-up
+    n_step: int = 1         # the warm-up is at least n_step - 1 iterations (warmup_iterations)
 
     @classmethod
     def resolve(cls, cfg: dict, dp: int) -> "Schedule":
@@ -125,13 +136,7 @@ class Schedule:
         spacing = phase_spacing(d["train_frequency"], spi, where)
         k, spacing = updates_per_phase(cfg, spacing, global_batch)
         n_iters = math.ceil(cfg["total_steps"] / spi)
-        learn_start, every = d["learning_starts"] // spi, spacing // spi
-        first_phase = (learn_start // every + 1) * every      # iterations done at the first phase
-        if first_phase < d["n_step"]:
-            raise ConfigError(
-                f"dqn.learning_starts={d['learning_starts']} is too small for dqn.n_step="
-                f"{d['n_step']}: the first update needs {d['n_step']} env steps per env in "
-                f"replay; set dqn.learning_starts >= {d['n_step'] * spi} ({where})")
+        learn_start, every = warmup_iterations(d, spi), spacing // spi
         buffer = d["buffer_size"] // dp
         if buffer // E < 2 * d["n_step"]:
             raise ConfigError(
@@ -151,7 +156,7 @@ class Schedule:
                    replay_ratio=k * global_batch / spacing,
                    exploration_steps=round(d["exploration_fraction"] * cfg["total_steps"]),
                    total_updates=updates,
-                   warmup_share=min(learn_start, n_iters) / n_iters)
+                   warmup_share=min(learn_start, n_iters) / n_iters, n_step=d["n_step"])
 
     # -- the clock --------------------------------------------------------------------------------
     def env_steps(self, iterations: int) -> int:
@@ -221,7 +226,10 @@ class Schedule:
             target += " (on average: syncs fall on iteration ends)"
         return (f"schedule (dp {self.dp}, {self.num_envs} envs per replica; 1 iteration = {spi} "
                 f"global env steps): {self.n_iters} iterations; warm-up {self.learn_start} "
-                f"iterations ({100 * self.warmup_share:.2f}% of the run); {self.updates_per_phase} "
+                f"iterations ({100 * self.warmup_share:.2f}% of the run"
+                + (f"; the floor for n_step {self.n_step}: {self.n_step} steps per env before "
+                   "the first update" if self.learn_start == self.n_step - 1 > 0 else "")
+                + f"); {self.updates_per_phase} "
                 f"updates every {self.train_every} iterations ({phase} env steps) = "
                 f"{self.total_updates} updates; replay ratio {self.replay_ratio:.4g}\n"
                 f"  scaling.rule {self.rule}: batch {self.batch_per_replica} per replica x "

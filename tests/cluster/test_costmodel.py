@@ -7,7 +7,8 @@ import math
 import pytest
 
 from hpcdqn.cluster.costmodel import (TERMS, expected_max_normal, fit_model, fit_straggler,
-                                      held_out, predict, sweep_sizes, t_allreduce)
+                                      held_out, held_out_skipped, predict, sweep_sizes,
+                                      t_allreduce)
 
 TRUE = {"t0": 0.5e-6, "alpha": 2e-6, "beta": 1 / 5e9, "alpha_net": 8e-6, "beta_net": 1 / 1e9}
 SIZES = sweep_sizes(270_000, 1 << 22)
@@ -43,6 +44,23 @@ def test_held_out_error_is_small_when_the_form_is_right_and_large_when_it_is_not
     linear = (lambda p, n: 1e-6 + 3e-6 * (p - 1) + (p - 1) * n / 5e9)
     wrong = held_out(sweep([1, 2, 8], linear), 270_000)
     assert wrong["median_abs_rel_err"] > 0.3 and wrong["rel_err_at_grad_bytes"] < -0.3, wrong
+
+
+@pytest.mark.parametrize("ranks, words", [
+    ([1, 2], ["at least two communicating rank counts", "p=[1, 2]",
+              "a fit on p=[1] has no communication term to predict p=2"]),
+    ([2], ["at least two communicating rank counts", "p=[2]"]),
+    ([1], ["at least two communicating rank counts", "p=[1]"]),
+])
+def test_held_out_test_refuses_what_it_cannot_compute(ranks, words):
+    """A fit on p=1 has every communication term at zero: its 'error' at p=2 (the allreduce time
+    itself, 100%-ish) means nothing, so the test is skipped with the reason, not reported."""
+    pts = sweep(ranks, lambda p, n: t_allreduce(p, n, TRUE))
+    assert held_out(pts, 270_000) is None
+    why = held_out_skipped(pts)
+    for w in words:
+        assert w in why, why
+    assert held_out_skipped(sweep([1, 2, 4], lambda p, n: t_allreduce(p, n, TRUE))) is None
 
 
 def test_fit_never_goes_negative():

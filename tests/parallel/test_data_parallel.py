@@ -59,9 +59,12 @@ def test_exception_on_one_rank_ends_job_with_its_traceback(tmp_path):
 
 def test_layout_error_is_clear(tmp_path):
     r = hpcdqn(2, ["train", "pp=3", f"run_dir={tmp_path}/x"], timeout=60, check=False)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert "layout error" in r.stderr and "not divisible by pp=3" in r.stderr
     assert "Traceback" not in r.stderr
+    # agreed by both ranks: one line, no MPI_Abort (tests/parallel/test_user_errors.py)
+    assert r.stderr.count("hpcdqn train: layout error: world size 2") == 1, r.stderr
+    assert "MPI_ABORT" not in r.stderr and "ORTE_ERROR_LOG" not in r.stderr, r.stderr
 
 
 def test_sigterm_stops_all_ranks_cleanly(tmp_path):

@@ -99,8 +99,6 @@ def test_target_sync_every_global_env_steps():
     (["num_envs=8", "dqn.train_frequency=12"], 1, ["dqn.train_frequency=12", "e.g. 16"]),
     (["scaling.rule=global_batch", "dqn.train_frequency=258"], 3,
      ["dqn.batch_size=64", "divisible by dp=3", "scaling.rule=sqrt_lr"]),
-    (["dqn.learning_starts=0", "dqn.train_frequency=2"], 2,
-     ["dqn.learning_starts=0 is too small for dqn.n_step=3", ">= 6"]),
     (["dqn.buffer_size=32"], 8, ["dqn.buffer_size=32 is the global replay capacity", "4 transitions"]),
     (["scaling.rule=global_batch", "pp=2", "micro_batches=8"], 16,
      ["per-replica batch 4", "micro_batches=8"]),
@@ -110,6 +108,29 @@ def test_layouts_that_cannot_keep_the_schedule_stop_clearly(overrides, dp, words
         Schedule.resolve(load_config(overrides=overrides), dp)
     for w in words:
         assert w in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["dqn.learning_starts=0", "dqn.train_frequency=2"],
+    ["dqn.learning_starts=0", "dqn.train_frequency=4", "dqn.gradient_steps=4",
+     "dqn.batch_size=128"],                                   # acrobot's zoo schedule
+    ["dqn.learning_starts=5", "dqn.train_frequency=1", "dqn.n_step=5", "num_envs=3"],
+    ["dqn.learning_starts=0", "dqn.n_step=1"],
+])
+def test_n_step_floor_on_warm_up_is_the_same_rule_at_every_dp(overrides):
+    """An n-step return needs n_step steps of each env before the first update: the same rule at
+    every dp (it used to pass at dp=1 and stop at dp=2 for learning_starts=0). A learning_starts
+    below it is raised to it; the first phase comes once every env holds n_step steps."""
+    cfg = load_config(overrides=overrides)
+    n = cfg["dqn"]["n_step"]
+    for dp in (1, 2, 4, 8, 64):
+        s = Schedule.resolve(cfg, dp)
+        assert s.learn_start == max(cfg["dqn"]["learning_starts"] // s.steps_per_iter, n - 1)
+        first = next(it for it in range(s.n_iters) if s.trains_after(it))
+        assert first + 1 >= n                   # iterations stored = steps per env in replay
+        assert s.total_updates > 0
+        if s.learn_start == n - 1 > 0:
+            assert f"the floor for n_step {n}" in s.describe()
 
 
 @pytest.mark.parametrize("overrides, dp, k, phase", [
