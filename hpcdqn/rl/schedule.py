@@ -44,19 +44,15 @@ def epsilon_at(dqn: dict, total_steps: int, step: int, rank: int = 0, ranks: int
     return eps
 
 
-def phase_spacing(train_frequency: int, spi: int, where: str) -> int:
-    """Global env steps between training phases: ``train_frequency`` when one iteration
-    (``spi`` env steps) divides it, one iteration when ``train_frequency`` divides that."""
-    if train_frequency % spi == 0:
-        return train_frequency
-    if spi % train_frequency == 0:
-        return spi
-    up = -(-train_frequency // spi) * spi
-    raise ConfigError(
-        f"dqn.train_frequency={train_frequency} global env steps is neither a multiple nor a "
-        f"divisor of one loop iteration ({where} = {spi} env steps), so the training phases "
-        f"cannot keep the configured replay ratio; set dqn.train_frequency to a multiple of "
-        f"{spi} (e.g. {up}) or a divisor of it, or change num_envs")
+def phase_spacing(train_frequency: int, spi: int) -> int:
+    """Global env steps between training phases: the least common multiple of
+    ``train_frequency`` and one iteration (``spi`` env steps). That is ``train_frequency`` when
+    one iteration divides it, one iteration when ``train_frequency`` divides that, and otherwise
+    the first iteration end that is also a ``train_frequency`` boundary (e.g. 3 envs and
+    ``train_frequency=2``: a phase every 2 iterations holding the updates of 3 periods). Never a
+    refusal, so a ``train_frequency`` accepted at one ``dp`` is accepted at every ``dp``; the
+    replay ratio stays exact (``updates_per_phase``)."""
+    return math.lcm(train_frequency, spi)
 
 
 def updates_per_phase(cfg: dict, spacing: int, global_batch: int) -> tuple[int, int]:
@@ -119,7 +115,6 @@ class Schedule:
         ``scaling.lr_warmup_fraction`` of the updates."""
         d, sc, E = cfg["dqn"], cfg["scaling"], cfg["num_envs"]
         rule, spi = sc["rule"], E * dp
-        where = f"num_envs {E} x dp {dp}"
         batch, per_replica = d["batch_size"], d["batch_size"]
         if rule == "global_batch":
             if batch % dp:
@@ -133,7 +128,7 @@ class Schedule:
                 f"the per-replica batch {per_replica} (dqn.batch_size={batch}, scaling.rule="
                 f"{rule}, dp={dp}) must be divisible by micro_batches={cfg['micro_batches']}")
         global_batch = per_replica * dp
-        spacing = phase_spacing(d["train_frequency"], spi, where)
+        spacing = phase_spacing(d["train_frequency"], spi)
         k, spacing = updates_per_phase(cfg, spacing, global_batch)
         n_iters = math.ceil(cfg["total_steps"] / spi)
         learn_start, every = warmup_iterations(d, spi), spacing // spi

@@ -95,8 +95,6 @@ def test_target_sync_every_global_env_steps():
 
 
 @pytest.mark.parametrize("overrides, dp, words", [
-    (["num_envs=3"], 1, ["dqn.train_frequency=256", "num_envs 3 x dp 1 = 3", "multiple of 3"]),
-    (["num_envs=8", "dqn.train_frequency=12"], 1, ["dqn.train_frequency=12", "e.g. 16"]),
     (["scaling.rule=global_batch", "dqn.train_frequency=258"], 3,
      ["dqn.batch_size=64", "divisible by dp=3", "scaling.rule=sqrt_lr"]),
     (["dqn.buffer_size=32"], 8, ["dqn.buffer_size=32 is the global replay capacity", "4 transitions"]),
@@ -157,3 +155,29 @@ def test_describe_and_record():
     rec = s.as_dict()
     assert rec["replay_ratio"] == 8 and rec["updates_per_env_step"] == pytest.approx(1 / 256, abs=1e-6)
     assert rec["phase_env_steps"] == 256 and rec["rule"] == "sqrt_lr"
+
+
+@pytest.mark.parametrize("overrides, dp, every, k", [
+    (["num_envs=3"], 1, 256, 3),                    # lcm(256, 3) = 768 env steps = 256 iterations
+    (["num_envs=3", "dqn.train_frequency=2"], 1, 2, 3),   # 3 periods of 2 in every 2 iterations
+    (["num_envs=8", "dqn.train_frequency=12"], 1, 3, 2),  # lcm(12, 8) = 24 = 3 iterations
+])
+def test_train_frequency_off_the_iteration_grid_keeps_the_replay_ratio(overrides, dp, every, k):
+    """A train_frequency that is neither a multiple nor a divisor of one iteration gets a phase
+    at the least common multiple, with the updates of every period in it (it used to be refused
+    at dp=1 and accepted at dp=2 for the same file)."""
+    cfg = load_config(overrides=overrides)
+    s = Schedule.resolve(cfg, dp)
+    d = cfg["dqn"]
+    assert (s.train_every, s.updates_per_phase // d["gradient_steps"]) == (every, k)
+    assert s.replay_ratio == d["gradient_steps"] * d["batch_size"] / d["train_frequency"]
+
+
+@pytest.mark.parametrize("overrides", [["num_envs=3"], ["num_envs=3", "dqn.train_frequency=2"],
+                                       ["num_envs=8", "dqn.train_frequency=12"],
+                                       ["num_envs=5", "dqn.train_frequency=7", "dqn.n_step=3"]])
+def test_a_schedule_accepted_at_some_dp_is_accepted_at_every_dp(overrides):
+    cfg = load_config(overrides=overrides + ["dqn.buffer_size=100000"])
+    ratios = {Schedule.resolve(cfg, dp).replay_ratio for dp in (1, 2, 3, 4, 8, 64)}
+    d = cfg["dqn"]
+    assert ratios == {d["gradient_steps"] * d["batch_size"] / d["train_frequency"]}
