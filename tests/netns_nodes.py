@@ -133,6 +133,9 @@ class NetnsNodes:
                "--mca", "plm_rsh_agent", f"bash {SCRIPT} rsh",
                "--mca", "pml", "ob1", "--mca", "btl", "tcp,vader,self",
                "--mca", "btl_tcp_if_include", IFACE, "--mca", "oob_tcp_if_include", IFACE,
+               # the nodes share this machine's cores: ranks yield while they wait, as Open MPI
+               # does by itself when it knows a node is oversubscribed
+               "--mca", "mpi_yield_when_idle", "1",
                *(extra or [])]
         return self.exec_cmd("node1", cmd)
 
@@ -146,9 +149,11 @@ class NetnsNodes:
         return e
 
     def run_mpi(self, n: int, args: list, timeout=300, map_by="slot", check=True, env=None,
-                cwd=None, extra=None) -> subprocess.CompletedProcess:
-        """mpirun across the nodes: python ARGS on n ranks; kills everything on timeout."""
-        cmd = self.mpirun_cmd(n, map_by=map_by, extra=extra) + [sys.executable, *map(str, args)]
+                cwd=None, extra=None, slots=None) -> subprocess.CompletedProcess:
+        """mpirun across the nodes: python ARGS on n ranks; kills everything on timeout.
+        ``slots`` per node (default: n / nodes; ``slots=n`` with ``map_by="slot"``: all on node1)."""
+        cmd = self.mpirun_cmd(n, map_by=map_by, slots=slots, extra=extra) + [sys.executable,
+                                                                              *map(str, args)]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              cwd=cwd or ROOT, env=self.env(env), start_new_session=True)
         try:
