@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 
+import h5py
 import pytest
 
 from tests.mpi_util import SCRIPTS, hpcdqn
@@ -20,7 +21,9 @@ from tests.netns_nodes import NetnsNodes, netns_nodes_fixture
 pytestmark = pytest.mark.netns
 
 MiB = 1 << 20
-SHORT = ["total_steps=4000", "eval.episodes=10", "network.hidden=[64, 64]", "log.progress=false", "log.tensorboard=false"]
+SHORT = ["total_steps=2000", "dqn.learning_starts=500", "dqn.train_frequency=100",
+         "dqn.gradient_steps=20", "network.hidden=[32, 32]", "dqn.buffer_size=5000",
+         "eval.episodes=10", "log.progress=false", "log.tensorboard=false"]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +94,10 @@ def test_train_across_nodes_checkpoints_on_shared_fs(nodes, tmp_path):
     two = tmp_path / "two"
     r = nodes.run_mpi(4, ["-m", "hpcdqn.cli", *args, f"run_dir={two}"], timeout=300)
     s = json.loads(r.stdout.strip().splitlines()[-1])
-    assert s["env_steps"] == 4000 and s["dp"] == 2 and s["pp"] == 2
+    assert s["env_steps"] == 2000 and s["dp"] == 2 and s["pp"] == 2
+    ck = two / "checkpoints"
+    with h5py.File(ck / (ck / "latest").read_text().strip(), "r") as f:   # both replicas' shards:
+        assert list(f["replay/filled"][...]) == [1000, 1000]   # replica 1 lives on node2 only
     one = tmp_path / "one"
     hpcdqn(4, [*args, f"run_dir={one}"], timeout=300)
     c = subprocess.run([sys.executable, SCRIPTS / "compare_runs.py", two, one], capture_output=True,
