@@ -89,7 +89,10 @@ def test_sbatch_two_nodes_usr1_requeue_resume_no_duplicate_rows(cluster, tmp_pat
         assert time.time() < deadline, output(tmp_path, name, job) + cluster.logs()
         time.sleep(0.5)
     first = output(tmp_path, name, job)
-    assert "got SIGUSR1" in first and "exited with status 3" in first and "requeueing job" in first
+    # status 3 from srun, or (srun killed the slower rank once the first had exited 3) the
+    # batch script's reading of summary.json: every rank wrote the checkpoint
+    assert "got SIGUSR1" in first and "requeueing job" in first, first
+    assert "exited with status 3" in first or "treated as 3" in first, first
     stopped_at = int(metrics(run)[-1]["env_steps"])
     assert 0 < stopped_at < total
     wait_idle_then_release(cluster, job)
