@@ -76,6 +76,7 @@ class NetnsNodes:
         self.tag, self.n = tag, n
         self.names = [f"node{i}" for i in range(1, n + 1)]
         self.addresses = {f"node{i}": f"10.77.0.{i}" for i in range(1, n + 1)}
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{tag}-"))      # host files; removed by stop()
 
     @classmethod
     def start(cls, n: int = 2, tag: str | None = None) -> "NetnsNodes":
@@ -93,6 +94,7 @@ class NetnsNodes:
 
     def stop(self) -> None:
         _sh("down", self.tag, check=False)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- inside a node ---------------------------------------------------------------------------
     def exec_cmd(self, node: str, cmd: list) -> list:
@@ -118,7 +120,7 @@ class NetnsNodes:
 
     # -- mpirun across the nodes -------------------------------------------------------------------
     def hostfile(self, slots: int) -> Path:
-        f = Path(tempfile.mkdtemp(prefix=f"{self.tag}-")) / "hosts"
+        f = self.tmp / f"hosts-{slots}"
         f.write_text("".join(f"{n} slots={slots}\n" for n in self.names))
         return f
 
