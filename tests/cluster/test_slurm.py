@@ -80,7 +80,9 @@ def check_checkpoint(run_dir, env_steps):
 @pytest.mark.timeout(300)
 def test_train_sbatch_runs_to_the_end_with_a_valid_checkpoint(slurm_cluster, tmp_path):
     name = "t-train"
-    job = sbatch(slurm_cluster, tmp_path, "-n", "2", "-J", name, "--time=5", TRAIN,
+    # --time well above train.sbatch's --signal=B:USR1@300: with --time=5 the preemption
+    # warning was due at once, and on a loaded machine the job checkpointed and requeued
+    job = sbatch(slurm_cluster, tmp_path, "-n", "2", "-J", name, "--time=15", TRAIN,
                  *TINY, "total_steps=3000", "seed=3", "eval.episodes=10")
     wait_done(slurm_cluster, job, tmp_path, name, timeout=240)
     out = job_output(tmp_path, name, job)
