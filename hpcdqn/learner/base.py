@@ -106,7 +106,8 @@ class StageLearner:
         self.opt = make_adam(self.online.flat, self.d)
         buckets = GradSync.bucket_bounds(self.online, cfg["parallel"]["bucket_mb"])
         self.plan = plan_mod.decide(cfg, self.online, self.opt, dp_comm, pipeline, len(buckets))
-        self.sync = GradSync(self.online, dp_comm, cfg["parallel"]["bucket_mb"], self.plan.overlap)
+        self.sync = GradSync(self.online, dp_comm, cfg["parallel"]["bucket_mb"], self.plan.overlap,
+                             self.plan.allreduce)
         if self.plan.gradient == "autograd-accumulate":
             self.online.accumulate_grads_in_place()
         self.updates = 0
