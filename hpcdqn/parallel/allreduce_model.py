@@ -56,8 +56,8 @@ def choose_allreduce(nodes: int, p: int, q: int, n_bytes: float, buckets: int = 
         why = "one node" if nodes <= 1 else "one rank per node"
     else:
         algo = "hierarchical" if pred["hierarchical"] < pred["flat"] else "flat"
-        why = (f"predicted per update hierarchical {pred['hierarchical'] * 1e6:.1f} us "
-               f"{'<' if algo == 'hierarchical' else '>='} flat {pred['flat'] * 1e6:.1f} us")
+        why = ("hierarchical predicted faster" if algo == "hierarchical"
+               else "flat predicted at least as fast")
     return {"algorithm": algo, "reason": why, "nodes": nodes, "ranks": p, "ranks_per_node": q,
             "n_bytes": int(n_bytes), "buckets": buckets,
             "predicted_flat_s": pred["flat"], "predicted_hierarchical_s": pred["hierarchical"]}
