@@ -17,8 +17,8 @@ ALGO_TEXT = {
                     "+ beta_net*2(N-1)/N*n (q ranks on the fullest node)"}
 # The coefficients ``auto`` uses: the fit of benchmarks/results/netns_costmodel.json (two network
 # namespaces on a veth pair, 2 cores; between-node terms are veth's, not a cluster network's).
-DEFAULT_COEF = {"t0": 6.48e-08, "alpha": 5.60e-06, "beta": 2.65e-10,
-                "alpha_net": 2.47e-05, "beta_net": 5.26e-10}
+DEFAULT_COEF = {"t0": 0.0, "alpha": 1.99e-06, "beta": 2.24e-10,
+                "alpha_net": 7.99e-06, "beta_net": 4.84e-10}
 
 
 def features_flat(p: int, n: float, q: int | None = None) -> list[float]:
