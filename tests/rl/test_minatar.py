@@ -167,7 +167,7 @@ def test_wrong_network_kind_is_a_clear_error(tmp_path):
 
 
 # -- exact resume (real mpirun, real files) --------------------------------------------------------
-TINY = [CONFIG, "total_steps=3000", "dqn.learning_starts=500", "dqn.exploration_steps=1000",
+TINY = [CONFIG, "total_steps=2000", "dqn.learning_starts=500", "dqn.exploration_steps=1000",
         "dqn.buffer_size=2000", "dqn.target_update_every=200", "checkpoint_every=1000",
         "keep_last=3", "eval.episodes=0", "log.every=500", "log.progress=false",
         "log.tensorboard=false", "seed=4"]
@@ -189,12 +189,12 @@ def test_minatar_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     sa = json.loads(hpcdqn(2, ["train", "--config", *TINY[:1], *TINY[1:], f"run_dir={a}"],
                            timeout=300).stdout.strip().splitlines()[-1])
-    assert sa["env_steps"] == 3000 and sa["updates"] > 1000
+    assert sa["env_steps"] == 2000 and sa["updates"] > 500
     hpcdqn(2, ["train", "--config", *TINY[:1], *TINY[1:], f"run_dir={b}", "stop_after=1300"],
            timeout=300)
     r = hpcdqn(2, ["train", "--resume", str(b)], timeout=300)
     assert "resumed exactly from" in r.stderr and "ckpt-000000001300.h5" in r.stderr
-    name = "ckpt-000000003000.h5"
+    name = "ckpt-000000002000.h5"
     pa = _arrays(a / "checkpoints" / name, ("params/", "adam/", "replay/"))
     pb = _arrays(b / "checkpoints" / name, ("params/", "adam/", "replay/"))
     assert pa.keys() == pb.keys() and any(k.startswith("replay/") for k in pa)
@@ -204,3 +204,44 @@ def test_minatar_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
         assert pa[k].dtype == pb[k].dtype and np.array_equal(pa[k], pb[k]), k
     with h5py.File(a / "model.h5") as fa, h5py.File(b / "model.h5") as fb:
         assert np.array_equal(fa["online"][...], fb["online"][...])
+
+
+# -- learning (marker: minatar) --------------------------------------------------------------------
+# A faster variant of the paper's protocol (one update per 4 frames, epsilon annealed over 20k
+# frames after a 2k-frame warm-up), 60k frames of Breakout. Budget and threshold were chosen from
+# runs on seeds 12, 13 and 14 (never on seed 1, which this test uses); a uniform random policy
+# scores about 0.5 per episode (the first log row, all random, is checked to say so).
+LEARN = ["total_steps=60000", "dqn.train_frequency=4", "dqn.exploration_steps=20000",
+         "dqn.learning_starts=2000", "eval.episodes=30", "checkpoint=false", "log.every=5000",
+         "log.progress=false", "log.tensorboard=false", "seed=1"]
+LEARN_THRESHOLD = 1.5
+
+
+@pytest.mark.minatar
+def test_breakout_learns_well_above_random(tmp_path):
+    import csv
+
+    run = tmp_path / "run"
+    r = hpcdqn(1, ["train", "--config", CONFIG, *LEARN, f"run_dir={run}"], timeout=600)
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    with open(run / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert float(rows[0]["episodic_return"]) < 0.8          # random play: ~0.5
+    last = final_episodes_return(rows)
+    print({"final_training_episodes_return": last, "eval_return_mean": s["eval_return_mean"],
+           "wall_s": s["wall_s"]})
+    assert last >= LEARN_THRESHOLD, (last, s["eval_return_mean"])
+    assert s["eval_return_mean"] >= LEARN_THRESHOLD, s
+
+
+def final_episodes_return(rows, at_least=100):
+    """Mean training return over the newest metrics rows holding >= ``at_least`` episodes."""
+    total = n = 0.0
+    prev = [0] + [int(r["episodes"]) for r in rows[:-1]]
+    for r, before in zip(reversed(rows), reversed(prev)):
+        k = int(r["episodes"]) - before
+        if k > 0:
+            total, n = total + k * float(r["episodic_return"]), n + k
+        if n >= at_least:
+            break
+    return total / n
