@@ -168,6 +168,7 @@ def test_wrong_network_kind_is_a_clear_error(tmp_path):
 
 # -- exact resume (real mpirun, real files) --------------------------------------------------------
 TINY = [CONFIG, "total_steps=2000", "dqn.learning_starts=500", "dqn.exploration_steps=1000",
+        "dqn.train_frequency=2",
         "dqn.buffer_size=2000", "dqn.target_update_every=200", "checkpoint_every=1000",
         "keep_last=3", "eval.episodes=0", "log.every=500", "log.progress=false",
         "log.tensorboard=false", "seed=4"]
@@ -182,14 +183,14 @@ def _arrays(path, prefixes):
 
 
 def test_minatar_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
-    """dp=2, the paper's protocol (one RMSprop update per frame) shortened: stopped at 1300 (not
+    """dp=2, the paper's protocol shortened (and an update every 2nd frame): stopped at 1300 (not
     a checkpoint, log or target boundary) and resumed, the run ends bit for bit as the
     uninterrupted one: model, parameters, optimizer moments and the replay with its uint8
     observations."""
     a, b = tmp_path / "a", tmp_path / "b"
     sa = json.loads(hpcdqn(2, ["train", "--config", *TINY[:1], *TINY[1:], f"run_dir={a}"],
                            timeout=300).stdout.strip().splitlines()[-1])
-    assert sa["env_steps"] == 2000 and sa["updates"] > 500
+    assert sa["env_steps"] == 2000 and sa["updates"] > 300
     hpcdqn(2, ["train", "--config", *TINY[:1], *TINY[1:], f"run_dir={b}", "stop_after=1300"],
            timeout=300)
     r = hpcdqn(2, ["train", "--resume", str(b)], timeout=300)
@@ -208,10 +209,13 @@ def test_minatar_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
 
 # -- learning (marker: minatar) --------------------------------------------------------------------
 # A faster variant of the paper's protocol (one update per 4 frames, epsilon annealed over 20k
-# frames after a 2k-frame warm-up), 60k frames of Breakout. Budget and threshold were chosen from
-# runs on seeds 12, 13 and 14 (never on seed 1, which this test uses); a uniform random policy
-# scores about 0.5 per episode (the first log row, all random, is checked to say so).
-LEARN = ["total_steps=60000", "dqn.train_frequency=4", "dqn.exploration_steps=20000",
+# frames after a 2k-frame warm-up), 70k frames of Breakout. Budget and threshold were chosen from
+# runs on seeds 12, 13 and 14 (never on seed 1, which this test uses;
+# benchmarks/results/minatar_ci_tuning.json): at 60k frames their final training episodes scored
+# 2.42 (s12, at 80k: 2.25), 2.32 and 1.92, their 30-episode greedy evaluations 2.7 (80k), 3.1 and
+# 3.5, all still rising; a uniform random policy scores about 0.5 per episode (the first log
+# row, all random, is checked to say so).
+LEARN = ["total_steps=70000", "dqn.train_frequency=4", "dqn.exploration_steps=20000",
          "dqn.learning_starts=2000", "eval.episodes=30", "checkpoint=false", "log.every=5000",
          "log.progress=false", "log.tensorboard=false", "seed=1"]
 LEARN_THRESHOLD = 1.5
