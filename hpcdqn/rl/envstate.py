@@ -6,7 +6,8 @@ dicts of those) of every wrapper layer and of the unwrapped env (CartPole: ``sta
 also holds the sticky-action state). MinAtar: below its gymnasium env (``minatar.gym.BaseEnv``)
 the ``game`` (``minatar.Environment``: sticky-action RNG and last action) and its ``env`` (the
 game's fields: positions, timers, entity lists, brick/alien maps), with their numpy
-``RandomState`` (one object shared by both, kept so on restore). A layer's ``transient_attrs`` (scratch buffers) are left out.
+``RandomState`` (one object shared by both, kept so on restore). A layer's ``transient_attrs``
+(scratch buffers) are left out.
 
 ``capture_env``/``restore_env`` work on one sub-env wherever it lives: the sync vector env calls
 them in this process, the async one in its worker processes (``envs.StateAccess``).
