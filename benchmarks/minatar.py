@@ -90,9 +90,13 @@ def locked(cmd: list[str], lock: str | None) -> list[str]:
     return ["flock", lock, *cmd] if lock else cmd
 
 
-def one_hpcdqn(game: str, frames: int, seed: int, lock: str | None) -> dict:
+def one_hpcdqn(game: str, frames: int, seed: int, lock: str | None, dp: int = 1) -> dict:
+    """One hpcdqn run; ``dp`` > 1: ``mpirun -n dp`` with the same global frames (strong scaling:
+    the default sqrt_lr rule, batch 32 per replica, 1/dp of the updates)."""
     run = tempfile.mkdtemp(prefix="hpcdqn-minatar-")
     cmd = [sys.executable, "-m", "hpcdqn.cli", *hpcdqn_args(game, frames, seed, run)]
+    if dp > 1:
+        cmd = ["mpirun", "-n", str(dp), *cmd]
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONPATH=str(ROOT))
     load0 = loadavg()
@@ -107,7 +111,7 @@ def one_hpcdqn(game: str, frames: int, seed: int, lock: str | None) -> dict:
     e0, t0 = next((e, w) for e, w in rows if e >= starts)
     e1, t1 = rows[-1]
     shutil.rmtree(run, ignore_errors=True)
-    return {"side": "hpcdqn", "seed": seed, "env_steps": s["env_steps"], "updates": s["updates"],
+    return {"side": "hpcdqn" if dp == 1 else f"hpcdqn dp={dp}", "seed": seed, "env_steps": s["env_steps"], "updates": s["updates"],
             "learning_sps": (e1 - e0) / (t1 - t0), "wall_s": s["wall_s"],
             "return_last_100": last_episodes_return(table),
             "loadavg_before": load0, "loadavg_after": loadavg()}
@@ -266,6 +270,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1, help="repeat i uses seed + i")
     ap.add_argument("--lock", help="run each side's run under `flock LOCK`")
+    ap.add_argument("--dp2", action="store_true",
+                    help="also hpcdqn on 2 ranks (mpirun -n 2, same global frames) per repeat")
     ap.add_argument("--one", choices=["sb3", "mem-hpcdqn", "mem-sb3"], help=argparse.SUPPRESS)
     ap.add_argument("--memory-transitions", type=int, default=100_000,
                     help="replay memory measurement: transitions stored (0: skip)")
@@ -281,11 +287,14 @@ def main():
               for side in ("hpcdqn", "sb3")] if a.memory_transitions else []
     runs = []
     for i in range(a.repeats):              # the sides alternate within each repeat
-        order = (one_hpcdqn, sb3_in_process) if i % 2 == 0 else (sb3_in_process, one_hpcdqn)
+        order = [one_hpcdqn, sb3_in_process] if i % 2 == 0 else [sb3_in_process, one_hpcdqn]
+        if a.dp2:
+            order.append(lambda *args: one_hpcdqn(*args, dp=2))
         for fn in order:
             runs.append(fn(a.game, a.frames, a.seed + i, a.lock))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
-    side = {k: [r for r in runs if r["side"] == k] for k in ("hpcdqn", "sb3")}
+    sides = ("hpcdqn", "sb3") + (("hpcdqn dp=2",) if a.dp2 else ())
+    side = {k: [r for r in runs if r["side"] == k] for k in sides}
     sps = {k: summarize(v, "learning_sps") for k, v in side.items()}
     out = {"benchmark": "minatar_vs_sb3", "env": f"MinAtar/{a.game}-v0", "frames": a.frames,
            "repeats": a.repeats, "threads_per_process": 1, "cores": os.cpu_count(),
@@ -294,6 +303,9 @@ def main():
            "return_last_100": {k: summarize(v, "return_last_100") for k, v in side.items()},
            "ratio_learning_sps_hpcdqn_vs_sb3": round(sps["hpcdqn"]["median"] / sps["sb3"]["median"], 3),
            "target": {"sps_ratio_at_least": 3.0}}
+    if a.dp2:
+        out["ratio_learning_sps_dp2_vs_dp1"] = round(sps["hpcdqn dp=2"]["median"]
+                                                     / sps["hpcdqn"]["median"], 3)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))
