@@ -93,6 +93,10 @@ SCHEMA: dict[str, Any] = {
     "stop_after": Key(0, int, "stop (with a checkpoint) after this many global env steps without changing "
                               "any schedule; resume later with --resume (0: run to total_steps)", _nonneg),
     "network": {
+        "kind": Key("auto", str, "Q-network: auto (nature for image observations, else mlp), "
+                                 "mlp, nature (Mnih et al. 2015 CNN), minatar (Young & Tian "
+                                 "2019: Conv 16x3x3, FC hidden[-1])", None,
+                    ("auto", "mlp", "nature", "minatar")),
         "hidden": Key([256, 256], list, "MLP hidden widths (also the CNN's dense layer)", _widths),
         "dueling": Key(False, bool, "dueling head: Q = V + A - mean(A)"),
         "cuts": Key([], list, "pipeline cut points (layer indices); empty: balance by params", _cuts),
@@ -101,9 +105,16 @@ SCHEMA: dict[str, Any] = {
     },
     "dqn": {
         "gamma": Key(0.99, float, "discount", _unit),
-        "lr": Key(2.3e-3, float, "Adam learning rate", _pos),
+        "optimizer": Key("adam", str, "adam, or rmsprop (torch's RMSprop: the MinAtar paper "
+                                      "uses centered, alpha 0.95, eps 0.01)", None,
+                         ("adam", "rmsprop")),
+        "lr": Key(2.3e-3, float, "learning rate (Adam or RMSprop)", _pos),
         "lr_final_fraction": Key(0.1, float, "lr decays linearly to lr * this at the end", _unit),
         "adam_eps": Key(1e-8, float, "Adam epsilon", _pos),
+        "rmsprop_alpha": Key(0.95, float, "RMSprop smoothing of the squared gradient", _unit),
+        "rmsprop_eps": Key(0.01, float, "RMSprop epsilon (added to the root)", _pos),
+        "rmsprop_centered": Key(True, bool, "centered RMSprop (divides by the gradient's "
+                                            "estimated standard deviation)"),
         "batch_size": Key(64, int, "minibatch of one update at dp=1; at dp>1 see scaling.rule", _pos),
         "buffer_size": Key(100_000, int, "GLOBAL replay capacity (transitions); each replica holds "
                                          "buffer_size // dp", _pos),
@@ -127,6 +138,10 @@ SCHEMA: dict[str, Any] = {
         "epsilon_end": Key(0.04, float, "final exploration epsilon", _unit),
         "exploration_fraction": Key(0.16, float, "share of total_steps (global env steps) to "
                                                  "anneal epsilon", _unit_open),
+        "exploration_steps": Key(0, int, "env steps to anneal epsilon over (0: "
+                                         "exploration_fraction * total_steps)", _nonneg),
+        "exploration_after_warmup": Key(False, bool, "the anneal starts at learning_starts "
+                                                     "(the MinAtar paper) instead of step 0"),
         "epsilon_ladder": Key(False, bool, "Ape-X ladder: rank i explores with eps^(1+7i/(N-1))"),
     },
     "replay": {

@@ -37,7 +37,7 @@ from hpcdqn.parallel.lifecycle import agree_signal, agree_user_errors, install_s
 from hpcdqn.parallel.memory import keep_freed_memory, release_freed_memory
 from hpcdqn.rl.envs import frame_stack, make_vector_env
 from hpcdqn.rl.evaluate import evaluate
-from hpcdqn.rl.networks import meta_layers
+from hpcdqn.rl.networks import meta_layers, resolve_kind
 from hpcdqn.rl.framereplay import make_replay
 from hpcdqn.rl.rollout import Rollout
 from hpcdqn.rl.schedule import Schedule, linear_schedule
@@ -178,13 +178,17 @@ class Trainer:
         agree_user_errors(self.comm, loc.err)
         self.obs_space, self.n_actions = env.single_observation_space, int(env.single_action_space.n)
         self.frame_stack = frame_stack(env)     # > 0: the replay stores each frame once
+        try:                                    # the network fits these observations
+            resolve_kind(self.obs_space.shape, cfg["network"]["kind"])
+        except ValueError as e:
+            raise config_mod.ConfigError(str(e)) from None
         if not grid.is_first_stage:
             env.close()      # (built for its spaces: only a replica's first stage acts)
         self.mem_plan = self.check_memory()     # stops here, on every rank, if it cannot fit
         # shapes only (meta device): each rank allocates just its own stage, with the values
         # the whole network would get from `seed` (networks.initial_flat)
         layers = meta_layers(self.obs_space.shape, self.n_actions, cfg["network"]["hidden"],
-                             cfg["network"]["dueling"])
+                             cfg["network"]["dueling"], cfg["network"]["kind"])
         self.learner = build_learner(grid, layers, cfg, self.device, seed=cfg["seed"])
         # online + target + Adam moments held by each stage (replica 0's stages are world ranks 0..pp-1)
         self.stage_bytes = self.comm.allgather(self.learner.parameter_bytes())[:grid.pp]

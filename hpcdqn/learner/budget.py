@@ -157,7 +157,7 @@ def _meminfo_kb(key: str) -> int | None:
 def stage_layout(cfg: dict, obs_shape: tuple, n_actions: int):
     """(meta layers, stages as boundaries, param ranges, contents) for ``cfg['pp']`` stages."""
     net = cfg["network"]
-    layers = meta_layers(obs_shape, n_actions, net["hidden"], net["dueling"])
+    layers = meta_layers(obs_shape, n_actions, net["hidden"], net["dueling"], net["kind"])
     pp = cfg["pp"]
     if pp == 1:
         total = layer_offsets(layers)[-1]

@@ -23,6 +23,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from hpcdqn.parallel.allreduce import can_overlap
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.rl import mlp
@@ -38,7 +40,7 @@ class ExecutionPlan:
     sync: str                     # none | blocking | overlap
     buckets: int
     bucket_mb: float
-    optimizer: str                # fused-direct | torch
+    optimizer: str                # fused-direct | torch (Adam) | rmsprop
     manual_check: float | None = None   # max |hand-written - autograd| at start-up
     notes: tuple[str, ...] = field(default=())
 
@@ -53,7 +55,8 @@ class ExecutionPlan:
                 "blocking": f"blocking Allreduce, {self.buckets} bucket(s) <= {self.bucket_mb:g} MiB",
                 "overlap": f"overlapped Iallreduce, {self.buckets} bucket(s) <= {self.bucket_mb:g} MiB"}
         return (f"gradient={self.gradient}{check}; sync={sync[self.sync]}; "
-                f"optimizer=Adam ({self.optimizer}); device={self.device}"
+                + ("optimizer=RMSprop (torch)" if self.optimizer == "rmsprop"
+                   else f"optimizer=Adam ({self.optimizer})") + f"; device={self.device}"
                 + "".join(f"; {n}" for n in self.notes))
 
     def as_dict(self) -> dict:
@@ -70,7 +73,8 @@ def decide(cfg: dict, online: FlatModule, opt, dp_comm, pipeline: bool, buckets:
         notes.append("parallel.overlap ignored: " + ("needs micro_batches=1 on a pipeline stage"
                                                       if not one_backward else "gradients on a GPU"))
     sync = "overlap" if overlap else "blocking" if dp_comm.Get_size() > 1 else "none"
-    optimizer = "fused-direct" if uses_direct_kernel(opt) else "torch"
+    optimizer = ("rmsprop" if isinstance(opt, torch.optim.RMSprop)
+                 else "fused-direct" if uses_direct_kernel(opt) else "torch")
     common = dict(device=str(online.flat.device), sync=sync, buckets=buckets,
                   bucket_mb=float(par["bucket_mb"]), optimizer=optimizer)
     if pipeline:

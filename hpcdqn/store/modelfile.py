@@ -19,7 +19,7 @@ import torch
 from hpcdqn import __version__
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.parallel.partition import param_ranges, plan_stages, stage_modules
-from hpcdqn.rl.networks import meta_layers, num_params
+from hpcdqn.rl.networks import KINDS, meta_layers, num_params
 from hpcdqn.store.mpiio import io_mode, mpi_info
 
 FORMAT = "hpcdqn-model-1"
@@ -99,17 +99,18 @@ def _declared(f, path) -> tuple:
         obs_shape = tuple(json.loads(f.attrs["obs_shape"]))
         n_actions = int(f.attrs["n_actions"])
         hidden, dueling = cfg["network"]["hidden"], cfg["network"]["dueling"]
+        kind = cfg["network"].get("kind", "auto")     # (files from before network.kind: auto)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"'{path}': its attributes are missing or malformed ({type(e).__name__}: "
                          f"{e})") from None
     ok = (1 <= len(obs_shape) <= 3 and all(isinstance(d, int) and 1 <= d <= MAX_DIM for d in obs_shape)
           and 1 <= n_actions <= MAX_DIM and isinstance(hidden, list) and len(hidden) <= MAX_WIDTHS
           and all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= MAX_DIM for w in hidden)
-          and isinstance(dueling, bool))
+          and isinstance(dueling, bool) and kind in KINDS)
     if not ok:
         raise ValueError(f"'{path}': declared network out of bounds (obs_shape={obs_shape}, "
-                         f"n_actions={n_actions}, hidden={hidden}, dueling={dueling})")
-    return cfg, obs_shape, n_actions, hidden, dueling
+                         f"n_actions={n_actions}, hidden={hidden}, dueling={dueling}, kind={kind!r})")
+    return cfg, obs_shape, n_actions, hidden, dueling, kind
 
 
 def _checked(f, path) -> tuple:
@@ -118,8 +119,11 @@ def _checked(f, path) -> tuple:
     (computed without allocating) against the stored dataset's shape and its bytes on disk."""
     if f.attrs.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not an hpcdqn model file (format={f.attrs.get('format')!r})")
-    cfg, obs_shape, n_actions, hidden, dueling = _declared(f, path)
-    layers = meta_layers(obs_shape, n_actions, hidden, dueling)
+    cfg, obs_shape, n_actions, hidden, dueling, kind = _declared(f, path)
+    try:
+        layers = meta_layers(obs_shape, n_actions, hidden, dueling, kind)
+    except ValueError as e:
+        raise ValueError(f"'{path}': declared network: {e}") from None
     n = sum(num_params(m) for m in layers)
     ds = f.get("online")
     if not isinstance(ds, h5py.Dataset) or ds.dtype != np.float32 or ds.shape != (n,):

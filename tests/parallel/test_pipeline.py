@@ -194,8 +194,8 @@ def _cases(suite):
         return [f"mlp_pp{pp}_{s}_{d}_M{m}" for s in ("gpipe", "1f1b") for d in ("single", "double")
                 for m in ((1, 4) if pp == 2 else (2, 6))]
     if name == "arch":
-        return ["dueling_mlp", "cnn", "dueling_cnn_cut3", "mlp_whole_layers"]
-    return ["dp2_pp2_gpipe", "dp2_pp2_1f1b"]
+        return ["dueling_mlp", "cnn", "dueling_cnn_cut3", "mlp_whole_layers", "minatar_cnn"]
+    return ["dp2_pp2_gpipe", "dp2_pp2_1f1b", "dp2_pp2_minatar"]
 
 
 ALL = [(s, c) for s in SUITES for c in _cases(s)]
