@@ -72,7 +72,8 @@ def abort_on_exception(fn, *args, **kwargs):
             raise
         if getattr(e, "agreed", False):   # every rank raised the same error: say it once, exit
             if rank == 0:
-                sys.stderr.write(f"hpcdqn train: {user_error_kind(e) or 'error'} error: {e}\n")
+                kind = getattr(e, "kind", None) or user_error_kind(e) or "error"
+                sys.stderr.write(f"hpcdqn train: {kind} error: {e}\n")
                 sys.stderr.flush()
             sys.stdout.flush()
             raise SystemExit(2) from None

@@ -17,7 +17,7 @@ from hpcdqn.store.schema import CKPT_DIR, LATEST
 RUN_CONTROL_KEYS = {"run_dir", "stop_after", "pp", "micro_batches", "schedule", "checkpoint_every",
                     "checkpoint_minutes", "overwrite", "keep_last", "threads", "device", "vector", "network.cuts",
                     "network.split_layers"}
-RUN_CONTROL_PREFIXES = ("log.", "eval.", "parallel.")
+RUN_CONTROL_PREFIXES = ("log.", "eval.", "parallel.", "watchdog.")
 
 
 def checkpoint_dir(run_dir) -> Path:
