@@ -105,6 +105,9 @@ def _cmd_train(args) -> int:
         if _launcher_rank() == 0:      # every rank found the same (config, --resume's files)
             kind = getattr(e, "kind", None) or user_error_kind(e)
             print(f"hpcdqn train: {kind} error: {e}", file=sys.stderr)
+        from hpcdqn.parallel.lifecycle import leave
+
+        leave(2)
         return 2
     from mpi4py import MPI
 

@@ -33,7 +33,7 @@ from hpcdqn.learner.budget import (cap_per_rank, check_fits, current_rss, fmt_by
                                    plan_memory, process_baseline)
 from hpcdqn.metrics import MetricsLogger, share_columns
 from hpcdqn.parallel.grid import RankGrid, choose_device, mpi
-from hpcdqn.parallel.lifecycle import agree_signal, install_signal_handlers
+from hpcdqn.parallel.lifecycle import agree_signal, install_signal_handlers, on_leave
 from hpcdqn.parallel.memory import keep_freed_memory, release_freed_memory
 from hpcdqn.parallel import watchdog
 from hpcdqn.rl.envs import frame_stack, make_vector_env
@@ -112,6 +112,7 @@ def make_run_dir(cfg: dict, comm, resume: str | None = None) -> tuple[Path, Path
             Path(path).mkdir(parents=True, exist_ok=True)
             lock = acquire_lock(path)
             atexit.register(release_lock, lock)
+            on_leave(lambda: release_lock(lock))     # a fast exit skips atexit
             if not resume:
                 check_fresh(path, cfg["overwrite"])
     agree(comm, "start", path, loc.err, what="run directory", keep_kind=True)

@@ -72,10 +72,10 @@ def describe(err: BaseException, path=None) -> str:
 
 def os_errno(err: BaseException) -> int | None:
     """The errno of an OSError, also where HDF5 only wrote it into the message ("errno = 28")."""
-    if not isinstance(err, OSError):
-        return None
-    if err.errno:
+    if isinstance(err, OSError) and err.errno:
         return int(err.errno)
+    if not isinstance(err, (OSError, RuntimeError)):
+        return None
     import re
 
     m = re.search(r"errno = (\d+)", str(err))

@@ -20,6 +20,7 @@ from hpcdqn import __version__
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.parallel.partition import param_ranges, plan_stages, stage_modules
 from hpcdqn.rl.networks import meta_layers, num_params
+from hpcdqn.store.mpiio import h5_image
 
 FORMAT = "hpcdqn-model-1"
 
@@ -36,9 +37,16 @@ def _attrs(f, cfg: dict, obs_shape, obs_dtype, n_actions: int) -> None:
 def save_model(path: Path, flat: np.ndarray, cfg: dict, obs_shape, obs_dtype, n_actions: int) -> None:
     path = Path(path)
     tmp = path.with_suffix(".tmp")
-    with h5py.File(tmp, "w") as f:
+
+    def fill(f, hold):
         _attrs(f, cfg, obs_shape, obs_dtype, n_actions)
-        f.create_dataset("online", data=np.asarray(flat, dtype=np.float32))
+        hold.append(f.create_dataset("online", data=np.asarray(flat, dtype=np.float32)))
+
+    _, fd = h5_image(tmp, fill)     # HDF5 builds it in memory; our own writes meet the disk
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     tmp.replace(path)
 
 
@@ -84,13 +92,17 @@ def write_model_slices(path: Path, mine: np.ndarray, lo: int, total: int, comm, 
 def _create_model(tmp: Path, total: int, cfg, obs_shape, obs_dtype, n_actions) -> int:
     from h5py import h5d, h5p
 
-    with h5py.File(tmp, "w") as f:
+    def fill(f, hold):
         _attrs(f, cfg, obs_shape, obs_dtype, n_actions)
         dcpl = h5p.create(h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
         dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
-        return int(f.create_dataset("online", shape=(total,), dtype=np.float32,
-                                    dcpl=dcpl).id.get_offset())
+        hold.append(f.create_dataset("online", shape=(total,), dtype=np.float32, dcpl=dcpl))
+        return int(hold[-1].id.get_offset())
+
+    offset, fd = h5_image(tmp, fill)
+    os.close(fd)
+    return offset
 
 
 def model_size(path: Path) -> tuple[int, int]:

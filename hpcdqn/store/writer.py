@@ -26,7 +26,7 @@ from hpcdqn import __version__
 from hpcdqn.store.agree import Local, agree, fault, set_steps
 from hpcdqn.store.codec import attrs_crc, crc
 from hpcdqn.store.errors import CheckpointIOError
-from hpcdqn.store.mpiio import Writeback, fsync_path, io_mode, stripe_bytes
+from hpcdqn.store.mpiio import Writeback, close_or_keep, fsync_path, h5_image, io_mode, stripe_bytes
 from hpcdqn.store.rundir import checkpoint_dir, ckpt_name
 from hpcdqn.store.schema import FORMAT, LATEST, plan, rows_per_piece
 
@@ -132,8 +132,7 @@ def _agree_or_discard(comm, phase, tmp, err, f=None, closer=None) -> None:
         if closer is not None:
             closer()
         with Local():
-            if f is not None and f.id.valid:
-                f.close()
+            close_or_keep(f)
         if comm.Get_rank() == 0:
             with Local():
                 Path(tmp).unlink(missing_ok=True)
@@ -196,8 +195,9 @@ def _write_parallel(tmp, comm, specs, mine, crcs, root_attrs):
     ranks in different collectives (the only collectives are the agreements themselves).
 
     Phases, each agreed: open (per-rank checks: directory, free space), create (rank 0 alone
-    creates the file with HDF5: attributes, every dataset contiguous, its space allocated at
-    creation, stripe-aligned; closed again; the offsets broadcast), mid-data (each rank
+    builds the file's HDF5 metadata in memory: attributes, every dataset contiguous, its space
+    allocated, stripe-aligned; then writes those bytes to the file itself, so HDF5 never meets
+    a failing system call; the offsets broadcast), mid-data (each rank
     ``pwrite``s its parts in 32 MiB pieces, writeback paced, ``Writeback``), flush (fsync of
     what this rank wrote) and close (its descriptor)."""
     rank = comm.Get_rank()
@@ -205,37 +205,43 @@ def _write_parallel(tmp, comm, specs, mine, crcs, root_attrs):
         precheck_open(tmp, _my_bytes(rank, specs))
         fault("open", rank, tmp)
     _agree_or_discard(comm, "open", tmp, loc.err)
-    offsets = None
+    offsets = fd = flusher = None
     with Local() as loc:
         if rank == 0:
-            offsets = _create_layout(tmp, specs, crcs, root_attrs)
+            offsets, fd = _create_layout(tmp, specs, crcs, root_attrs)
         fault("create", rank, tmp)
-    _agree_or_discard(comm, "create", tmp, loc.err)
+    _agree_or_discard(comm, "create", tmp, loc.err, closer=lambda: _close_fd(fd, None))
     offsets = comm.bcast(offsets, root=0)
-    fd = flusher = None
     mine_any = any(own == rank for s in specs for own, _, _ in s.parts)
     with Local() as loc:
         if mine_any:
-            fd = os.open(tmp, os.O_WRONLY)
+            fd = os.open(tmp, os.O_WRONLY) if fd is None else fd
             flusher = Writeback(tmp)
             _write_slabs(fd, rank, specs, mine, offsets, flusher, tmp)
         else:
             fault("mid-data", rank, tmp)
     _agree_or_discard(comm, "mid-data", tmp, loc.err, closer=lambda: _close_fd(fd, flusher))
     with Local() as loc:
-        if fd is not None:
+        if flusher is not None:
             flusher.close()
-            os.fsync(fd)        # this rank's data is on disk (its file system client's pages)
+        if fd is not None:
+            _named(os.fsync, fd, tmp)   # this rank's data is on disk (its client's pages)
         fault("flush", rank, tmp)
     _agree_or_discard(comm, "flush", tmp, loc.err, closer=lambda: _close_fd(fd, None))
     with Local() as loc:
         fd_, fd = fd, None
         if fd_ is not None:
-            os.close(fd_)
+            _named(os.close, fd_, tmp)
         fault("close", rank, tmp)
-        if rank == 0:
-            fsync_path(tmp)     # the metadata rank 0 wrote at create
     _agree_or_discard(comm, "close", tmp, loc.err)
+
+
+def _named(fn, fd, path):
+    """``fn(fd)``; an OSError names ``path``."""
+    try:
+        return fn(fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def _close_fd(fd, flusher) -> None:
@@ -248,17 +254,12 @@ def _close_fd(fd, flusher) -> None:
 
 def _create_layout(tmp, specs, crcs, root_attrs) -> dict:
     """Rank 0: the file with every attribute and dataset, each dataset's space allocated now
-    (contiguous, never filled); returns {name: file offset of row 0}. Closed before returning
-    (on an error too), so no HDF5 handle on a broken file outlives this call."""
+    (contiguous, never filled), built in memory (``h5_image``: HDF5 never writes to the disk,
+    so a failing write is a plain OSError here, never a broken HDF5 handle); returns
+    ({name: file offset of row 0}, the open descriptor of ``tmp``)."""
     from h5py import h5d, h5p
 
-    align = stripe_bytes(Path(tmp).parent)    # each dataset starts on a stripe boundary
-    try:
-        f = h5py.File(tmp, "w", alignment_threshold=2**20, alignment_interval=align,
-                      **_file_kwargs())
-    except TypeError:  # pragma: no cover - old h5py
-        f = h5py.File(tmp, "w", **_file_kwargs())
-    try:
+    def fill(f, hold):
         for k, v in root_attrs.items():
             f.attrs[k] = v
         offsets = {}
@@ -267,13 +268,15 @@ def _create_layout(tmp, specs, crcs, root_attrs) -> dict:
             dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
             dcpl.set_fill_time(h5d.FILL_TIME_NEVER)   # every byte is written by its owner
             ds = f.create_dataset(s.name, shape=s.shape, dtype=s.dtype, dcpl=dcpl)
+            hold.append(ds)
             ds.attrs["parts"] = json.dumps([[a, b] for _, a, b in s.parts])
             ds.attrs["crc32"] = json.dumps([crcs.get((s.name, j), 0) for j in range(len(s.parts))])
             offsets[s.name] = ds.id.get_offset()
-        f.flush()
-    finally:
-        f.close()
-    return offsets
+        return offsets
+
+    align = stripe_bytes(Path(tmp).parent)    # each dataset starts on a stripe boundary
+    return h5_image(tmp, fill, alignment_threshold=2**20, alignment_interval=align,
+                    **_file_kwargs())
 
 
 def _pwrite_all(fd, buf, offset: int) -> None:
@@ -361,7 +364,7 @@ def _write_serial(tmp, comm, specs, mine, crcs, root_attrs):
     _agree_or_discard(comm, "flush", tmp, loc.err, f)
     with Local() as loc:
         if f is not None:
-            f.close()
+            close_or_keep(f)
             fsync_path(tmp)
         fault("close", rank, tmp)
     _agree_or_discard(comm, "close", tmp, loc.err)
