@@ -167,7 +167,7 @@ def agree(comm, phase: str, path, err: BaseException | None, what: str = "checkp
 def agree_write(comm, what: str, path, err: BaseException | None) -> None:
     """Collective: ``agree`` for a run file written by one rank (metrics, eval.csv, summary,
     model file): every rank raises the same ``RunFileError`` (one line, exit status 2)."""
-    agree(comm, "write", path, err, what=f"writing {what}", cls=RunFileError)
+    agree(comm, "write", path, err, what=what, cls=RunFileError)
 
 
 def set_steps(env_steps: int) -> None:

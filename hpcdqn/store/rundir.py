@@ -239,10 +239,14 @@ def acquire_lock(run_dir) -> Path:
             warn(f"taking over the lock of '{run_dir}' ({why})")
             lock.unlink(missing_ok=True)
             continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(_me()) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(_me()) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as e:       # a half-written lock would hold the directory for 10 s
+            lock.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(lock)) from None
         return lock
     raise RunDirBusy(f"could not lock run directory '{run_dir}' (another job keeps taking it)")
 
