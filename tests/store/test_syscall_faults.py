@@ -121,3 +121,22 @@ def test_watchdog_names_the_stalled_rank(tmp_path, phase, rank, at):
     assert end - stop < 5 + 10, end - stop
     print(f"watchdog {phase}, rank {rank} stopped: aborted {end - stop:.1f} s after the stop "
           f"(t0 {stop - t0:.1f} s into the job): {msg[0]}")
+
+
+@pytest.mark.slow
+def test_real_full_disk_ends_cleanly_and_resumes(tmp_path):
+    """One repetition of benchmarks/disk_full.py: a 300 MB tmpfs filled by another process once
+    the second checkpoint's .tmp appears (needs root to mount; skipped elsewhere)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    subprocess.run(["umount", str(mnt)])
+    out = tmp_path / "disk_full.json"
+    r = subprocess.run([sys.executable, str(SCRIPTS.parents[1] / "benchmarks" / "disk_full.py"),
+                        "--reps", "1", "--out", str(out)], capture_output=True, text=True,
+                       env=mpi_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["clean_ends"] == 1, res["runs"]
