@@ -15,7 +15,7 @@ SERIAL_ENV = "HPCDQN_H5_SERIAL"          # "1": write through rank 0 even with p
 
 
 def io_mode() -> str:
-    """'parallel' (mpio, collective) or 'serial' (through rank 0)."""
+    """'parallel' (every rank writes its own slabs) or 'serial' (through rank 0)."""
     if os.environ.get(SERIAL_ENV, "") not in ("", "0") or not h5py.get_config().mpi:
         return "serial"
     return "parallel"
