@@ -195,8 +195,9 @@ SCHEMA: dict[str, Any] = {
                                       "gradient sync) before it names the ranks that have not "
                                       "arrived and aborts the job with exit status 3; 0: per "
                                       "phase, scaled to it (checkpoint/resume 300 s + 1 s per 20 "
-                                      "MB a rank writes, model file 300 s, gradient sync 600 s, "
-                                      "eval 1800 s); < 0: off"),
+                                      "MB a rank writes, model file 300 s, gradient sync 900 s, "
+                                      "eval 1800 s, each at least 20x the longest that phase "
+                                      "took so far); < 0: off"),
     },
     "log": {
         "every": Key(2_000, int, "global env steps between metric rows", _pos),

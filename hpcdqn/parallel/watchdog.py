@@ -46,14 +46,15 @@ def install(dog: "Watchdog | None") -> None:
 def deadlines(deadline_s: float, ckpt_bytes_per_rank: int) -> dict[str, float]:
     """Each phase's deadline: ``deadline_s`` for every phase if > 0, none if < 0; 0: scaled to
     the phase (checkpoint/resume 300 s + 1 s per 20 MB a rank writes, model file 300 s,
-    gradient sync 600 s, eval 1800 s: many times what a healthy phase takes)."""
+    gradient sync 900 s, eval 1800 s, each raised to 20 times the longest the phase took so far
+    in this run: many times what a healthy phase takes)."""
     if deadline_s > 0:
         return {"default": float(deadline_s)}
     if deadline_s < 0:
         return {"default": 0.0}
     io = 300.0 + ckpt_bytes_per_rank / 20e6
-    return {"checkpoint": io, "resume": io, "model file": 300.0, "gradient sync": 600.0,
-            "eval": 1800.0, "default": 600.0}
+    return {"checkpoint": io, "resume": io, "model file": 300.0, "gradient sync": 900.0,
+            "eval": 1800.0, "default": 900.0}
 
 
 class phase:
@@ -91,6 +92,9 @@ class Watchdog:
         self.comm = comm.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.deadlines = dict(deadlines)
+        self.auto = "default" not in deadlines or len(deadlines) > 1   # scaled per phase
+        self.longest: dict[str, float] = {}
+        self.began: tuple[str, float] | None = None
         self.seen: dict[str, int] = {}
         self.armed: tuple[str, float, float] | None = None     # (phase, since, deadline)
         self._stop = threading.Event()
@@ -98,12 +102,19 @@ class Watchdog:
         self._thread.start()
 
     def deadline(self, phase: str) -> float:
-        return float(self.deadlines.get(phase, self.deadlines.get("default", 600.0)))
+        """The configured deadline, or (automatic deadlines) at least 20 times the longest
+        this phase has taken so far on this rank, whichever is longer."""
+        base = float(self.deadlines.get(phase, self.deadlines.get("default", 600.0)))
+        if base <= 0 or not self.auto:
+            return base
+        return max(base, 20.0 * self.longest.get(phase, 0.0))
 
     # -- the gate ---------------------------------------------------------------------------------
     def gate(self, phase: str) -> None:
         """Collective: wait until every rank reached this gate, or abort past the deadline.
         Arms the phase (the thread watches it until ``done``)."""
+        if self.began is None or self.began[0] != phase:
+            self.began = (phase, time.monotonic())
         self.seen[phase] = self.seen.get(phase, 0) + 1
         _test_stall(phase, self.rank, self.seen[phase])
         limit = self.deadline(phase)
@@ -181,7 +192,10 @@ class Watchdog:
 
     def done(self) -> None:
         """The phase that the last gate opened is over (the thread stops watching it)."""
-        self.armed = None
+        if self.began is not None:
+            phase, t0 = self.began
+            self.longest[phase] = max(self.longest.get(phase, 0.0), time.monotonic() - t0)
+        self.armed = self.began = None
 
     # -- aborting ---------------------------------------------------------------------------------
     def abort(self, phase: str, waited: float, who: str) -> None:
