@@ -138,6 +138,34 @@ def same_model(d: Path, ref: Path) -> bool:
         return False
 
 
+def table(path: Path) -> str:
+    """The README table: per point and rank count, cases run, faults fired, exits, hangs,
+    signals, lost checkpoints and messages naming the cause."""
+    res = json.loads(Path(path).read_text())
+    rows = {}
+    for r in res["cases"]:
+        if "skipped" in r:
+            continue
+        key = (r.get("point") or r["case"].split(":")[0], r["ranks"])
+        d = rows.setdefault(key, {"run": 0, "fired": 0, "exit2": 0, "exit0": 0, "hang": 0,
+                                  "signal": 0, "lost": 0, "cause": 0})
+        d["run"] += 1
+        d["fired"] += bool(r.get("fired"))
+        d["exit2"] += r["exit"] == 2 or (r["level"] == "checkpoint" and bool(r.get("fired")))
+        d["exit0"] += r["exit"] == 0 and not (r["level"] == "checkpoint" and r.get("fired"))
+        d["hang"] += bool(r["hang"])
+        d["signal"] += bool(r["signal"])
+        d["lost"] += bool(r.get("lost"))
+        d["cause"] += bool(r.get("names_cause"))
+    out = ["| point | ranks | cases run | fault fired | agreed error / exit 2 | completed (exit 0) "
+           "| hangs | signals | valid checkpoints lost | message names the cause |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for (point, n), d in rows.items():
+        out.append(f"| {point} | {n} | {d['run']} | {d['fired']} | {d['exit2']} | {d['exit0']} | "
+                   f"{d['hang']} | {d['signal']} | {d['lost']} | {d['cause']} of {d['fired']} |")
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", default="2,4")
@@ -146,7 +174,11 @@ def main() -> int:
     p.add_argument("--full", action="store_true", help="run-file points for every rank choice "
                    "and errno (default: rank 0 for all, the others for ENOSPC at 2 ranks)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fault_matrix.json"))
+    p.add_argument("--table", action="store_true", help="print the README table of --out, run nothing")
     a = p.parse_args()
+    if a.table:
+        print(table(Path(a.out)))
+        return 0
     tmp = Path(a.dir)
     subprocess.run(["rm", "-rf", str(tmp)])
     tmp.mkdir(parents=True)
