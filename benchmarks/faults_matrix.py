@@ -87,8 +87,11 @@ def ckpt_cases(n: int, tmp: Path) -> list[dict]:
                      "hang": False, "signal": False, "exit": 0, "fired": fired,
                      "agreed_same_message": o["same_on_all_ranks"],
                      "names_cause": o["names_cause"] if fired else None,
-                     "lost": not (o["first_bitwise"] and o["latest"] == "ckpt-000000001000.h5"
-                                  and o["not_set_aside"]),
+                     # lost: the first checkpoint changed, set aside, or no longer latest
+                     # after a failed write (a write no fault reached may publish its own)
+                     "lost": not (o["first_bitwise"] and o["not_set_aside"]
+                                  and (o["latest"] == "ckpt-000000001000.h5" or not fired)),
+                     "first_bitwise": o["first_bitwise"], "latest": o["latest"],
                      "tmp_left": any(f.endswith(".tmp") for f in o["files"]),
                      "seconds": o["seconds"], "message": (o["error"] or "")[:400]})
     return rows
@@ -175,6 +178,8 @@ def main() -> int:
                    "and errno (default: rank 0 for all, the others for ENOSPC at 2 ranks)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fault_matrix.json"))
     p.add_argument("--table", action="store_true", help="print the README table of --out, run nothing")
+    p.add_argument("--keep", default=None, help="an earlier results file whose cases of the levels "
+                   "not run now are kept")
     a = p.parse_args()
     if a.table:
         print(table(Path(a.out)))
@@ -206,6 +211,9 @@ def main() -> int:
                     print(json.dumps({k: rows[-1][k] for k in ("point", "who", "errno", "ranks",
                                                                 "exit", "fired", "lost")}),
                           file=sys.stderr, flush=True)
+    if a.keep:
+        levels = {"checkpoint" if "checkpoint" in a.levels else None, "run file" if "run" in a.levels else None}
+        rows += [r for r in json.loads(Path(a.keep).read_text())["cases"] if r["level"] not in levels]
     fired = [r for r in rows if r.get("fired")]
     summary = {"cases": len(rows), "run": sum("skipped" not in r for r in rows),
                "fired": len(fired),
