@@ -107,7 +107,7 @@ def _cmd_train(args) -> int:
             print(f"hpcdqn train: {kind} error: {e}", file=sys.stderr)
         from hpcdqn.parallel.lifecycle import leave
 
-        leave(2)
+        leave(2, collective=False)
         return 2
     from mpi4py import MPI
 

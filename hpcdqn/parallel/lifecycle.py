@@ -26,17 +26,18 @@ def on_leave(fn) -> None:
     _on_leave.append(fn)
 
 
-def leave(status: int, comm=None) -> None:
+def leave(status: int, comm=None, collective: bool = True) -> None:
     """Collective over ``comm`` (default: the world, every rank leaving together, as after an
     agreed error): if any rank holds a broken HDF5 file (``keep_broken``), every rank runs its
     ``on_leave`` callbacks, flushes, meets the others at a barrier and leaves with
     ``os._exit(status)``: no rank calls MPI_Finalize (HDF5 closes its files there, and would
     crash on the broken one), none is left waiting in it. Otherwise it returns (the caller
-    exits normally)."""
+    exits normally). ``collective=False``: this rank alone decides (where the others may not
+    be leaving with it)."""
     import os
 
     MPI = sys.modules.get("mpi4py.MPI")
-    mpi_up = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
+    mpi_up = collective and MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
     if mpi_up:
         comm = comm or MPI.COMM_WORLD
         broken = comm.allreduce(1 if _broken else 0, op=MPI.MAX) if comm.Get_size() > 1 else len(_broken)
