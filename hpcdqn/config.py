@@ -204,6 +204,16 @@ SCHEMA: dict[str, Any] = {
         "num_envs": Key(10, int, "vector envs for evaluation", _pos),
         "epsilon": Key(0.0, float, "epsilon for evaluation", _unit),
     },
+    "watchdog": {
+        "deadline_s": Key(0.0, float, "stall watchdog: seconds a rank waits for the others at an "
+                                      "agreed phase (checkpoint, resume, model file, eval, "
+                                      "gradient sync) before it names the ranks that have not "
+                                      "arrived and aborts the job with exit status 3; 0: per "
+                                      "phase, scaled to it (checkpoint/resume 300 s + 1 s per 20 "
+                                      "MB a rank writes, model file 300 s, gradient sync 900 s, "
+                                      "eval 1800 s, each at least 20x the longest that phase "
+                                      "took so far); < 0: off"),
+    },
     "log": {
         "every": Key(2_000, int, "global env steps between metric rows", _pos),
         "progress": Key(True, bool, "progress bar (rank 0, interactive or not)"),
