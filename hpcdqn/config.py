@@ -78,7 +78,8 @@ SCHEMA: dict[str, Any] = {
     # parallel layout (world = dp x pp)
     "pp": Key(1, int, "pipeline stages per replica; dp = world size / pp", _pos),
     "micro_batches": Key(1, int, "micro-batches per pipelined minibatch", _pos),
-    "schedule": Key("1f1b", str, "pipeline schedule", None, ("gpipe", "1f1b")),
+    "schedule": Key("1f1b", str, "pipeline schedule (zbh1: zero bubble, ZB-H1)", None,
+                    ("gpipe", "1f1b", "zbh1")),
     # checkpoints
     "checkpoint_every": Key(0, int, "global env steps between checkpoints (0: only at the end)",
                             _nonneg),

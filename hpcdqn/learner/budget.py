@@ -202,7 +202,8 @@ def activation_bytes(widths: list[int], cfg: dict, stage: int, pp: int) -> int:
     """Estimated bytes one update keeps alive on a stage whose leaves produce ``widths``."""
     batch, micro = cfg["dqn"]["batch_size"], max(1, cfg["micro_batches"]) if pp > 1 else 1
     rows = -(-batch // micro)
-    in_flight = micro if cfg["schedule"] == "gpipe" or pp == 1 else min(micro, pp - stage)
+    in_flight = micro if cfg["schedule"] == "gpipe" or pp == 1 else \
+        min(micro, pp if cfg["schedule"] == "zbh1" else pp - stage)   # zbh1: 1F1B's peak, any stage
     saved = in_flight * rows * sum(widths) * 4          # autograd's saved inputs and outputs
     transient = 4 * rows * max(widths) * 4              # target and double forwards, grads in/out
     return int(saved + transient)

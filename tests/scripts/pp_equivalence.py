@@ -2,7 +2,7 @@
 
     mpirun -n W python pp_equivalence.py OUTDIR SUITE PP [K]
 
-SUITE: ``mlp`` (every schedule x double x two micro-batch counts; the balanced default cuts
+SUITE: ``mlp`` (every schedule, zero bubble included, x double x two micro-batch counts; the balanced default cuts
 inside Linear layers here), ``arch`` (dueling MLP, CNN, dueling CNN with an explicit cut inside
 the conv stack, an MLP cut only at layer boundaries) or ``dp`` (dp = W / PP replicas, each
 taking its slice of the global batch; reference: one rank with the whole batch).
@@ -38,7 +38,7 @@ cases = []   # (name, obs_shape, n_actions, hidden, dueling, cuts, schedule, dou
 WHOLE = "whole"   # as cuts: balanced at layer boundaries only (network.split_layers=false)
 if suite == "mlp":
     hidden = [32, 32] if pp == 2 else [32, 32, 32, 32]
-    for sched in ("gpipe", "1f1b"):
+    for sched in ("gpipe", "1f1b", "zbh1"):
         for double in (False, True):
             for M in ((1, 4) if pp == 2 else (2, 6)):
                 cases.append((f"mlp_pp{pp}_{sched}_{'double' if double else 'single'}_M{M}",
@@ -50,7 +50,7 @@ elif suite == "arch":
              ("mlp_whole_layers", (6,), 3, [32, 32], False, WHOLE, "1f1b", True, 4, 48)]
 elif suite == "dp":
     cases = [(f"dp{grid.dp}_pp{pp}_{s}", (6,), 3, [32, 32], False, [], s, True, 4, 48)
-             for s in ("gpipe", "1f1b")]
+             for s in ("gpipe", "1f1b", "zbh1")]
 else:
     raise SystemExit(f"unknown suite {suite}")
 
@@ -80,7 +80,8 @@ for name, obs_shape, n_actions, hidden, dueling, cuts, sched, double, M, GB in c
     layers = build_layers(obs_shape, n_actions, hidden, dueling, seed=7 if grid.dp_rank == 0 else 8)
     learner = PipelineLearner(layers, cfg, grid)
     if root:
-        print(name, learner.stage_contents, flush=True)
+        print(name, learner.stage_contents, learner.plan.describe(), flush=True)
+        (outdir / f"{name}_plan.txt").write_text(learner.plan.describe())
     ref = None
     if root:
         ref = DataParallelLearner(build_layers(obs_shape, n_actions, hidden, dueling, seed=7), cfg, MPI.COMM_SELF)
