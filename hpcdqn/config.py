@@ -136,6 +136,9 @@ SCHEMA: dict[str, Any] = {
         "beta_start": Key(0.4, float, "importance-weight exponent at start", _unit),
         "beta_end": Key(1.0, float, "importance-weight exponent at the end", _unit),
         "priority_eps": Key(1e-6, float, "added to |td| for priorities", _pos),
+        "episode_steps": Key(0, int, "frame replay: transitions per episode start the start store "
+                                     "is sized (and the memory planned) for: the rate the run "
+                                     "will see (0: 100)", _nonneg),
     },
     "parallel": {
         "bucket_mb": Key(25.0, float, "gradient allreduce bucket size cap (MiB)", _pos),
