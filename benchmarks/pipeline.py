@@ -4,7 +4,7 @@ stage-only construction as ``hpcdqn train`` builds it; writes benchmarks/results
 
     python benchmarks/pipeline.py [--rounds 3] [--updates 20] [--append] [--out FILE]
 
-Sides: pp=1; pp=2 with the 1F1B and the zero-bubble (ZB-H1) schedules at M = 2 and 4
+Sides: pp=1; pp=2 with the 1F1B and the zero-bubble (ZB-H1) schedules at M = 4 and 8
 micro-batches. A *round* runs every side once, one after another (rounds interleave the sides);
 each side runs ``--warmup`` updates, then ``--updates`` timed updates (each between barriers).
 Per side and round: the median update's updates/s, the load average before its launch, the
@@ -114,7 +114,7 @@ def launch(n: int, args: list[str], timeout: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-SIDES = [("pp1", 1, 2, 1, "1f1b")] + [("pp2", 2, 1, m, k) for k in ("1f1b", "zbh1") for m in (2, 4)]
+SIDES = [("pp1", 1, 2, 1, "1f1b")] + [("pp2", 2, 1, m, k) for k in ("1f1b", "zbh1") for m in (4, 8)]
 
 
 def side_name(side) -> str:
