@@ -183,6 +183,8 @@ class PipelineLearner(StageInference, StageLearner):
             every[every == 0] = 1
         notes.append("gradient per stage: " + ", ".join(f"{s}: {paths[int(c)]}"
                                                         for s, c in enumerate(every)))
+        if self.schedule == "zbh1" and plan.gradient != "mlp-manual":
+            notes.append("zbh1 on autograd: the weight gradients run inside B (no B/W split)")
         return dataclasses.replace(plan, notes=(*notes, f"schedule={self.schedule}"))
 
     # -- learning ---------------------------------------------------------------------------------
