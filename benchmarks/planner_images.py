@@ -6,11 +6,12 @@ Runs ``hpcdqn train`` (real mpirun) on Pong (``configs/atari_pong.toml``: Nature
 replay) and Breakout with episodic life (``configs/atari_breakout.toml``: a lost life starts an
 episode, many episode starts), each at dp=1 (one rank) and pp=2 (two ranks), with a replay of
 ``--buffer`` transitions run past capacity (``--steps`` > buffer: the ring wraps, the start store
-holds a full ring's episode starts). Per rank: the plan's peak (``planned_rss``: baseline + the
+holds a full ring's episode starts); ``--only none`` re-summarises ``--out`` alone. Per rank: the plan's peak (``planned_rss``: baseline + the
 planner's categories, what ``hpcdqn plan`` prints) and the measured peak (``peak_rss``: VmHWM
 from /proc) from summary.json, and their ratio (the planner's target: 1.0-1.15x). Per run: the
-episode-start rate seen (episodes in metrics.csv over env steps) against the rate the start
-store was planned for (``replay.episode_steps``), and the load average before it.
+episode-start rate seen (env steps over the episode starts: games in metrics.csv times the
+starts per game, 5 lives in Breakout with episodic life) against the rate the start store was
+planned for (``replay.episode_steps``), and the load average before it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LIVES = {"pong": 1, "breakout": 5}   # episode starts per game with episodic life (Pong: no lives)
 RUNS = [("pong", "atari_pong.toml", 1), ("pong", "atari_pong.toml", 2),
         ("breakout", "atari_breakout.toml", 1), ("breakout", "atari_breakout.toml", 2)]
 
@@ -85,6 +87,9 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     runs = sorted(keep.values(), key=lambda r: (r["game"] != "pong", r["pp"]))
+    for r in runs:      # metrics.csv counts games; with episodic life each lost life is a start
+        r["starts_per_game"] = LIVES[r["game"]]
+        r["steps_per_start_seen"] = round(r["env_steps"] / max(1, r["episodes"] * LIVES[r["game"]]), 1)
     ratios = [k["ratio"] for r in runs for k in r["ranks"]]
     out = {"commit": commit, "env_steps": a.steps, "buffer_size": a.buffer, "runs": runs,
            "ratio_min_max": [min(ratios), max(ratios)],
