@@ -74,7 +74,9 @@ def main() -> None:
     a = ap.parse_args()
     out_path = Path(a.out)
     old = json.loads(out_path.read_text()) if out_path.exists() else {"runs": []}
-    keep = {(r["game"], r["pp"]): r for r in old["runs"]}
+    keep = {(r["game"], r["pp"]): {"commit": old.get("commit"), **r} for r in old["runs"]}
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
         for name, conf, pp in RUNS:
             if a.only and f"{name}_pp{pp}" not in a.only.split(","):
@@ -82,16 +84,15 @@ def main() -> None:
             t = time.time()
             res = run(name, conf, pp, a, Path(tmp))
             res["wall_s"] = round(time.time() - t, 1)
+            res["commit"] = commit
             keep[(name, pp)] = res
             print(json.dumps(res), flush=True)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     runs = sorted(keep.values(), key=lambda r: (r["game"] != "pong", r["pp"]))
     for r in runs:      # metrics.csv counts games; with episodic life each lost life is a start
         r["starts_per_game"] = LIVES[r["game"]]
         r["steps_per_start_seen"] = round(r["env_steps"] / max(1, r["episodes"] * LIVES[r["game"]]), 1)
     ratios = [k["ratio"] for r in runs for k in r["ranks"]]
-    out = {"commit": commit, "env_steps": a.steps, "buffer_size": a.buffer, "runs": runs,
+    out = {"commit": sorted({r["commit"] for r in runs if r.get("commit")}), "env_steps": a.steps, "buffer_size": a.buffer, "runs": runs,
            "ratio_min_max": [min(ratios), max(ratios)],
            "verdict": ("planned / measured peak RSS within [1.0, 1.15] on every rank"
                        if all(1.0 <= x <= 1.15 for x in ratios) else
