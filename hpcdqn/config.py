@@ -78,7 +78,8 @@ SCHEMA: dict[str, Any] = {
     # parallel layout (world = dp x pp)
     "pp": Key(1, int, "pipeline stages per replica; dp = world size / pp", _pos),
     "micro_batches": Key(1, int, "micro-batches per pipelined minibatch", _pos),
-    "schedule": Key("1f1b", str, "pipeline schedule", None, ("gpipe", "1f1b")),
+    "schedule": Key("1f1b", str, "pipeline schedule (zbh1: zero bubble, ZB-H1)", None,
+                    ("gpipe", "1f1b", "zbh1")),
     # checkpoints
     "checkpoint_every": Key(0, int, "global env steps between checkpoints (0: only at the end)",
                             _nonneg),
@@ -150,6 +151,9 @@ SCHEMA: dict[str, Any] = {
         "beta_start": Key(0.4, float, "importance-weight exponent at start", _unit),
         "beta_end": Key(1.0, float, "importance-weight exponent at the end", _unit),
         "priority_eps": Key(1e-6, float, "added to |td| for priorities", _pos),
+        "episode_steps": Key(0, int, "frame replay: transitions per episode start the start store "
+                                     "is sized (and the memory planned) for: the rate the run "
+                                     "will see (0: 100)", _nonneg),
     },
     "parallel": {
         "bucket_mb": Key(25.0, float, "gradient allreduce bucket size cap (MiB)", _pos),

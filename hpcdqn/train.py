@@ -40,7 +40,7 @@ from hpcdqn.parallel import watchdog
 from hpcdqn.rl.envs import frame_stack, make_vector_env
 from hpcdqn.rl.evaluate import evaluate
 from hpcdqn.rl.networks import meta_layers, resolve_kind
-from hpcdqn.rl.framereplay import make_replay
+from hpcdqn.rl.framereplay import make_replay, planned_episode_steps
 from hpcdqn.rl.rollout import Rollout
 from hpcdqn.rl.schedule import Schedule, linear_schedule
 from hpcdqn.store import Checkpointer, truncate_metrics, warn
@@ -206,7 +206,8 @@ class Trainer:
                 self.schedule.buffer_per_replica, cfg["num_envs"], self.obs_space.shape,
                 self.obs_space.dtype, self.frame_stack, n_step=d["n_step"], gamma=d["gamma"],
                 prioritized=cfg["replay"]["prioritized"], alpha=cfg["replay"]["alpha"],
-                priority_eps=cfg["replay"]["priority_eps"], seed=env_seed + 7)
+                priority_eps=cfg["replay"]["priority_eps"], seed=env_seed + 7,
+                **({"episode_steps": planned_episode_steps(cfg)} if self.frame_stack else {}))
             self.rollout = Rollout(env, rng, env.reset(seed=env_seed)[0])
         self._announce()
         env_info = {"env_id": cfg["env_id"], "obs_shape": list(self.obs_space.shape),

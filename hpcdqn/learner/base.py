@@ -85,7 +85,7 @@ class StageLearner:
     target sync. ``pipeline``: whether ``modules`` are one stage of several (the plan differs)."""
 
     def __init__(self, modules, cfg: dict, dp_comm, device="cpu", pipeline: bool = False,
-                 init=None):
+                 init=None, stage_ends: tuple[bool, bool] = (True, True)):
         """``modules`` real (their values are the start), or on the meta device: then ``init``
         = (the whole network's meta layers, lo, hi, seed) and this rank computes only its
         range [lo, hi) of the initial values (``networks.initial_flat``), allocating nothing
@@ -105,7 +105,8 @@ class StageLearner:
         self.target.load_flat_(self.online.flat.data)
         self.opt = make_optimizer(self.online.flat, self.d)
         buckets = GradSync.bucket_bounds(self.online, cfg["parallel"]["bucket_mb"])
-        self.plan = plan_mod.decide(cfg, self.online, self.opt, dp_comm, pipeline, len(buckets))
+        self.plan = plan_mod.decide(cfg, self.online, self.opt, dp_comm, pipeline, len(buckets),
+                                    stage_ends)
         self.sync = GradSync(self.online, dp_comm, cfg["parallel"]["bucket_mb"], self.plan.overlap)
         if self.plan.gradient == "autograd-accumulate":
             self.online.accumulate_grads_in_place()

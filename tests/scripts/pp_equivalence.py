@@ -2,7 +2,7 @@
 
     mpirun -n W python pp_equivalence.py OUTDIR SUITE PP [K]
 
-SUITE: ``mlp`` (every schedule x double x two micro-batch counts; the balanced default cuts
+SUITE: ``mlp`` (every schedule, zero bubble included, x double x two micro-batch counts; the balanced default cuts
 inside Linear layers here), ``arch`` (dueling MLP, CNN, dueling CNN with an explicit cut inside
 the conv stack, an MLP cut only at layer boundaries, the MinAtar CNN with centred RMSprop) or ``dp`` (dp = W / PP replicas, each
 taking its slice of the global batch; reference: one rank with the whole batch).
@@ -41,7 +41,7 @@ MINATAR = {"network.kind": "minatar", "dqn.optimizer": "rmsprop", "dqn.lr": 2.5e
 WHOLE = "whole"   # as cuts: balanced at layer boundaries only (network.split_layers=false)
 if suite == "mlp":
     hidden = [32, 32] if pp == 2 else [32, 32, 32, 32]
-    for sched in ("gpipe", "1f1b"):
+    for sched in ("gpipe", "1f1b", "zbh1"):
         for double in (False, True):
             for M in ((1, 4) if pp == 2 else (2, 6)):
                 cases.append((f"mlp_pp{pp}_{sched}_{'double' if double else 'single'}_M{M}",
@@ -54,7 +54,7 @@ elif suite == "arch":
              ("minatar_cnn", (4, 10, 10), 6, [128], False, [], "1f1b", False, 2, 32, MINATAR)]
 elif suite == "dp":
     cases = [(f"dp{grid.dp}_pp{pp}_{s}", (6,), 3, [32, 32], False, [], s, True, 4, 48)
-             for s in ("gpipe", "1f1b")]
+             for s in ("gpipe", "1f1b", "zbh1")]
     cases.append((f"dp{grid.dp}_pp{pp}_minatar", (4, 10, 10), 6, [128], False, [], "1f1b", False,
                   2, 32, MINATAR))
 else:
@@ -92,7 +92,8 @@ for name, obs_shape, n_actions, hidden, dueling, cuts, sched, double, M, GB, *ex
                           kind=kind)
     learner = PipelineLearner(layers, cfg, grid)
     if root:
-        print(name, learner.stage_contents, flush=True)
+        print(name, learner.stage_contents, learner.plan.describe(), flush=True)
+        (outdir / f"{name}_plan.txt").write_text(learner.plan.describe())
     ref = None
     if root:
         ref = DataParallelLearner(build_layers(obs_shape, n_actions, hidden, dueling, seed=7, kind=kind),
