@@ -91,9 +91,12 @@ setup() {
   log "installing python dependencies (pinned in constraints.txt)"
   "${pip[@]}" --upgrade pip setuptools wheel
   # runtime, tests (pytest, minari), Atari (ale-py, opencv), LunarLander (box2d, pygame),
-  # benchmark peer (stable-baselines3)
+  # benchmark peer (stable-baselines3); then MinAtar
   "${pip[@]}" numpy mpi4py "cython>=3" pkgconfig torch gymnasium tqdm tensorboardX matplotlib \
     pytest pytest-timeout minari ale-py opencv-python-headless box2d pygame stable-baselines3
+  # MinAtar (configs/minatar_*.toml): --no-deps, since its declared pandas/scipy/seaborn serve
+  # only its own rendering, which hpcdqn never uses
+  "${pip[@]}" --no-deps minatar
   if ! "$PY" -c 'import h5py, sys; sys.exit(0 if h5py.get_config().mpi else 1)' 2>/dev/null; then
     log "building h5py against parallel HDF5 (about 2 minutes, cached afterwards)"
     "$PY" -m pip uninstall -q -y h5py 2>/dev/null || true

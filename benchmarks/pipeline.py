@@ -1,37 +1,21 @@
-"""Pipeline benchmark on equal cores: pp=1 with 2 threads, dp=2 with 1 thread each and pp=2 with
-1 thread each (every side uses 2 cores), on two networks; writes benchmarks/results/pipeline.json.
+"""Pipeline benchmark on equal cores: pp=1 with 2 torch threads against pp=2 with 1 thread per
+rank (2 cores per side), on 512 -> 4096 x 4 -> 18 (52.5M parameters), batch 512, double DQN,
+stage-only construction as ``hpcdqn train`` builds it; writes benchmarks/results/pipeline.json.
 
-    python benchmarks/pipeline.py [--quick] [--out benchmarks/results/pipeline.json]
+    python benchmarks/pipeline.py [--rounds 3] [--updates 20] [--append] [--out FILE]
 
-Networks (obs dim 512, 18 actions, double DQN, 1f1b schedule, stage-only construction as
-``hpcdqn train`` builds them):
-
-- ``512 -> 4096 x 4 -> 18`` (52.5M parameters, 1.05 GB of training state), batch 512;
-- ``512 -> 8192 x 4 -> 18`` (205.6M parameters, 4.11 GB of training state: online, target,
-  gradients, Adam's two moments), batch 64 (an update of batch 512 would take ~10 s here).
-
-Same global batch on every side (dp=2: half the batch per replica), same update math. Per row:
-updates/s (from the median of ``--updates`` timed updates, each between barriers, after
-``--warmup``), its ratio to pp=1, per-rank peak RSS (VmHWM) and peak above the process baseline.
-For pp=2, the bubble three ways:
-
-- ``measured``: from the outside, per stage. After the timed pipelined updates each stage runs
-  the same forwards and backwards (all micro-batches, random inputs of the right shapes) and its
-  Adam step alone, with no messages: ``fb`` and ``opt`` seconds per update (the fastest
-  repeat). Then
-  ``bubble = 1 - fb / (wall - opt)`` (the stage's idle share of the forward/backward part of an
-  update: waiting for the other stage, and the transfers) and ``idle = 1 - (fb + opt) / wall``
-  (of the whole update). ``bubble_accounted``: the learner's own time accounting
-  (``PipelineLearner.timings()['bubble_s']``: time blocked on the other stage inside updates,
-  what ``hpcdqn train`` reports as ``bubble_share``) over the timed updates' wall time;
-- ``simulated``: ``hpcdqn.parallel.pipeline.bubble_simulated`` (this implementation's op order,
-  unit-cost forwards passed on one by one, backward = 2 forwards, free messages), each stage's
-  idle share of its *own* window (first op to last): for stage 0 that window is the whole
-  update, as for ``measured``; the last stage's window starts late, so its simulated value is
-  lower than what ``measured`` (over the whole update) can show;
-- ``textbook``: ``(P-1)/(M+P-1)``.
-
-Timings on a shared machine are noisy: re-run on a quiet one before quoting them.
+Sides: pp=1; pp=2 with the 1F1B and the zero-bubble (ZB-H1) schedules at M = 4 and 8
+micro-batches. A *round* runs every side once, one after another (rounds interleave the sides);
+each side runs ``--warmup`` updates, then ``--updates`` timed updates (each between barriers).
+Per side and round: the median update's updates/s, the load average before its launch, the
+execution plan it ran (the gradient path per stage: every side should name ``mlp-manual``).
+Per side over the rounds: median and min/max of updates/s and of its ratio to the same round's
+pp=1. For pp=2, the bubble per stage as the learner measures it (``bubble_share``: time blocked
+on the other stage inside updates over the timed updates' wall time) against ``(p-1)/m`` (the
+1F1B textbook, as the zero-bubble paper writes it), ``(p-1)/(3m)`` (ZB-H1's) and
+``bubble_simulated`` for this implementation's op order. ``--append`` adds rounds to those in
+``--out`` (several short runs, each under the machine's benchmark lock); the commit of each
+round is recorded.
 """
 
 from __future__ import annotations
@@ -46,8 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NETS = {"4096": {"hidden": [4096] * 4, "batch": 512, "micro": [2, 4, 8]},
-        "8192": {"hidden": [8192] * 4, "batch": 64, "micro": [4]}}
+NETS = {"4096": {"hidden": [4096] * 4, "batch": 512}}
 OBS, ACTIONS = 512, 18
 
 
@@ -72,7 +55,7 @@ def _setup(a):
     pp = 2 if a.layout == "pp2" else 1
     grid = RankGrid(comm, pp)
     rows = a.batch // grid.dp                      # the same global batch on every side
-    cfg = load_config(overrides={"pp": pp, "micro_batches": a.micro, "schedule": "1f1b",
+    cfg = load_config(overrides={"pp": pp, "micro_batches": a.micro, "schedule": a.schedule,
                                  "dqn.batch_size": rows, "network.hidden": a.hidden,
                                  "threads": a.threads})
     base = process_baseline()
@@ -87,43 +70,6 @@ def _setup(a):
                       rng.standard_normal((rows, OBS)).astype(np.float32),
                       np.full(rows, 0.99, np.float32), np.ones(rows, np.float32), np.arange(rows))
     return comm, grid, layers, learner, batch, rows, base
-
-
-def _pure_stage(learner, layers, grid, rows: int, micro: int, updates: int) -> tuple[float, float]:
-    """Seconds per update of this stage's forwards/backwards and of its Adam step, alone (no
-    messages): the same shapes and ops as the pipelined update; the fastest of ``updates``."""
-    import torch
-
-    from hpcdqn.learner.budget import stage_widths
-    from hpcdqn.parallel.partition import stage_modules
-    from hpcdqn.parallel.pipeline import micro_splits
-    from hpcdqn.rl.optim import adam_step
-
-    shape = (OBS,)
-    for s in range(grid.pp_rank + 1):
-        in_shape = shape
-        _, shape = stage_widths(stage_modules(layers, *learner.stages[s]), in_shape)
-    gen = torch.Generator().manual_seed(5)
-    x_all = torch.randn((rows, *in_shape), generator=gen)
-    g_all = torch.randn((rows, *shape), generator=gen)
-    fb, opt = [], []
-    for _ in range(updates):
-        t0 = time.perf_counter()
-        learner.online.zero_grad_()
-        for lo, hi in micro_splits(rows, micro):
-            x = x_all[lo:hi].clone().requires_grad_(not grid.is_first_stage)
-            y = learner.online(x)
-            with torch.no_grad():
-                learner.target(x_all[lo:hi])
-                learner.online(x_all[lo:hi])          # double DQN's online forward on s'
-            y.backward(g_all[lo:hi])
-        t1 = time.perf_counter()
-        float(torch.linalg.vector_norm(learner.online.flat.grad))    # the clip's norm
-        adam_step(learner.opt)
-        t2 = time.perf_counter()
-        fb.append(t1 - t0)
-        opt.append(t2 - t1)
-    return min(fb), min(opt)        # (the least disturbed repeat: a shared machine only adds)
 
 
 def worker(a) -> None:
@@ -143,22 +89,16 @@ def worker(a) -> None:
         learner.update(batch)
         comm.Barrier()
         walls.append(time.perf_counter() - t0)
-    wall = float(np.median(walls))
-    fb = opt = accounted = 0.0
-    if grid.pp > 1:
-        accounted = learner.timings()["bubble_s"] / max(sum(walls), 1e-12)
-        comm.Barrier()
-        fb, opt = _pure_stage(learner, layers, grid, rows, a.micro, a.updates)
-    mine = np.array([fb, opt, base, peak_rss(), learner.online.numel, accounted], dtype=np.float64)
+    accounted = learner.timings()["bubble_s"] / max(sum(walls), 1e-12) if grid.pp > 1 else 0.0
+    mine = np.array([base, peak_rss(), learner.online.numel, accounted], dtype=np.float64)
     allv = np.empty((comm.Get_size(), mine.size)) if comm.Get_rank() == 0 else None
     comm.Gather(mine, allv, root=0)
     if comm.Get_rank() == 0:
-        ranks = [{"rank": i, "parameters": int(v[4]), "baseline_rss": int(v[2]),
-                  "peak_rss": int(v[3]), "above_baseline": int(v[3] - v[2]),
-                  **({"fb_s": round(v[0], 4), "opt_s": round(v[1], 4),
-                      "bubble_accounted": round(v[5], 4)} if grid.pp > 1 else {})}
+        ranks = [{"rank": i, "parameters": int(v[2]), "peak_rss": int(v[1]),
+                  "above_baseline": int(v[1] - v[0]), "bubble_accounted": round(v[3], 4)}
                  for i, v in enumerate(allv)]
-        print(json.dumps({"wall_s_per_update": wall, "ranks": ranks}), flush=True)
+        print(json.dumps({"walls": walls, "ranks": ranks, "plan": learner.plan.describe()}),
+              flush=True)
     grid.free()
 
 
@@ -174,57 +114,74 @@ def launch(n: int, args: list[str], timeout: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def bubbles(res: dict, micro: int) -> dict:
-    from hpcdqn.parallel.pipeline import bubble_simulated, bubble_theory
-
-    wall = res["wall_s_per_update"]
-    measured = [round(1 - r["fb_s"] / max(wall - r["opt_s"], 1e-12), 4) for r in res["ranks"]]
-    idle = [round(1 - (r["fb_s"] + r["opt_s"]) / wall, 4) for r in res["ranks"]]
-    return {"measured": measured, "idle_whole_update": idle,
-            "simulated": [round(b, 4) for b in bubble_simulated(2, micro, "1f1b", forwards=3)],
-            "textbook": round(bubble_theory(2, micro), 4),
-            "bubble_accounted": [r["bubble_accounted"] for r in res["ranks"]]}
+SIDES = [("pp1", 1, 2, 1, "1f1b")] + [("pp2", 2, 1, m, k) for k in ("1f1b", "zbh1") for m in (4, 8)]
 
 
-def run_net(key: str, a) -> dict:
-    net = NETS[key]
+def side_name(side) -> str:
+    layout, _, _, micro, sched = side
+    return layout if layout == "pp1" else f"pp2 {sched} M={micro}"
+
+
+def one_round(a, net) -> list[dict]:
+    """Every side once, in order (the rounds interleave the sides); the load average before
+    each side's launch."""
     common = ["--hidden", ",".join(map(str, net["hidden"])), "--batch", str(net["batch"]),
               "--updates", str(a.updates), "--warmup", str(a.warmup)]
-    layouts = [("pp1", 1, 2, 1), ("dp2", 2, 1, 1)] + [("pp2", 2, 1, m) for m in net["micro"]]
-    rows, base_ups = [], None
-    for layout, n, threads, micro in layouts:
+    out = []
+    for side in SIDES:
+        layout, n, threads, micro, sched = side
+        load = Path("/proc/loadavg").read_text().split()[:3]
         res = launch(n, ["--layout", layout, "--threads", str(threads), "--micro", str(micro),
-                         *common], a.timeout)
-        ups = 1.0 / res["wall_s_per_update"]
-        base_ups = base_ups or ups
-        row = {"layout": layout, "ranks": n, "threads_per_rank": threads, "cores": n * threads,
-               "micro_batches": micro if layout == "pp2" else None,
-               "updates_per_s": round(ups, 4), "vs_pp1": round(ups / base_ups, 3),
-               "peak_rss_per_rank_mib": [r["peak_rss"] >> 20 for r in res["ranks"]],
-               "above_baseline_per_rank_mib": [r["above_baseline"] >> 20 for r in res["ranks"]],
-               "parameters_per_rank": [r["parameters"] for r in res["ranks"]]}
-        if layout == "pp2":
-            row["bubble"] = bubbles(res, micro)
-            row["stage_seconds"] = [{"fb": r["fb_s"], "opt": r["opt_s"]} for r in res["ranks"]]
+                         "--schedule", sched, *common], a.timeout)
+        out.append({"side": side_name(side), "loadavg_before": load, **res})
+        print(side_name(side), load, f"median {sorted(res['walls'])[len(res['walls']) // 2]:.3f} s",
+              file=sys.stderr, flush=True)
+    return out
+
+
+def summarise(rounds: list[list[dict]]) -> list[dict]:
+    """Per side: updates/s from each round's median update, their median and spread over the
+    rounds, vs pp=1 (median of the per-round ratios: each round's sides ran back to back), the
+    gradient path it ran, and (pp=2) the bubble against the textbook values."""
+    import numpy as np
+
+    from hpcdqn.parallel.pipeline import bubble_simulated
+
+    rows = []
+    for i, side in enumerate(SIDES):
+        ups = [1.0 / float(np.median(r[i]["walls"])) for r in rounds]
+        ratio = [u / (1.0 / float(np.median(r[0]["walls"]))) for u, r in zip(ups, rounds)]
+        last = rounds[-1][i]
+        row = {"side": side_name(side), "ranks": side[1], "threads_per_rank": side[2],
+               "cores": side[1] * side[2], "micro_batches": side[3] if side[1] > 1 else None,
+               "schedule": side[4] if side[1] > 1 else None, "plan": last["plan"],
+               "updates_per_s_median": round(float(np.median(ups)), 4),
+               "updates_per_s_min_max": [round(min(ups), 4), round(max(ups), 4)],
+               "updates_per_s_per_round": [round(u, 4) for u in ups],
+               "vs_pp1_median": round(float(np.median(ratio)), 3),
+               "vs_pp1_min_max": [round(min(ratio), 3), round(max(ratio), 3)],
+               "loadavg_before_per_round": [r[i]["loadavg_before"] for r in rounds],
+               "peak_rss_per_rank_mib": [r["peak_rss"] >> 20 for r in last["ranks"]],
+               "above_baseline_per_rank_mib": [r["above_baseline"] >> 20 for r in last["ranks"]]}
+        if side[1] > 1:
+            p, m = 2, side[3]
+            acc = [[r[i]["ranks"][s]["bubble_accounted"] for r in rounds] for s in range(p)]
+            row["bubble"] = {
+                "measured_per_stage_median": [round(float(np.median(b)), 4) for b in acc],
+                "measured_per_stage_per_round": acc,
+                "simulated_per_stage": [round(b, 4) for b in bubble_simulated(p, m, side[4])],
+                "(p-1)/m": round((p - 1) / m, 4), "(p-1)/(3m)": round((p - 1) / (3 * m), 4),
+                "(p-1)/(m+p-1)": round((p - 1) / (m + p - 1), 4)}
         rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
-    params = rows[0]["parameters_per_rank"][0]
-    return {"network": f"{OBS} -> {net['hidden'][0]} x {len(net['hidden'])} -> {ACTIONS}",
-            "parameters": params, "training_state_bytes": 20 * params,
-            "global_batch": net["batch"], "rows": rows, "verdict": verdict(rows)}
+    return rows
 
 
 def verdict(rows: list[dict]) -> str:
-    pp1, dp2 = rows[0], rows[1]
-    pp2 = max((r for r in rows if r["layout"] == "pp2"), key=lambda r: r["updates_per_s"])
-    mem = max(pp2["above_baseline_per_rank_mib"]) / max(1, max(pp1["above_baseline_per_rank_mib"]))
-    return (f"speed: best pp=2 (M={pp2['micro_batches']}) runs {pp2['vs_pp1']:.2f}x pp=1 on 2 "
-            f"threads and {pp2['updates_per_s'] / dp2['updates_per_s']:.2f}x dp=2: "
-            f"{'pp loses' if pp2['vs_pp1'] < 1 or pp2['updates_per_s'] < dp2['updates_per_s'] else 'pp does not lose'}"
-            f" on speed on 2 cores (bubble, transfers, 1-thread GEMMs). memory: each pp=2 rank "
-            f"holds {mem:.2f}x of pp=1's peak above baseline, dp=2 holds "
-            f"{max(dp2['above_baseline_per_rank_mib']) / max(1, max(pp1['above_baseline_per_rank_mib'])):.2f}x "
-            "on every rank: pp's point is memory")
+    pp2 = max(rows[1:], key=lambda r: r["vs_pp1_median"])
+    return (f"best pp=2: {pp2['side']} at {pp2['vs_pp1_median']:.3f}x pp=1's updates/s (median of "
+            f"{len(rows[0]['updates_per_s_per_round'])} rounds, range {pp2['vs_pp1_min_max']}) "
+            "on 2 cores, every side on the hand-written MLP backward"
+            if all("mlp-manual" in r["plan"] for r in rows) else "sides on different gradient paths")
 
 
 def main() -> None:
@@ -234,26 +191,46 @@ def main() -> None:
     ap.add_argument("--hidden", default="4096,4096,4096,4096")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--schedule", default="1f1b")
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--updates", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--updates", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds to run now")
+    ap.add_argument("--append", action="store_true",
+                    help="add the rounds to those already in --out (several short locked runs)")
     ap.add_argument("--timeout", type=int, default=900)
-    ap.add_argument("--nets", default="4096,8192", help="which of the networks (4096, 8192)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline.json"))
     a = ap.parse_args()
     if a.worker:
         a.hidden = [int(x) for x in a.hidden.split(",")]
         worker(a)
         return
-    t = time.time()
-    nets = [run_net(k, a) for k in a.nets.split(",")]
-    out = {"cores": 2, "cpus_seen": os.cpu_count(), "schedule": "1f1b", "double_dqn": True,
-           "updates_measured": a.updates, "warmup_updates": a.warmup,
-           "sides": "pp1: 1 rank x 2 threads; dp2: 2 ranks x 1 thread (half the batch each); "
-                    "pp2: 2 ranks x 1 thread", "networks": nets, "wall_s": round(time.time() - t, 1)}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
-    print(json.dumps(out, indent=1))
+    net = NETS["4096"]
+    out_path = Path(a.out)
+    old = json.loads(out_path.read_text()) if a.append and out_path.exists() else {}
+    rounds = old.get("rounds", [])
+    for _ in range(a.rounds):
+        t = time.time()
+        rounds.append({"commit": commit(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                        time.gmtime(t)),
+                       "sides": one_round(a, net), "wall_s": round(time.time() - t, 1)})
+        rows = summarise([r["sides"] for r in rounds])
+        out = {"network": f"{OBS} -> {net['hidden'][0]} x {len(net['hidden'])} -> {ACTIONS}",
+               "global_batch": net["batch"], "cores": 2, "cpus_seen": os.cpu_count(),
+               "double_dqn": True, "updates_per_side_per_round": a.updates,
+               "warmup_updates": a.warmup, "rounds_done": len(rounds),
+               "sides": "pp1: 1 rank x 2 threads; pp2: 2 ranks x 1 thread (same global batch)",
+               "rows": rows, "verdict": verdict(rows), "rounds": rounds}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(out, indent=1))
+        print(json.dumps({"rows": rows, "verdict": out["verdict"]}, indent=1))
+
+
+def commit() -> str:
+    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return r.stdout.strip() + ("-dirty" if dirty else "")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,11 @@ TRAIN_HELP = ("Train. KEY=VALUE overrides any config key by its own name "
               "dp > 1 is scaling.rule's. The same config is the same run "
               "(warm-up share, exploration window, replay ratio) at any "
               "rank count, or stops with an error naming the key to change."
-              " Rank 0 prints the resolved schedule at start.\n\nKeys:\n")
+              " Rank 0 prints the resolved schedule at start.\n\nStalls: a rank that waits past "
+              "watchdog.deadline_s at an agreed phase prints the phase and the ranks that have "
+              "not arrived and aborts the job (exit status 3). A failed write (checkpoint, "
+              "metrics.csv, eval.csv, summary.json, model.h5) stops every rank with one "
+              "message and exit status 2.\n\nKeys:\n")
 
 
 def _cmd_plan(args, world: int | None = None) -> int:
@@ -100,9 +104,13 @@ def _cmd_train(args) -> int:
         if not is_user_error(e):
             raise
         if _launcher_rank() == 0:      # every rank found the same (config, --resume's files)
-            print(f"hpcdqn train: {user_error_kind(e)} error: {e}", file=sys.stderr)
+            kind = getattr(e, "kind", None) or user_error_kind(e)
+            print(f"hpcdqn train: {kind} error: {e}", file=sys.stderr)
         else:       # (before MPI: no barrier) mpirun ends the job at the first non-zero exit
             time.sleep(0.5)        # ... let rank 0's message out first
+        from hpcdqn.parallel.lifecycle import leave
+
+        leave(2, collective=False)
         return 2
     from mpi4py import MPI
 

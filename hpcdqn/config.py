@@ -78,7 +78,8 @@ SCHEMA: dict[str, Any] = {
     # parallel layout (world = dp x pp)
     "pp": Key(1, int, "pipeline stages per replica; dp = world size / pp", _pos),
     "micro_batches": Key(1, int, "micro-batches per pipelined minibatch", _pos),
-    "schedule": Key("1f1b", str, "pipeline schedule", None, ("gpipe", "1f1b")),
+    "schedule": Key("1f1b", str, "pipeline schedule (zbh1: zero bubble, ZB-H1)", None,
+                    ("gpipe", "1f1b", "zbh1")),
     # checkpoints
     "checkpoint_every": Key(0, int, "global env steps between checkpoints (0: only at the end)",
                             _nonneg),
@@ -93,6 +94,10 @@ SCHEMA: dict[str, Any] = {
     "stop_after": Key(0, int, "stop (with a checkpoint) after this many global env steps without changing "
                               "any schedule; resume later with --resume (0: run to total_steps)", _nonneg),
     "network": {
+        "kind": Key("auto", str, "Q-network: auto (nature for image observations, else mlp), "
+                                 "mlp, nature (Mnih et al. 2015 CNN), minatar (Young & Tian "
+                                 "2019: Conv 16x3x3, FC hidden[-1])", None,
+                    ("auto", "mlp", "nature", "minatar")),
         "hidden": Key([256, 256], list, "MLP hidden widths (also the CNN's dense layer)", _widths),
         "dueling": Key(False, bool, "dueling head: Q = V + A - mean(A)"),
         "cuts": Key([], list, "pipeline cut points (layer indices); empty: balance by params", _cuts),
@@ -101,9 +106,16 @@ SCHEMA: dict[str, Any] = {
     },
     "dqn": {
         "gamma": Key(0.99, float, "discount", _unit),
-        "lr": Key(2.3e-3, float, "Adam learning rate", _pos),
+        "optimizer": Key("adam", str, "adam, or rmsprop (torch's RMSprop: the MinAtar paper "
+                                      "uses centered, alpha 0.95, eps 0.01)", None,
+                         ("adam", "rmsprop")),
+        "lr": Key(2.3e-3, float, "learning rate (Adam or RMSprop)", _pos),
         "lr_final_fraction": Key(0.1, float, "lr decays linearly to lr * this at the end", _unit),
         "adam_eps": Key(1e-8, float, "Adam epsilon", _pos),
+        "rmsprop_alpha": Key(0.95, float, "RMSprop smoothing of the squared gradient", _unit),
+        "rmsprop_eps": Key(0.01, float, "RMSprop epsilon (added to the root)", _pos),
+        "rmsprop_centered": Key(True, bool, "centered RMSprop (divides by the gradient's "
+                                            "estimated standard deviation)"),
         "batch_size": Key(64, int, "minibatch of one update at dp=1; at dp>1 see scaling.rule", _pos),
         "buffer_size": Key(100_000, int, "GLOBAL replay capacity (transitions); each replica holds "
                                          "buffer_size // dp", _pos),
@@ -127,6 +139,10 @@ SCHEMA: dict[str, Any] = {
         "epsilon_end": Key(0.04, float, "final exploration epsilon", _unit),
         "exploration_fraction": Key(0.16, float, "share of total_steps (global env steps) to "
                                                  "anneal epsilon", _unit_open),
+        "exploration_steps": Key(0, int, "env steps to anneal epsilon over (0: "
+                                         "exploration_fraction * total_steps)", _nonneg),
+        "exploration_after_warmup": Key(False, bool, "the anneal starts at learning_starts "
+                                                     "(the MinAtar paper) instead of step 0"),
         "epsilon_ladder": Key(False, bool, "Ape-X ladder: rank i explores with eps^(1+7i/(N-1))"),
     },
     "replay": {
@@ -135,6 +151,9 @@ SCHEMA: dict[str, Any] = {
         "beta_start": Key(0.4, float, "importance-weight exponent at start", _unit),
         "beta_end": Key(1.0, float, "importance-weight exponent at the end", _unit),
         "priority_eps": Key(1e-6, float, "added to |td| for priorities", _pos),
+        "episode_steps": Key(0, int, "frame replay: transitions per episode start the start store "
+                                     "is sized (and the memory planned) for: the rate the run "
+                                     "will see (0: 100)", _nonneg),
     },
     "parallel": {
         "bucket_mb": Key(25.0, float, "gradient allreduce bucket size cap (MiB)", _pos),
@@ -193,6 +212,16 @@ SCHEMA: dict[str, Any] = {
         "every_episodes": Key(10, int, "greedy episodes per periodic evaluation", _pos),
         "num_envs": Key(10, int, "vector envs for evaluation", _pos),
         "epsilon": Key(0.0, float, "epsilon for evaluation", _unit),
+    },
+    "watchdog": {
+        "deadline_s": Key(0.0, float, "stall watchdog: seconds a rank waits for the others at an "
+                                      "agreed phase (checkpoint, resume, model file, eval, "
+                                      "gradient sync) before it names the ranks that have not "
+                                      "arrived and aborts the job with exit status 3; 0: per "
+                                      "phase, scaled to it (checkpoint/resume 300 s + 1 s per 20 "
+                                      "MB a rank writes, model file 300 s, gradient sync 900 s, "
+                                      "eval 1800 s, each at least 20x the longest that phase "
+                                      "took so far); < 0: off"),
     },
     "log": {
         "every": Key(2_000, int, "global env steps between metric rows", _pos),

@@ -33,7 +33,7 @@ def collect() -> dict:
         "mpi_thread_level": thread_levels.get(MPI.Query_thread(), str(MPI.Query_thread())),
         "hdf5": h5py.version.hdf5_version,
         "h5py_mpi": h5mpi,
-        "checkpoint_io": "parallel (mpio, collective)" if io_mode() == "parallel"
+        "checkpoint_io": "parallel (per-rank pwrite of its own slabs)" if io_mode() == "parallel"
         else "serial through rank 0",
         "world_size": MPI.COMM_WORLD.Get_size(),
         "rank": MPI.COMM_WORLD.Get_rank(),

@@ -18,6 +18,34 @@ def share_columns(split: dict) -> dict:
     return {c: split["shares"][c[:-len("_share")]] for c in SHARE_COLUMNS}
 
 
+class EventLog:
+    """TensorBoard scalars written synchronously from the training thread (tensorboardX's
+    ``EventsWriter``, no background thread): a write error surfaces here, where ``MetricsLogger``
+    turns it into one warning and goes on without TensorBoard (a writer thread that dies would
+    print a traceback, and its full queue would then block the training loop)."""
+
+    def __init__(self, logdir: Path):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        self._w = EventsWriter(str(Path(logdir) / "events"))
+
+    def scalars(self, row: dict, step: int, prefix: str = "train/") -> None:
+        import time
+
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        for k, v in row.items():
+            if k != "env_steps" and v is not None and v == v:
+                self._w.write_event(Event(wall_time=time.time(), step=step,
+                                          summary=scalar(prefix + k, float(v))))
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress: bool,
                  total: int, append: bool = False):
@@ -30,14 +58,14 @@ class MetricsLogger:
         self._csv = open(path, "w" if new else "a", newline="")
         self._writer = csv.DictWriter(self._csv, fieldnames=COLUMNS, extrasaction="ignore")
         if new:
-            self._writer.writeheader()
+            self._guard_csv(self._writer.writeheader)
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+                self._tb = EventLog(Path(run_dir) / "tb")
             except ImportError:  # pragma: no cover - tensorboardX is a dependency
                 print("hpcdqn: tensorboardX not installed; no TensorBoard events", file=sys.stderr)
+            except OSError as e:
+                self._tb_failed(e)
         if progress:
             from tqdm import tqdm
 
@@ -58,15 +86,40 @@ class MetricsLogger:
             print(msg, file=sys.stderr, flush=True)
 
     def log(self, row: dict) -> None:
+        """One row of metrics.csv (an OSError is raised, the file closed: the caller agrees on
+        it and stops the run) and of TensorBoard (an error there: a warning, no more events)."""
         if not self.enabled:
             return
-        self._writer.writerow(row)
-        self._csv.flush()
+        self._guard_csv(lambda: (self._writer.writerow(row), self._csv.flush()))
         if self._tb is not None:
-            step = int(row["env_steps"])
-            for k, v in row.items():
-                if k != "env_steps" and v is not None and v == v:
-                    self._tb.add_scalar(f"train/{k}", v, step)
+            try:
+                self._tb.scalars(row, int(row["env_steps"]))
+            except OSError as e:
+                self._tb_failed(e)
+
+    def _guard_csv(self, fn) -> None:
+        try:
+            fn()
+        except OSError:
+            f, self._csv, self.enabled = self._csv, None, False
+            try:
+                f.close()      # the buffered row is dropped here, not at interpreter exit
+            except OSError:
+                pass
+            raise
+
+    def _tb_failed(self, e: OSError) -> None:
+        import errno
+
+        tb, self._tb = self._tb, None
+        what = f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}" if e.errno else str(e)
+        self.note(f"hpcdqn: warning: TensorBoard events not written ({what}); "
+                  "training goes on without TensorBoard")
+        if tb is not None:
+            try:
+                tb.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self._bar is not None:
@@ -74,4 +127,7 @@ class MetricsLogger:
         if self._csv is not None:
             self._csv.close()
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError as e:
+                self._tb_failed(e)

@@ -33,16 +33,18 @@ from hpcdqn.learner.budget import (cap_per_rank, check_fits, current_rss, fmt_by
                                    plan_memory, process_baseline)
 from hpcdqn.metrics import MetricsLogger, share_columns
 from hpcdqn.parallel.grid import RankGrid, choose_device, mpi
-from hpcdqn.parallel.lifecycle import agree_signal, agree_user_errors, install_signal_handlers
+from hpcdqn.parallel.lifecycle import (agree_signal, agree_user_errors, install_signal_handlers,
+                                      on_leave)
 from hpcdqn.parallel.memory import keep_freed_memory, release_freed_memory
+from hpcdqn.parallel import watchdog
 from hpcdqn.rl.envs import frame_stack, make_vector_env
 from hpcdqn.rl.evaluate import evaluate
-from hpcdqn.rl.networks import meta_layers
-from hpcdqn.rl.framereplay import make_replay
+from hpcdqn.rl.networks import meta_layers, resolve_kind
+from hpcdqn.rl.framereplay import make_replay, planned_episode_steps
 from hpcdqn.rl.rollout import Rollout
 from hpcdqn.rl.schedule import Schedule, linear_schedule
 from hpcdqn.store import Checkpointer, truncate_metrics, warn
-from hpcdqn.store.agree import Local, agree
+from hpcdqn.store.agree import Local, agree, agree_write, describe
 from hpcdqn.store.modelfile import save_model, write_model_slices
 from hpcdqn.store.rundir import acquire_lock, check_fresh, release_lock
 
@@ -111,6 +113,7 @@ def make_run_dir(cfg: dict, comm, resume: str | None = None) -> tuple[Path, Path
             Path(path).mkdir(parents=True, exist_ok=True)
             lock = acquire_lock(path)
             atexit.register(release_lock, lock)
+            on_leave(lambda: release_lock(lock))     # a fast exit skips atexit
             if not resume:
                 check_fresh(path, cfg["overwrite"])
     agree(comm, "start", path, loc.err, what="run directory", keep_kind=True)
@@ -154,16 +157,21 @@ class Trainer:
         self.device = configure_process(cfg, grid.local_rank)
         self.run_dir, self.lock = make_run_dir(cfg, self.comm, resume)
         self.root = grid.is_root
-        if self.root:
-            (self.run_dir / "config.toml").write_text(config_mod.to_toml(cfg))
-            (self.run_dir / "layout.json").write_text(json.dumps(grid.describe()))
-            if not resume:          # (a fresh run appends its own periodic evaluations)
-                (self.run_dir / EVAL_CSV).unlink(missing_ok=True)
+        with Local() as loc:
+            if self.root:
+                (self.run_dir / "config.toml").write_text(config_mod.to_toml(cfg))
+                (self.run_dir / "layout.json").write_text(json.dumps(grid.describe()))
+                if not resume:          # (a fresh run appends its own periodic evaluations)
+                    (self.run_dir / EVAL_CSV).unlink(missing_ok=True)
+        agree_write(self.comm, "config.toml and layout.json", self.run_dir, loc.err)
         self.resumed = False
         self.state = LoopState(epsilon=cfg["dqn"]["epsilon_start"])
         self.synced_at = -1         # learner.updates at the last target sync (-1: unknown)
         self.eval_seconds = 0.0     # spent in periodic evaluations (left out of wall_s)
         self._build()
+        self.watchdog = watchdog.Watchdog(self.comm, watchdog.deadlines(
+            cfg["watchdog"]["deadline_s"], self.ckpt_bytes()))
+        watchdog.install(self.watchdog)
 
     def _build(self) -> None:
         """Envs (first stages), network, learner, replay shard, checkpointer."""
@@ -178,13 +186,17 @@ class Trainer:
         agree_user_errors(self.comm, loc.err)
         self.obs_space, self.n_actions = env.single_observation_space, int(env.single_action_space.n)
         self.frame_stack = frame_stack(env)     # > 0: the replay stores each frame once
+        try:                                    # the network fits these observations
+            resolve_kind(self.obs_space.shape, cfg["network"]["kind"])
+        except ValueError as e:
+            raise config_mod.ConfigError(str(e)) from None
         if not grid.is_first_stage:
             env.close()      # (built for its spaces: only a replica's first stage acts)
         self.mem_plan = self.check_memory()     # stops here, on every rank, if it cannot fit
         # shapes only (meta device): each rank allocates just its own stage, with the values
         # the whole network would get from `seed` (networks.initial_flat)
         layers = meta_layers(self.obs_space.shape, self.n_actions, cfg["network"]["hidden"],
-                             cfg["network"]["dueling"])
+                             cfg["network"]["dueling"], cfg["network"]["kind"])
         self.learner = build_learner(grid, layers, cfg, self.device, seed=cfg["seed"])
         # online + target + Adam moments held by each stage (replica 0's stages are world ranks 0..pp-1)
         self.stage_bytes = self.comm.allgather(self.learner.parameter_bytes())[:grid.pp]
@@ -194,7 +206,8 @@ class Trainer:
                 self.schedule.buffer_per_replica, cfg["num_envs"], self.obs_space.shape,
                 self.obs_space.dtype, self.frame_stack, n_step=d["n_step"], gamma=d["gamma"],
                 prioritized=cfg["replay"]["prioritized"], alpha=cfg["replay"]["alpha"],
-                priority_eps=cfg["replay"]["priority_eps"], seed=env_seed + 7)
+                priority_eps=cfg["replay"]["priority_eps"], seed=env_seed + 7,
+                **({"episode_steps": planned_episode_steps(cfg)} if self.frame_stack else {}))
             self.rollout = Rollout(env, rng, env.reset(seed=env_seed)[0])
         self._announce()
         env_info = {"env_id": cfg["env_id"], "obs_shape": list(self.obs_space.shape),
@@ -225,6 +238,13 @@ class Trainer:
             check_fits(plan, cap, source, baseline)
         agree_user_errors(self.comm, loc.err)
         return plan
+
+    def ckpt_bytes(self) -> int:
+        """Collective: the most checkpoint bytes any rank writes (its replay shard, its
+        parameters and optimizer state), for the watchdog's checkpoint/resume deadline."""
+        mine = (self.replay.nbytes if self.replay is not None else 0) + \
+            int(self.learner.parameter_bytes())
+        return int(self.comm.allreduce(mine, op=mpi().MAX))
 
     def memory_report(self) -> dict:
         """This rank's bytes by category (tensors it holds; activations: the planner's estimate)
@@ -262,7 +282,8 @@ class Trainer:
     def resume(self, run_dir) -> None:
         """Collective: continue from ``run_dir``'s newest valid checkpoint (replay, RNGs, envs,
         learner, loop counters): bitwise on the same layout, resharded on another."""
-        st = self.ckpt.resume(run_dir)
+        with watchdog.phase("resume"):
+            st = self.ckpt.resume(run_dir)
         c, spi = st["counters"], self.schedule.steps_per_iter
         it = c["iteration_next"] if st["exact"] else round(c["env_steps"] / spi)
         self.state = LoopState(iteration=it, episodes=int(c["episodes"]),
@@ -286,9 +307,12 @@ class Trainer:
         """Train to ``total_steps`` (or ``stop_after``, or a signal all ranks agreed on); returns
         the run's summary. Every rank makes the same collective calls in the same order."""
         s, sched, cfg = self.state, self.schedule, self.cfg
-        self.log = MetricsLogger(self.run_dir, self.root, cfg["log"]["tensorboard"],
-                                 cfg["log"]["progress"] and not self.quiet,
-                                 sched.env_steps(sched.n_iters), append=self.resumed)
+        self.log = None
+        with Local() as loc:
+            self.log = MetricsLogger(self.run_dir, self.root, cfg["log"]["tensorboard"],
+                                     cfg["log"]["progress"] and not self.quiet,
+                                     sched.env_steps(sched.n_iters), append=self.resumed)
+        agree_write(self.comm, "metrics.csv", self.run_dir / "metrics.csv", loc.err)
         self.t0 = time.perf_counter() - s.wall_offset
         self.t_leg = time.perf_counter()      # this process's start (the time split's window)
         self.log.progress(s.shown_steps)
@@ -300,9 +324,11 @@ class Trainer:
             if sched.syncs_target_after(it):
                 self.sync_target()              # every target_update_every env steps
             if sched.trains_after(it):
-                self.learn()                    # collective: one phase of gradient updates
+                with watchdog.phase("gradient sync"):
+                    self.learn()                # collective: one phase of gradient updates
             if sched.evaluates_after(it):
-                self.periodic_eval()            # collective: eval.csv, time left out of wall_s
+                with watchdog.phase("eval"):
+                    self.periodic_eval()        # collective: eval.csv, time left out of wall_s
             if sched.logs_after(it):
                 self.log_row()                  # collective: metrics row, agreed signals
             stopping = self.stopping()
@@ -380,7 +406,9 @@ class Trainer:
                "sps": steps_done / wall, "ups": learner.updates / wall,
                **share_columns(learner.time_split(time.perf_counter() - self.t_leg, self.comm)),
                "rss_mb": current_rss() / 2**20, "wall_s": wall}   # rank 0's resident memory
-        self.log.log(row)
+        with Local() as loc:
+            self.log.log(row)
+        agree_write(self.comm, "metrics.csv", self.run_dir / "metrics.csv", loc.err)
         self.log.progress(steps_done - s.shown_steps,
                           {"ret": f"{row['episodic_return']:.1f}", "eps": f"{s.epsilon:.2f}"})
         s.shown_steps = steps_done
@@ -401,7 +429,8 @@ class Trainer:
         counters = {"iteration_next": s.iteration, "env_steps": self.schedule.env_steps(s.iteration),
                     "episodes": s.episodes, "epsilon": s.epsilon,
                     "wall_s": time.perf_counter() - self.t0}
-        info = self.ckpt.save(counters, loop)
+        with watchdog.phase("checkpoint"):
+            info = self.ckpt.save(counters, loop)
         if self.root and not self.quiet:
             self.log.note(f"hpcdqn: checkpoint {info['path']} ({info['bytes'] / 1e6:.1f} MB) stalled "
                           f"training {info['seconds']:.3f} s")
@@ -417,7 +446,8 @@ class Trainer:
             self.rollout.close()
         env_steps = self.schedule.env_steps(s.iteration)
         stopped_early = env_steps < self.schedule.env_steps(self.schedule.n_iters)
-        self.save_model()
+        with watchdog.phase("model file"):
+            self.save_model()
         memory = self.comm.allgather(self.memory_report())
         summary = {"env_steps": env_steps, "updates": learner.updates, "wall_s": round(wall, 3),
                    "sps": round(env_steps / wall, 1), "ups": round(learner.updates / wall, 1),
@@ -435,14 +465,20 @@ class Trainer:
         if cfg["eval"]["episodes"] and not stopped_early:
             summary.update(self.final_evaluation())
         summary = self.comm.bcast(summary if self.root else None, root=0)
-        if self.root:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            if not s.stopped_by:   # on a signal, time is short (mpirun's kill grace, Slurm's KillWait)
-                from hpcdqn.plots import plot_learning_curve
+        with Local() as loc:
+            if self.root:
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        agree_write(self.comm, "summary.json", self.run_dir / "summary.json", loc.err)
+        if self.root and not s.stopped_by:   # on a signal, time is short (kill grace, KillWait)
+            from hpcdqn.plots import plot_learning_curve
 
+            try:
                 plot_learning_curve(self.run_dir)
+            except OSError as e:
+                warn(f"learning curve not written: {describe(e)}")
         if self.lock is not None:
             release_lock(self.lock)
+        watchdog.install(None)
         grid.free()
         return summary
 
@@ -452,14 +488,15 @@ class Trainer:
         cfg, learner, grid = self.cfg, self.learner, self.grid
         args = (cfg, self.obs_space.shape, self.obs_space.dtype, self.n_actions)
         path = self.run_dir / "model.h5"
-        if grid.pp == 1:
-            if self.root:
-                save_model(path, learner.online.numpy_data(), *args)
-        elif grid.dp_rank == 0:
-            lo, _ = learner.param_range()
-            write_model_slices(path, learner.online.numpy_data(), lo,
-                               learner.param_ranges[-1][1], grid.pp_comm, *args)
-        self.comm.Barrier()
+        with Local() as loc:
+            if grid.pp == 1:
+                if self.root:
+                    save_model(path, learner.online.numpy_data(), *args)
+            elif grid.dp_rank == 0:
+                lo, _ = learner.param_range()
+                write_model_slices(path, learner.online.numpy_data(), lo,
+                                   learner.param_ranges[-1][1], grid.pp_comm, *args)
+        agree_write(self.comm, "model.h5", path, loc.err)    # (a barrier too)
 
     def periodic_eval(self) -> None:
         """Collective over the world: ``eval.every_episodes`` greedy episodes of replica 0 and a
@@ -473,18 +510,20 @@ class Trainer:
         spent = self.comm.bcast(time.perf_counter() - t if self.root else None, root=0)
         self.t0 += spent
         self.eval_seconds += spent
-        if not self.root:
-            return
         path = self.run_dir / EVAL_CSV
-        row = {"env_steps": steps, "updates": self.learner.updates,
-               "wall_s": round(time.perf_counter() - self.t0, 4), "eval_s": round(spent, 4),
-               **{k: res[k] for k in ("eval_return_mean", "eval_return_std", "eval_episodes")}}
-        new = not path.exists()
-        with open(path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=EVAL_COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        with Local() as loc:
+            if self.root:
+                row = {"env_steps": steps, "updates": self.learner.updates,
+                       "wall_s": round(time.perf_counter() - self.t0, 4), "eval_s": round(spent, 4),
+                       **{k: res[k] for k in ("eval_return_mean", "eval_return_std",
+                                              "eval_episodes")}}
+                new = not path.exists()
+                with open(path, "a", newline="") as fh:
+                    w = csv.DictWriter(fh, fieldnames=EVAL_COLUMNS)
+                    if new:
+                        w.writeheader()
+                    w.writerow(row)
+        agree_write(self.comm, EVAL_CSV, path, loc.err)
 
     def final_evaluation(self) -> dict:
         """Collective over the replica's stages: greedy episodes of replica 0 (results on rank 0)."""

@@ -47,3 +47,37 @@ def run_mpi(n, args, timeout=300, cwd=None, env=None, check=True):
 
 def hpcdqn(n, args, **kw):
     return run_mpi(n, ["-m", "hpcdqn.cli", *args], **kw)
+
+
+FAULTSHIM_SRC = Path(__file__).resolve().parent / "faultshim" / "faultshim.c"
+
+
+def faultshim_lib() -> Path:
+    """The LD_PRELOAD fault injector (tests/faultshim/faultshim.c), built with the system C
+    compiler into a cache directory keyed by the source's hash (rebuilt when it changes)."""
+    import hashlib
+    import tempfile
+
+    src = FAULTSHIM_SRC.read_bytes()
+    tag = hashlib.sha256(src).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / f"hpcdqn-faultshim-{tag}" / "faultshim.so"
+    if not out.is_file():
+        cc = shutil.which("cc") or shutil.which("gcc")
+        assert cc, "no C compiler (cc) to build the fault injector"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.so")
+        subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(FAULTSHIM_SRC), "-ldl"],
+                       check=True, capture_output=True, text=True)
+        os.replace(tmp, out)
+    return out
+
+
+def fault_env(path, calls="write", errno="ENOSPC", rank="all", after_bytes=None,
+              after_calls=None, count=None) -> dict:
+    """Environment for an MPI job whose ranks load the fault injector (see faultshim.c)."""
+    env = {"LD_PRELOAD": str(faultshim_lib()), "FAULTSHIM_PATH": str(path),
+           "FAULTSHIM_CALLS": calls, "FAULTSHIM_ERRNO": errno, "FAULTSHIM_RANK": str(rank)}
+    for k, v in (("AFTER_BYTES", after_bytes), ("AFTER_CALLS", after_calls), ("COUNT", count)):
+        if v is not None:
+            env[f"FAULTSHIM_{k}"] = str(v)
+    return env

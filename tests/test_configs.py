@@ -96,8 +96,9 @@ def resolved():
 
 
 def test_every_config_resolves_on_every_advertised_layout(resolved):
-    assert [p.stem for p in CONFIGS] == ["acrobot", "atari_breakout", "atari_pong", "cartpole",
-                                         "lunarlander"]
+    assert [p.stem for p in CONFIGS] == [
+        "acrobot", "atari_breakout", "atari_pong", "cartpole", "lunarlander", "minatar_asterix",
+        "minatar_breakout", "minatar_freeway", "minatar_seaquest", "minatar_space_invaders"]
     wrong = []
     for name, cells in resolved.items():
         for (dp, pp), c in cells.items():
@@ -140,6 +141,8 @@ SMOKE = {   # small total_steps (and replay) so each run takes seconds; warm-up 
     "lunarlander": ["total_steps=800", "dqn.learning_starts=400"],
     "atari_breakout": ["total_steps=256", "dqn.learning_starts=128", "dqn.buffer_size=2048"],
     "atari_pong": ["total_steps=256", "dqn.learning_starts=128", "dqn.buffer_size=2048"],
+    **{f"minatar_{g}": ["total_steps=400", "dqn.learning_starts=200", "dqn.buffer_size=2048"]
+       for g in ("asterix", "breakout", "freeway", "seaquest", "space_invaders")},
 }
 
 

@@ -20,7 +20,7 @@ from hpcdqn.learner import plan as plan_mod
 from hpcdqn.parallel.allreduce import GradSync, broadcast_params, check_consistent
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.rl.networks import initial_flat, is_meta
-from hpcdqn.rl.optim import adam_state, adam_step, make_adam, restore_adam
+from hpcdqn.rl.optim import make_optimizer, optimizer_state, optimizer_step, restore_optimizer
 
 # the protocol's collectives: (method, over which ranks)
 COLLECTIVES = {"greedy": "the replica's stages (pp_comm)",
@@ -85,7 +85,7 @@ class StageLearner:
     target sync. ``pipeline``: whether ``modules`` are one stage of several (the plan differs)."""
 
     def __init__(self, modules, cfg: dict, dp_comm, device="cpu", pipeline: bool = False,
-                 init=None):
+                 init=None, stage_ends: tuple[bool, bool] = (True, True)):
         """``modules`` real (their values are the start), or on the meta device: then ``init``
         = (the whole network's meta layers, lo, hi, seed) and this rank computes only its
         range [lo, hi) of the initial values (``networks.initial_flat``), allocating nothing
@@ -103,9 +103,10 @@ class StageLearner:
         self.target = FlatModule(targets, self.device, grad=False)   # no gradient buffer
         broadcast_params(self.online, dp_comm)    # every replica starts from replica 0's values
         self.target.load_flat_(self.online.flat.data)
-        self.opt = make_adam(self.online.flat, self.d)
+        self.opt = make_optimizer(self.online.flat, self.d)
         buckets = GradSync.bucket_bounds(self.online, cfg["parallel"]["bucket_mb"])
-        self.plan = plan_mod.decide(cfg, self.online, self.opt, dp_comm, pipeline, len(buckets))
+        self.plan = plan_mod.decide(cfg, self.online, self.opt, dp_comm, pipeline, len(buckets),
+                                    stage_ends)
         self.sync = GradSync(self.online, dp_comm, cfg["parallel"]["bucket_mb"], self.plan.overlap,
                              self.plan.allreduce)
         if self.plan.gradient == "autograd-accumulate":
@@ -132,7 +133,7 @@ class StageLearner:
             coef = self.d["max_grad_norm"] / (float(self.grad_norm()) + 1e-6)
             if coef < 1.0:          # (a factor of 1 would change nothing: skip the pass)
                 g.mul_(coef)
-        adam_step(self.opt)
+        optimizer_step(self.opt)
         self.updates += 1
 
     def grad_norm(self) -> torch.Tensor:
@@ -195,7 +196,7 @@ class StageLearner:
         def nbytes(t):
             return 0 if t is None else t.numel() * t.element_size()
 
-        _, m1, m2 = adam_state(self.opt, self.online.flat)
+        _, m1, m2 = optimizer_state(self.opt, self.online.flat)
         moments = nbytes(m1) + nbytes(m2) if m1 is not None else 2 * nbytes(self.online.flat)
         return {"parameters": nbytes(self.online.flat), "target": nbytes(self.target.flat),
                 "gradients": nbytes(self.online.flat.grad) + nbytes(self.target.flat.grad),
@@ -205,7 +206,7 @@ class StageLearner:
     def state_arrays(self) -> dict:
         """{'online'|'target'|'exp_avg'|'exp_avg_sq': this stage's flat float32 vector} (the Adam
         moments are zeros before the first update)."""
-        _, m1, m2 = adam_state(self.opt, self.online.flat)
+        _, m1, m2 = optimizer_state(self.opt, self.online.flat)
         flat = {"online": self.online.numpy_data(), "target": self.target.numpy_data()}
         if m1 is not None:
             flat["exp_avg"] = m1.detach().cpu().numpy()
@@ -216,7 +217,7 @@ class StageLearner:
 
     def state_scalars(self) -> dict:
         """{'updates', 'adam_step', 'lr'}."""
-        step, _, _ = adam_state(self.opt, self.online.flat)
+        step, _, _ = optimizer_state(self.opt, self.online.flat)
         return {"updates": int(self.updates), "adam_step": step, "lr": self.lr}
 
     def load_state(self, arrays: dict, scalars: dict) -> None:
@@ -224,7 +225,7 @@ class StageLearner:
         self.online.load_flat_(arrays["online"])
         self.target.load_flat_(arrays["target"])
         step = float(scalars["adam_step"])
-        restore_adam(self.opt, self.online.flat, step, arrays.get("exp_avg") if step > 0 else None,
+        restore_optimizer(self.opt, self.online.flat, step, arrays.get("exp_avg") if step > 0 else None,
                      arrays.get("exp_avg_sq") if step > 0 else None)
         self.updates = int(scalars["updates"])
         self.set_lr(scalars["lr"])

@@ -43,7 +43,7 @@ from torch import nn
 from hpcdqn.config import ConfigError
 from hpcdqn.parallel.partition import (LinearPiece, describe, layer_offsets, param_ranges,
                                        plan_stages, stage_modules)
-from hpcdqn.rl.framereplay import replay_nbytes
+from hpcdqn.rl.framereplay import planned_episode_steps, replay_nbytes
 from hpcdqn.rl.networks import DuelingHead, Scale, meta_layers, unroll
 from hpcdqn.rl.schedule import Schedule
 
@@ -157,7 +157,7 @@ def _meminfo_kb(key: str) -> int | None:
 def stage_layout(cfg: dict, obs_shape: tuple, n_actions: int):
     """(meta layers, stages as boundaries, param ranges, contents) for ``cfg['pp']`` stages."""
     net = cfg["network"]
-    layers = meta_layers(obs_shape, n_actions, net["hidden"], net["dueling"])
+    layers = meta_layers(obs_shape, n_actions, net["hidden"], net["dueling"], net["kind"])
     pp = cfg["pp"]
     if pp == 1:
         total = layer_offsets(layers)[-1]
@@ -202,7 +202,8 @@ def activation_bytes(widths: list[int], cfg: dict, stage: int, pp: int) -> int:
     """Estimated bytes one update keeps alive on a stage whose leaves produce ``widths``."""
     batch, micro = cfg["dqn"]["batch_size"], max(1, cfg["micro_batches"]) if pp > 1 else 1
     rows = -(-batch // micro)
-    in_flight = micro if cfg["schedule"] == "gpipe" or pp == 1 else min(micro, pp - stage)
+    in_flight = micro if cfg["schedule"] == "gpipe" or pp == 1 else \
+        min(micro, pp if cfg["schedule"] == "zbh1" else pp - stage)   # zbh1: 1F1B's peak, any stage
     saved = in_flight * rows * sum(widths) * 4          # autograd's saved inputs and outputs
     transient = 4 * rows * max(widths) * 4              # target and double forwards, grads in/out
     return int(saved + transient)
@@ -220,7 +221,8 @@ def plan_memory(cfg: dict, obs_shape: tuple, obs_dtype, n_actions: int, world: i
     layers, stages, ranges, contents = stage_layout(cfg, obs_shape, n_actions)
     d, sched = cfg["dqn"], Schedule.resolve(cfg, dp)
     replay = replay_nbytes(sched.buffer_per_replica, cfg["num_envs"], obs_shape, obs_dtype,
-                           d["n_step"], cfg["replay"]["prioritized"], frame_stack)
+                           d["n_step"], cfg["replay"]["prioritized"], frame_stack,
+                           planned_episode_steps(cfg))
     per_stage, in_shape = [], tuple(obs_shape)
     threads = cfg["threads"] or os.cpu_count() or 1        # (0: torch's default, one per core)
     for s, ((a, b), (lo, hi)) in enumerate(zip(stages, ranges)):

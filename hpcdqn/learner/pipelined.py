@@ -9,6 +9,7 @@ others pass ``None`` and learn what to do from the header.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -17,6 +18,7 @@ import torch
 
 from hpcdqn.learner.base import StageLearner
 from hpcdqn.parallel.flat import FlatModule
+from hpcdqn.parallel import stage_mlp
 from hpcdqn.parallel.grid import mpi
 from hpcdqn.parallel.partition import describe, param_ranges, plan_stages, stage_modules
 from hpcdqn.parallel.pipeline import (OP_GREEDY, OP_QVALUES, OP_STOP, OP_UPDATE, TAG_ACT,
@@ -141,7 +143,8 @@ class PipelineLearner(StageInference, StageLearner):
         self.stage_contents = describe(self.stages)
         lo, hi = self.param_ranges[self.stage]
         super().__init__(stage_modules(layers, *self.stages[self.stage]), cfg, grid.dp_comm,
-                         device, pipeline=True, init=(layers, lo, hi, seed))
+                         device, pipeline=True, init=(layers, lo, hi, seed),
+                         stage_ends=(self.first, self.last))
         if self.online.numel != self.stage_sizes[self.stage]:
             raise RuntimeError(f"stage {self.stage} holds {self.online.numel} parameters, its "
                                f"range {self.param_ranges[self.stage]} says {self.stage_sizes[self.stage]}")
@@ -149,6 +152,9 @@ class PipelineLearner(StageInference, StageLearner):
         self.link = StageLink(grid.pp_comm, self.stage, self.P)
         self.micro = cfg["micro_batches"]
         self.schedule = cfg["schedule"]
+        self.plan = self._plan_per_stage()
+        # the hand-written stage backward where the plan took it (``parallel.stage_mlp``)
+        self.mlp = stage_mlp.stage_ops(self.online.net) if self.plan.gradient == "mlp-manual" else None
         self._out_shapes: dict = {}
         # timing (seconds): blocked inside the F/B schedule, inside it; blocked on the other
         # stages anywhere in an update (receives, send completion, the norm over pp_comm);
@@ -158,6 +164,28 @@ class PipelineLearner(StageInference, StageLearner):
         self.update_link_wait_seconds = 0.0
         self.norm_wait_seconds = 0.0
         self.update_seconds = 0.0
+
+    def _plan_per_stage(self):
+        """Collective over pp_comm: this stage's plan, its notes naming every stage's gradient
+        path (what rank 0 prints at start and summary.json records). One path per network: the
+        hand-written backward only where every stage can take it (a CNN's dense head alone
+        stays on autograd, as the CNN does on one rank)."""
+        paths = ("mlp-manual", "autograd-accumulate", "autograd")
+        mine = np.array([paths.index(self.plan.gradient)], dtype=np.int64)
+        every = np.empty(self.P, dtype=np.int64)
+        self.pp_comm.Allgather([mine, mpi().INT64_T], [every, mpi().INT64_T])
+        plan, notes = self.plan, list(self.plan.notes)
+        if (every != 0).any():           # (every rank sees the same ``every``)
+            if plan.gradient == "mlp-manual":
+                plan = dataclasses.replace(plan, gradient="autograd-accumulate")
+                self.online.accumulate_grads_in_place()
+                notes.append("hand-written backward off: not every stage is a plain MLP")
+            every[every == 0] = 1
+        notes.append("gradient per stage: " + ", ".join(f"{s}: {paths[int(c)]}"
+                                                        for s, c in enumerate(every)))
+        if self.schedule == "zbh1" and plan.gradient != "mlp-manual":
+            notes.append("zbh1 on autograd: the weight gradients run inside B (no B/W split)")
+        return dataclasses.replace(plan, notes=(*notes, f"schedule={self.schedule}"))
 
     # -- learning ---------------------------------------------------------------------------------
     def phase_targets(self, batches):
@@ -202,58 +230,93 @@ class PipelineLearner(StageInference, StageLearner):
         return out
 
     def _run_schedule(self, b, lab, splits, in_shape, out_shape, n):
-        """This stage's forward/backward steps of one update, in the schedule's order."""
-        d, s, link = self.d, self.stage, self.link
-        double = d["double"]
-        loss_sum, td_parts, q_parts = 0.0, {}, {}
-        saved: dict[int, tuple] = {}
-        for kind, m in schedule_ops(self.schedule, s, self.P, len(splits)):
-            link.progress()
-            lo, hi = splits[m]
-            k = hi - lo
+        """This stage's forward / backward (/ weight-gradient) steps of one update, in the
+        schedule's order."""
+        st = {"loss": 0.0, "td": {}, "q": {}, "saved": {}, "work": {}}
+        ctx = (b, lab, splits, in_shape, out_shape, n)
+        for kind, m in schedule_ops(self.schedule, self.stage, self.P, len(splits)):
+            self.link.progress()
             if kind == "F":
-                # each of the three forwards is sent on as soon as it is computed, so the next
-                # stage starts its online forward while this one runs the TD-target forwards
-                def arrive(tag, grad=False):
-                    if self.first:
-                        return b["obs"][lo:hi] if tag == TAG_ACT else b["next_obs"][lo:hi]
-                    t = self._to_dev(link.recv((k, *in_shape), s - 1, tag))
-                    return t.requires_grad_() if grad else t
-
-                x = arrive(TAG_ACT, grad=True)
-                y = self.online(x)
-                if not self.last:
-                    link.isend(as_np(y), s + 1, TAG_ACT)
-                with torch.no_grad():
-                    yt = self.target(arrive(TAG_TGT))
-                    if not self.last:
-                        link.isend(as_np(yt), s + 1, TAG_TGT)
-                    yd = self.online(arrive(TAG_DBL)) if double else None
-                    if double and not self.last:
-                        link.isend(as_np(yd), s + 1, TAG_DBL)
-                if not self.last:
-                    saved[m] = (x, y)
-                else:
-                    with torch.no_grad():
-                        target = td_target(lab["returns"][lo:hi], lab["discounts"][lo:hi], yt, yd)
-                    loss, td, q = td_loss(y, lab["actions"][lo:hi], target, lab["weights"][lo:hi],
-                                          d["huber_delta"])
-                    loss_sum += float(loss.detach()) * k / n
-                    td_parts[m], q_parts[m] = td, q
-                    saved[m] = (x, loss * (k / n))
+                self._forward_step(m, ctx, st)
+            elif kind == "B":
+                self._backward_step(m, ctx, st)
+                if self.schedule != "zbh1":        # no separate weight-gradient step
+                    self._weight_step(m, st)
             else:
-                x, y = saved.pop(m)
-                if self.last:
-                    if y.requires_grad:
-                        y.backward()
-                else:
-                    g = self._to_dev(link.recv((k, *out_shape), s + 1, TAG_GRAD))
-                    if y.requires_grad:
-                        y.backward(g)
-                if not self.first:
-                    gx = x.grad if x.grad is not None else torch.zeros_like(x)
-                    link.isend(as_np(gx), s - 1, TAG_GRAD)
-        return loss_sum, td_parts, q_parts
+                self._weight_step(m, st)
+        return st["loss"], st["td"], st["q"]
+
+    def _forward_step(self, m, ctx, st) -> None:
+        """F(m): the online forward (kept for the backward) and the TD-target forwards, each
+        sent on as soon as it is computed, so the next stage starts its online forward while
+        this one runs the target forwards."""
+        b, lab, splits, in_shape, _, n = ctx
+        d, s, link = self.d, self.stage, self.link
+        lo, hi = splits[m]
+        k = hi - lo
+
+        def arrive(tag, grad=False):
+            if self.first:
+                return b["obs"][lo:hi] if tag == TAG_ACT else b["next_obs"][lo:hi]
+            t = self._to_dev(link.recv((k, *in_shape), s - 1, tag))
+            return t.requires_grad_() if grad and self.mlp is None else t
+
+        x = arrive(TAG_ACT, grad=True)
+        if self.mlp is not None:
+            with torch.no_grad():
+                y, keep = stage_mlp.forward(self.mlp, x)
+        else:
+            y, keep = self.online(x), None
+        if not self.last:
+            link.isend(as_np(y), s + 1, TAG_ACT)
+        with torch.no_grad():
+            yt = self.target(arrive(TAG_TGT))
+            if not self.last:
+                link.isend(as_np(yt), s + 1, TAG_TGT)
+            yd = self.online(arrive(TAG_DBL)) if d["double"] else None
+            if d["double"] and not self.last:
+                link.isend(as_np(yd), s + 1, TAG_DBL)
+        if not self.last:
+            st["saved"][m] = (x, y, keep, None)
+            return
+        with torch.no_grad():
+            target = td_target(lab["returns"][lo:hi], lab["discounts"][lo:hi], yt, yd)
+        loss, td, q = td_loss(y, lab["actions"][lo:hi], target, lab["weights"][lo:hi],
+                              d["huber_delta"])
+        st["loss"] += float(loss.detach()) * k / n
+        st["td"][m], st["q"][m] = td, q
+        if self.mlp is not None:       # what the loss gradient needs (``stage_mlp.td_output_grad``)
+            st["saved"][m] = (x, y, keep, (q, lab["actions"][lo:hi], target,
+                                           lab["weights"][lo:hi], k / n))
+        else:
+            st["saved"][m] = (x, loss * (k / n), None, None)
+
+    def _backward_step(self, m, ctx, st) -> None:
+        """B(m): the gradient w.r.t. this stage's input, sent to the previous stage (on the
+        hand-written path the weight gradients are left to ``_weight_step``; autograd does all)."""
+        _, _, splits, _, out_shape, _ = ctx
+        s, link = self.stage, self.link
+        lo, hi = splits[m]
+        x, y, keep, loss_args = st["saved"].pop(m)
+        if self.last and self.mlp is not None:
+            g = stage_mlp.td_output_grad(y, *loss_args[:4], self.d["huber_delta"], loss_args[4])
+        elif not self.last:
+            g = self._to_dev(link.recv((hi - lo, *out_shape), s + 1, TAG_GRAD))
+        if self.mlp is not None:
+            gx, st["work"][m] = stage_mlp.backward_input(self.mlp, keep, g, not self.first)
+        else:
+            if y.requires_grad:
+                y.backward() if self.last else y.backward(g)
+            gx = None if self.first else (x.grad if x.grad is not None else torch.zeros_like(x))
+        if not self.first:
+            link.isend(as_np(gx), s - 1, TAG_GRAD)
+
+    def _weight_step(self, m, st) -> None:
+        """W(m): the weight gradients of micro-batch ``m`` (hand-written path; autograd's
+        backward already did them)."""
+        work = st["work"].pop(m, None)
+        if work is not None:
+            stage_mlp.backward_weights(work)
 
     def _report(self, loss_sum, td_parts, q_parts, n_micro: int, n: int) -> dict:
         """Loss and mean Q from the last stage; |TD| back to the first stage only where

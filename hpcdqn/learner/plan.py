@@ -3,13 +3,14 @@ synced on this rank, printed once at start and recorded in summary.json.
 
 - gradient path:
   - ``mlp-manual``: the hand-written MLP backward (``rl.mlp``), for a network that is exactly
-    ``nn.Linear``/``nn.ReLU`` on one pipeline stage, when torch has the aten kernels it calls,
+    ``nn.Linear``/``nn.ReLU`` (on a pipeline stage: also ``partition.LinearPiece``; the
+    backward split into input- and weight-gradient passes, ``parallel.stage_mlp``), when torch has the aten kernels it calls,
     ``parallel.manual_backward`` is on, the allreduce is not overlapped (that needs autograd's
     hooks), and it agreed with autograd on the real network at start-up (else: autograd, with
     a warning);
   - ``autograd-accumulate``: autograd, with every Linear's weight gradient added in place into
-    the flat buffer (``flat.linear_accumulating``): pipeline stages, where gradients accumulate
-    over micro-batches;
+    the flat buffer (``flat.linear_accumulating``): pipeline stages that are not plain MLPs,
+    where gradients accumulate over micro-batches;
   - ``autograd``: plain autograd (CNNs, dueling heads, the overlapped allreduce).
 - sync: ``none`` (one replica), ``blocking`` (in-place ``Allreduce`` per bucket after
   backward), ``overlap`` (``Iallreduce`` per bucket from autograd hooks during backward; on a
@@ -28,7 +29,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from hpcdqn.parallel.allreduce import can_overlap, choose_algorithm
+from hpcdqn.parallel import stage_mlp
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.rl import mlp
 from hpcdqn.rl.optim import uses_direct_kernel
@@ -43,7 +47,7 @@ class ExecutionPlan:
     sync: str                     # none | blocking | overlap
     buckets: int
     bucket_mb: float
-    optimizer: str                # fused-direct | torch
+    optimizer: str                # fused-direct | torch (Adam) | rmsprop
     manual_check: float | None = None   # max |hand-written - autograd| at start-up
     notes: tuple[str, ...] = field(default=())
     allreduce: str = "flat"             # flat | hierarchical
@@ -65,15 +69,18 @@ class ExecutionPlan:
                 "blocking": f"blocking{algo} Allreduce, {self.buckets} bucket(s) <= {self.bucket_mb:g} MiB",
                 "overlap": f"overlapped Iallreduce, {self.buckets} bucket(s) <= {self.bucket_mb:g} MiB"}
         return (f"gradient={self.gradient}{check}; sync={sync[self.sync]}; "
-                f"optimizer=Adam ({self.optimizer}); device={self.device}"
+                + ("optimizer=RMSprop (torch)" if self.optimizer == "rmsprop"
+                   else f"optimizer=Adam ({self.optimizer})") + f"; device={self.device}"
                 + "".join(f"; {n}" for n in self.notes))
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def decide(cfg: dict, online: FlatModule, opt, dp_comm, pipeline: bool, buckets: int) -> ExecutionPlan:
-    """The plan for a learner holding ``online`` (one stage, or the whole network)."""
+def decide(cfg: dict, online: FlatModule, opt, dp_comm, pipeline: bool, buckets: int,
+           stage_ends: tuple[bool, bool] = (True, True)) -> ExecutionPlan:
+    """The plan for a learner holding ``online`` (one stage, or the whole network);
+    ``stage_ends``: (first, last) stage of a pipeline."""
     par = cfg["parallel"]
     one_backward = not pipeline or cfg["micro_batches"] == 1
     overlap = par["overlap"] and one_backward and can_overlap(online, dp_comm)
@@ -91,13 +98,13 @@ def decide(cfg: dict, online: FlatModule, opt, dp_comm, pipeline: bool, buckets:
                 overlap = False
                 notes.append("parallel.overlap ignored: the hierarchical allreduce is blocking")
     sync = "overlap" if overlap else "blocking" if dp_comm.Get_size() > 1 else "none"
-    optimizer = "fused-direct" if uses_direct_kernel(opt) else "torch"
+    optimizer = ("rmsprop" if isinstance(opt, torch.optim.RMSprop)
+                 else "fused-direct" if uses_direct_kernel(opt) else "torch")
     common = dict(device=str(online.flat.device), sync=sync, buckets=buckets,
                   bucket_mb=float(par["bucket_mb"]), optimizer=optimizer, allreduce_choice=choice,
                   allreduce=choice["algorithm"] if choice else "flat")
     if pipeline:
-        return ExecutionPlan(gradient="autograd" if overlap else "autograd-accumulate",
-                             notes=tuple(notes), **common)
+        return _stage_plan(cfg, online, overlap, stage_ends, notes, common)
     layers = mlp.mlp_layers(online.net)
     if overlap or layers is None or not par["manual_backward"] or not mlp.kernels_available():
         if layers is not None and par["manual_backward"] and not overlap:
@@ -110,5 +117,25 @@ def decide(cfg: dict, online: FlatModule, opt, dp_comm, pipeline: bool, buckets:
                "falling back to autograd (set parallel.manual_backward=false to skip the check)")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return ExecutionPlan(gradient="autograd", manual_check=diff,
+                             notes=tuple(notes + ["hand-written backward failed its check"]), **common)
+    return ExecutionPlan(gradient="mlp-manual", manual_check=diff, notes=tuple(notes), **common)
+
+
+def _stage_plan(cfg, online, overlap, stage_ends, notes, common) -> ExecutionPlan:
+    """A pipeline stage: the hand-written MLP backward (``parallel.stage_mlp``, guarded as on
+    one rank: plain Linear/ReLU leaves, the aten kernels, ``manual_backward``, no overlap, and
+    agreement with autograd on the real stage at start-up), else autograd."""
+    fallback = "autograd" if overlap else "autograd-accumulate"
+    ops = None if overlap or not cfg["parallel"]["manual_backward"] else stage_mlp.stage_ops(online.net)
+    if ops is None:
+        return ExecutionPlan(gradient=fallback, notes=tuple(notes), **common)
+    first, last = stage_ends
+    diff = stage_mlp.check_against_autograd(online, ops, stage_mlp.input_width(ops), last,
+                                            not first, cfg["dqn"]["huber_delta"])
+    if not diff <= MANUAL_TOLERANCE:
+        warnings.warn(f"the hand-written MLP backward differs from autograd by {diff:.3g} on this "
+                      "pipeline stage: falling back to autograd (set parallel.manual_backward="
+                      "false to skip the check)", RuntimeWarning, stacklevel=3)
+        return ExecutionPlan(gradient=fallback, manual_check=diff,
                              notes=tuple(notes + ["hand-written backward failed its check"]), **common)
     return ExecutionPlan(gradient="mlp-manual", manual_check=diff, notes=tuple(notes), **common)

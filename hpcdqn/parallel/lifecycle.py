@@ -11,6 +11,51 @@ import traceback
 import numpy as np
 
 _stop = {"signal": 0}
+_broken: list = []          # HDF5 files whose flush failed: never closed (see keep_broken)
+_on_leave: list = []        # what a fast exit still does (release the run directory's lock)
+
+
+def keep_broken(handle) -> None:
+    """An HDF5 file whose flush or close failed (ENOSPC, EIO): HDF5 1.10 crashes (SIGSEGV in
+    ``H5F__close_cb``) closing it again, at once or at interpreter exit. It is kept referenced,
+    never closed, and the process leaves with ``leave`` (no HDF5 atexit)."""
+    _broken.append(handle)
+
+
+def on_leave(fn) -> None:
+    """``fn()`` runs before a fast exit (``leave``), where atexit handlers are skipped."""
+    _on_leave.append(fn)
+
+
+def leave(status: int, comm=None, collective: bool = True) -> None:
+    """Collective over ``comm`` (default: the world, every rank leaving together, as after an
+    agreed error): if any rank holds a broken HDF5 file (``keep_broken``), every rank runs its
+    ``on_leave`` callbacks, flushes, meets the others at a barrier and leaves with
+    ``os._exit(status)``: no rank calls MPI_Finalize (HDF5 closes its files there, and would
+    crash on the broken one), none is left waiting in it. Otherwise it returns (the caller
+    exits normally). ``collective=False``: this rank alone decides (where the others may not
+    be leaving with it)."""
+    import os
+
+    MPI = sys.modules.get("mpi4py.MPI")
+    mpi_up = collective and MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
+    if mpi_up:
+        comm = comm or MPI.COMM_WORLD
+        broken = comm.allreduce(1 if _broken else 0, op=MPI.MAX) if comm.Get_size() > 1 else len(_broken)
+    else:
+        broken = len(_broken)
+    if not broken:
+        return
+    for fn in _on_leave:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - leaving anyway
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if mpi_up and comm.Get_size() > 1:
+        comm.Barrier()
+    os._exit(status)
 
 
 def install_signal_handlers() -> None:
@@ -126,10 +171,12 @@ def abort_on_exception(fn, *args, **kwargs):
             raise
         if getattr(e, "agreed", False):   # every rank raised the same error: say it once, exit
             if rank == 0:
+                kind = getattr(e, "kind", None) or user_error_kind(e) or "error"
                 for msg in getattr(e, "messages", None) or [str(e)]:
-                    sys.stderr.write(f"hpcdqn train: {user_error_kind(e) or 'error'} error: {msg}\n")
+                    sys.stderr.write(f"hpcdqn train: {kind} error: {msg}\n")
                 sys.stderr.flush()
             sys.stdout.flush()
+            leave(2)
             leave_together(MPI.COMM_WORLD)
             raise SystemExit(2) from None
         if is_user_error(e):   # a clear message, no traceback: the input is wrong, not the code

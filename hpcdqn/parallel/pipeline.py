@@ -21,9 +21,14 @@ One update (``update(batch)``; the batch lives on the first stage):
    loss with ``dqn.td_target`` / ``dqn.td_loss``, scaled by ``|m| / B`` so the accumulated
    gradient is the full-batch mean loss's. A *backward step* ``B(m)`` backpropagates and sends
    the gradient w.r.t. the stage's input to the previous stage.
-3. Schedules: ``gpipe`` (all ``F`` then all ``B``) or ``1f1b`` (stage ``s`` warms up with
+3. Schedules: ``gpipe`` (all ``F`` then all ``B``), ``1f1b`` (stage ``s`` warms up with
    ``P-1-s`` forwards, then alternates one forward / one backward, then cools down), which keeps
-   at most ``P-s`` micro-batches of activations alive.
+   at most ``P-s`` micro-batches of activations alive, or ``zbh1`` (zero bubble, ZB-H1: the
+   backward split into ``B``, the gradient w.r.t. the stage's input that the previous stage
+   waits for, and ``W``, the weight gradients, deferred to fill the waits; at most ``min(M, P)``
+   micro-batches alive on any stage, 1F1B's peak; ``zero_bubble_ops``). The split needs the
+   hand-written MLP backward (``parallel.stage_mlp``); on an autograd stage ``B`` runs the whole
+   backward and ``W`` nothing.
 4. With prioritized replay the last stage sends the |TD errors| back to the first stage (which
    updates the priorities); loss and mean Q are reported by the last stage.
 5. Each stage: allreduce-average its gradients over ``dp_comm`` (``GradSync``), clip with the
@@ -72,18 +77,71 @@ class PipelineError(RuntimeError):
     """The stages of a replica disagree about what they are doing."""
 
 
+SCHEDULES = ("gpipe", "1f1b", "zbh1")
+ZB_COSTS = (3.0, 1.0, 1.0)    # F (online, target, double forwards), B (input grad), W (weights)
+
+
 def schedule_ops(kind: str, stage: int, stages: int, micro: int) -> list[tuple[str, int]]:
-    """The ordered forward ('F') / backward ('B') steps of one stage for one update."""
+    """The ordered forward ('F') / backward ('B') steps of one stage for one update; ``zbh1``
+    also has weight-gradient steps ('W'): its 'B' is the input gradient only."""
     if kind == "gpipe":
         return [("F", m) for m in range(micro)] + [("B", m) for m in range(micro)]
+    if kind == "zbh1":
+        return zero_bubble_ops(stages, micro)[stage]
     if kind != "1f1b":
-        raise ValueError(f"unknown pipeline schedule {kind!r}: use gpipe or 1f1b")
+        raise ValueError(f"unknown pipeline schedule {kind!r}: use one of {', '.join(SCHEDULES)}")
     warm = min(stages - stage - 1, micro)
     ops = [("F", m) for m in range(warm)]
     for i in range(micro - warm):
         ops += [("F", warm + i), ("B", i)]
     ops += [("B", m) for m in range(micro - warm, micro)]
     return ops
+
+
+def zero_bubble_ops(stages: int, micro: int, costs=ZB_COSTS) -> list[list[tuple[str, int]]]:
+    """ZB-H1 (Qi et al. 2023): every stage's F / B (input gradient) / W (weight gradient) steps,
+    from an event simulation with the unit ``costs``: each stage starts, of the steps it can
+    start, the one it can start first (ties: B, then F, then W), with at most ``min(M, P)``
+    micro-batches between their F and their W on any stage: 1F1B's peak activation memory (its
+    first stage's; ZB-H1's bound: later stages hold more than under 1F1B, never more than the
+    first). W waits for nothing on another stage, so the deferred W steps fill the waits of 1F1B's cool-down,
+    and run in micro-batch order (the gradient accumulates in 1F1B's order). The same on every
+    rank (deterministic), and deadlock-free with blocking receives: the steps of all stages,
+    sorted by simulated start, are an order in which every receive's message was sent before."""
+    cf, cb, cw = costs
+    done: dict = {}
+    clock, nf, nb, nw = [0.0] * stages, [0] * stages, [0] * stages, [0] * stages
+    ops: list[list[tuple[str, int]]] = [[] for _ in range(stages)]
+    while any(nw[s] < micro for s in range(stages)):
+        best = None
+        for s in range(stages):
+            for cand in _zb_candidates(s, stages, micro, clock, nf, nb, nw, done):
+                if best is None or cand < best:
+                    best = cand
+        if best is None:
+            raise RuntimeError("zero-bubble schedule deadlocks")
+        start, _, s, kind, m = best
+        clock[s] = start + {"F": cf, "B": cb, "W": cw}[kind]
+        done[(s, kind, m)] = clock[s]
+        {"F": nf, "B": nb, "W": nw}[kind][s] += 1
+        ops[s].append((kind, m))
+    return ops
+
+
+def _zb_candidates(s, stages, micro, clock, nf, nb, nw, done):
+    """(start, priority, stage, kind, micro-batch) of each step stage ``s`` could start next."""
+    out = []
+    if nb[s] < nf[s]:
+        dep = done.get((s + 1, "B", nb[s]) if s < stages - 1 else (s, "F", nb[s]))
+        if dep is not None:
+            out.append((max(clock[s], dep), 0, s, "B", nb[s]))
+    if nf[s] < micro and nf[s] - nw[s] < min(micro, stages):
+        dep = done.get((s - 1, "F", nf[s])) if s > 0 else 0.0
+        if dep is not None:
+            out.append((max(clock[s], dep), 1, s, "F", nf[s]))
+    if nw[s] < nb[s]:
+        out.append((clock[s], 2, s, "W", nw[s]))
+    return out
 
 
 def bubble_theory(stages: int, micro: int) -> float:
@@ -96,16 +154,17 @@ def bubble_simulated(stages: int, micro: int, kind: str = "1f1b", forwards: int 
     ``benchmarks/pipeline.py`` measures it) for this module's op order, by event simulation with
     equal stages, free messages and unit costs: each of the ``forwards`` forward passes of a
     micro-batch (online on obs; target and, for double DQN, online on next_obs) costs 1, its
-    backward ``backward_cost``. With ``early_send`` each forward is passed on as soon as it is
+    backward ``backward_cost`` (``zbh1``: half in B, the input gradient, half in W). With ``early_send`` each forward is passed on as soon as it is
     computed (``update`` does this), so the next stage starts after one unit rather than all of
     them, and the bubble is below the textbook ``(P-1)/(M+P-1)``; with ``early_send=False`` (one
     fused forward op) stage 0, whose window is the whole step, gets exactly the textbook value."""
     ops = []
     for s in range(stages):
         seq = []
+        split = kind == "zbh1"            # B: the input gradient, W: the weights' (half each)
         for k, m in schedule_ops(kind, s, stages, micro):
-            if k == "B":
-                seq.append((("B", m, 0), backward_cost))
+            if k in ("B", "W"):
+                seq.append(((k, m, 0), backward_cost / 2 if split else backward_cost))
             elif early_send:
                 seq += [(("F", m, j), 1.0) for j in range(forwards)]
             else:

@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 
 from hpcdqn.rl.atari import AtariOptions, AtariPreprocess
+from hpcdqn.rl import minatar
 from hpcdqn.rl.envstate import capture_env, restore_env
 
 
@@ -46,6 +47,8 @@ def make_env(env_id: str, atari: AtariOptions | None = None, index: int | None =
         # the unwrapped ALE env: AtariPreprocess drives the emulator and the frame limit itself
         raw = gym.make(env_id, render_mode=render_mode, **opts.make_kwargs()).unwrapped
         env = gym.wrappers.FrameStackObservation(AtariPreprocess(raw, opts), opts.frame_stack)
+    elif minatar.is_minatar(env_id):
+        env = minatar.make(env_id, render_mode)     # (C, 10, 10) uint8 observations
     else:
         env = gym.make(env_id, render_mode=render_mode)
     return env if index is None else StateAccess(env, index)
@@ -163,6 +166,8 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, kind: str = "sync",
             importlib.import_module(mod)
             gym.spec(env_id_only)
         else:
+            if minatar.is_minatar(env_id):
+                minatar.register()
             gym.spec(env_id)
     except (gym.error.Error, ImportError) as e:
         if not is_atari(env_id):

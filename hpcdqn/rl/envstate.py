@@ -3,7 +3,11 @@ as JSON): the plain attributes (numbers, strings, arrays, numpy Generators, list
 dicts of those) of every wrapper layer and of the unwrapped env (CartPole: ``state``,
 ``steps_beyond_terminated``, ``np_random``; TimeLimit: ``_elapsed_steps``; FrameStackObservation:
 ``obs_queue``), plus ALE's emulator state with its RNG (``cloneState(include_rng=True)``, which
-also holds the sticky-action state). A layer's ``transient_attrs`` (scratch buffers) are left out.
+also holds the sticky-action state). MinAtar: below its gymnasium env (``minatar.gym.BaseEnv``)
+the ``game`` (``minatar.Environment``: sticky-action RNG and last action) and its ``env`` (the
+game's fields: positions, timers, entity lists, brick/alien maps), with their numpy
+``RandomState`` (one object shared by both, kept so on restore). A layer's ``transient_attrs``
+(scratch buffers) are left out.
 
 ``capture_env``/``restore_env`` work on one sub-env wherever it lives: the sync vector env calls
 them in this process, the async one in its worker processes (``envs.StateAccess``).
@@ -20,7 +24,8 @@ SKIP = {"env", "env_fns", "envs", "metadata", "spec", "_saved_kwargs", "render_m
         "single_observation_space", "single_action_space", "_action_space", "_observation_space",
         "ale", "viewer", "window"}
 
-_SCALARS = (type(None), bool, int, float, str, np.generic, np.random.Generator)
+_SCALARS = (type(None), bool, int, float, str, np.generic, np.random.Generator,
+            np.random.RandomState)
 
 
 def plain(x) -> bool:
@@ -58,6 +63,8 @@ def restore_attrs(obj, attrs: dict, problems: list) -> None:
             if isinstance(cur, np.random.Generator) and isinstance(v, np.random.Generator) \
                     and type(cur.bit_generator) is type(v.bit_generator):
                 cur.bit_generator.state = v.bit_generator.state
+            elif isinstance(cur, np.random.RandomState) and isinstance(v, np.random.RandomState):
+                cur.set_state(v.get_state())      # in place: objects sharing it stay shared
             elif isinstance(cur, np.ndarray) and isinstance(v, np.ndarray) and cur.shape == v.shape \
                     and cur.dtype == v.dtype and cur.flags.writeable:
                 cur[...] = v
@@ -67,11 +74,20 @@ def restore_attrs(obj, attrs: dict, problems: list) -> None:
             pass
 
 
+def inner(obj):
+    """The layer below ``obj``: a wrapper's ``env``; MinAtar's gymnasium env's ``game`` (whose
+    ``env`` is the game itself); None at the bottom."""
+    nxt = getattr(obj, "env", None)
+    if nxt is None and type(obj).__module__.startswith("minatar"):
+        nxt = getattr(obj, "game", None)
+    return None if nxt is obj else nxt
+
+
 def layers(env) -> list:
-    """The env, its wrappers, down to the unwrapped env."""
+    """The env, its wrappers, down to the unwrapped env (and, for MinAtar, its game objects)."""
     out = [env]
-    while hasattr(out[-1], "env") and out[-1].env is not out[-1]:
-        out.append(out[-1].env)
+    while (nxt := inner(out[-1])) is not None:
+        out.append(nxt)
     return out
 
 

@@ -33,7 +33,21 @@ import numpy as np
 
 from hpcdqn.rl.replay import ReplayBuffer, tree_bytes
 
-PLANNED_EPISODE_STEPS = 100   # the planner's assumption: one initial stack per 100 transitions
+PLANNED_EPISODE_STEPS = 100   # transitions per episode start, unless the config says otherwise
+
+
+def planned_episode_steps(cfg: dict) -> int:
+    """Transitions per episode start the start store is sized (and the memory planned) for:
+    ``replay.episode_steps``, the rate the run will see (a config with many episode starts,
+    such as Breakout with episodic life, sets it), else ``PLANNED_EPISODE_STEPS``."""
+    given = int(cfg["replay"].get("episode_steps", 0))
+    return given if given > 0 else PLANNED_EPISODE_STEPS
+
+
+def planned_starts(cells: int, num_envs: int, episode_steps: int) -> int:
+    """Initial stacks held for a ring of ``cells``: one per ``episode_steps`` transitions, plus
+    one per env (its current episode)."""
+    return max(8, 2 * num_envs, cells // max(1, episode_steps) + num_envs)
 MAX_STACK = 255               # ep_step is uint8
 
 
@@ -77,7 +91,8 @@ class StartStore:
         return self.get(np.arange(self.first, self.next))
 
     def load(self, stacks: np.ndarray, first: int = 0) -> None:
-        self.data = np.zeros((max(8, len(stacks)),) + self.data.shape[1:], self.data.dtype)
+        if len(stacks) > len(self.data):      # (else: keep the planned allocation)
+            self.data = np.zeros((len(stacks),) + self.data.shape[1:], self.data.dtype)
         self.first = self.next = first
         self._grow(len(stacks))
         self.push(stacks)
@@ -128,7 +143,12 @@ class FrameReplay(ReplayBuffer):
 
     OBS_ROWS = ("frames", "ep_step")   # per-cell observation arrays, as checkpointed
 
-    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, obs_dtype, **kw):
+    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, obs_dtype,
+                 episode_steps: int = PLANNED_EPISODE_STEPS, **kw):
+        """``episode_steps``: the start store is allocated once for one episode start per that
+        many transitions (``planned_starts``: what the memory plan counts); it grows (doubling,
+        with a copy) only if episodes are shorter."""
+        self.episode_steps = episode_steps
         k = int(obs_shape[0])
         if not 1 <= k <= MAX_STACK:
             raise ValueError(f"FrameReplay needs a frame stack of 1..{MAX_STACK} frames on axis 0, "
@@ -141,7 +161,8 @@ class FrameReplay(ReplayBuffer):
         self.frames = np.zeros(shape + obs_shape[1:], dtype=obs_dtype)
         self.ep_step = np.zeros(shape, dtype=np.uint8)
         self.start_seq = np.zeros(shape, dtype=np.int64)
-        self.starts = StartStore(obs_shape, obs_dtype, max(8, 2 * shape[1]))
+        self.starts = StartStore(obs_shape, obs_dtype,
+                                 planned_starts(shape[0] * shape[1], shape[1], self.episode_steps))
         E = shape[1]
         self.cur_step = np.zeros(E, dtype=np.int64)     # ep_step of each env's next transition
         self.cur_seq = np.zeros(E, dtype=np.int64)      # and its episode's initial stack
@@ -154,13 +175,13 @@ class FrameReplay(ReplayBuffer):
 
     @staticmethod
     def nbytes_for(capacity: int, num_envs: int, obs_shape: tuple, obs_dtype, n_step: int,
-                   prioritized: bool) -> int:
-        """Bytes once filled: frames, per-cell fields, sum tree, and the initial stacks for
-        one episode per ``PLANNED_EPISODE_STEPS`` transitions (they grow with the episodes)."""
+                   prioritized: bool, episode_steps: int = PLANNED_EPISODE_STEPS) -> int:
+        """Bytes once filled: frames, per-cell fields, sum tree, the start store as allocated
+        (one initial stack per ``episode_steps`` transitions) and the last next observations."""
         k = int(obs_shape[0])
         cells = (ReplayBuffer.rows_for(capacity, num_envs, n_step) + k) * num_envs
         frame = int(np.prod(obs_shape[1:])) * np.dtype(obs_dtype).itemsize
-        starts = max(8, 2 * num_envs, cells // PLANNED_EPISODE_STEPS + num_envs)
+        starts = planned_starts(cells, num_envs, episode_steps)
         return (cells * (frame + 8 + 4 + 1 + 1 + 1 + 8) + tree_bytes(cells, prioritized)
                 + (starts + num_envs) * k * frame)
 
@@ -243,9 +264,12 @@ def make_replay(capacity: int, num_envs: int, obs_shape: tuple, obs_dtype, frame
 
 
 def replay_nbytes(capacity: int, num_envs: int, obs_shape: tuple, obs_dtype, n_step: int,
-                  prioritized: bool, frame_stack: int = 0) -> int:
-    return replay_class(frame_stack).nbytes_for(capacity, num_envs, obs_shape, obs_dtype, n_step,
-                                                prioritized)
+                  prioritized: bool, frame_stack: int = 0,
+                  episode_steps: int = PLANNED_EPISODE_STEPS) -> int:
+    if frame_stack > 0:
+        return FrameReplay.nbytes_for(capacity, num_envs, obs_shape, obs_dtype, n_step,
+                                      prioritized, episode_steps)
+    return ReplayBuffer.nbytes_for(capacity, num_envs, obs_shape, obs_dtype, n_step, prioritized)
 
 
 def ring_rows(capacity: int, num_envs: int, n_step: int, frame_stack: int = 0) -> int:

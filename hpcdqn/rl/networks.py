@@ -8,6 +8,10 @@ by output rows (``partition.LinearPiece``).
 - Nature-DQN CNN (Mnih et al. 2015) for image observations (C, 84, 84) uint8:
   ``[Scale, Conv 32x8x8/4+ReLU, Conv 64x4x4/2+ReLU, Conv 64x3x3/1+ReLU, Flatten,
   Linear 512+ReLU]`` then the head.
+- MinAtar CNN (Young & Tian 2019) for MinAtar's (C, 10, 10) {0, 1} grids:
+  ``[Scale(1), Conv 16x3x3/1+ReLU, Flatten, Linear 128+ReLU]`` then the head (16*8*8 = 1024
+  features into the dense layer).
+- ``network.kind`` picks one: ``auto`` = the Nature CNN for image observations, else the MLP.
 - Head: ``Linear(n_actions)``, or the dueling head Q = V + A - mean(A) (Wang et al. 2016).
 """
 
@@ -58,15 +62,49 @@ def is_image(obs_shape: tuple) -> bool:
     return len(obs_shape) == 3
 
 
+KINDS = ("auto", "mlp", "nature", "minatar")
+
+
+def resolve_kind(obs_shape: tuple, kind: str = "auto") -> str:
+    """The network kind for ``obs_shape`` (``auto``: nature for images, else mlp); a clear
+    error for a kind the observations cannot take."""
+    if kind not in KINDS:
+        raise ValueError(f"network.kind={kind!r} is not one of {KINDS}")
+    if kind == "auto":
+        return "nature" if is_image(obs_shape) else "mlp"
+    if kind in ("nature", "minatar") and not is_image(obs_shape):
+        raise ValueError(f"network.kind={kind!r} needs image observations (C, H, W); this env's "
+                         f"are {tuple(obs_shape)}: use network.kind=mlp (or auto)")
+    if kind == "minatar" and min(obs_shape[1:]) < 3:
+        raise ValueError(f"network.kind='minatar' needs H, W >= 3 (its 3x3 convolution); the "
+                         f"observations are {tuple(obs_shape)}")
+    return kind
+
+
+def minatar_layers(obs_shape: tuple, hidden: list[int]) -> tuple[list[nn.Module], int]:
+    """The MinAtar paper's trunk (its layers, its output width): Conv 16x3x3 stride 1 + ReLU,
+    Flatten, Linear ``hidden[-1]`` (the paper: 128) + ReLU. Inputs are {0, 1}: Scale(1) only
+    makes them float."""
+    c, h, w = obs_shape
+    flat = 16 * (h - 2) * (w - 2)
+    width = hidden[-1] if hidden else 128
+    return [Scale(1.0), nn.Sequential(nn.Conv2d(c, 16, 3, stride=1), nn.ReLU()), nn.Flatten(),
+            _dense(flat, width)], width
+
+
 def build_layers(obs_shape: tuple, n_actions: int, hidden: list[int], dueling: bool = False,
-                 seed: int | None = None) -> list[nn.Module]:
-    """The Q-network's layers in order. ``seed`` makes the initial weights reproducible."""
+                 seed: int | None = None, kind: str = "auto") -> list[nn.Module]:
+    """The Q-network's layers in order. ``seed`` makes the initial weights reproducible;
+    ``kind``: ``network.kind`` (``KINDS``)."""
+    kind = resolve_kind(tuple(obs_shape), kind)
     gen_state = None
     if seed is not None:
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
     try:
-        if is_image(obs_shape):
+        if kind == "minatar":
+            layers, last = minatar_layers(tuple(obs_shape), hidden)
+        elif kind == "nature":
             c, h, w = obs_shape
             convs = [nn.Sequential(nn.Conv2d(c, 32, 8, stride=4), nn.ReLU()),
                      nn.Sequential(nn.Conv2d(32, 64, 4, stride=2), nn.ReLU()),
@@ -115,11 +153,11 @@ SKIP_CHUNK = 1 << 20          # floats drawn at a time while skipping (4 MB of s
 
 
 def meta_layers(obs_shape: tuple, n_actions: int, hidden: list[int],
-                dueling: bool = False) -> list[nn.Module]:
+                dueling: bool = False, kind: str = "auto") -> list[nn.Module]:
     """The network's layers with shapes only (torch's meta device): nothing is allocated and
     no random number is drawn. Stages are planned on these; ``initial_flat`` gives values."""
     with torch.device("meta"):
-        return build_layers(obs_shape, n_actions, hidden, dueling)
+        return build_layers(obs_shape, n_actions, hidden, dueling, kind=kind)
 
 
 def is_meta(layers) -> bool:

@@ -30,7 +30,9 @@ def make_adam(flat: torch.nn.Parameter, d: dict) -> torch.optim.Adam:
         return torch.optim.Adam([flat], lr=d["lr"], eps=d["adam_eps"], foreach=False)
 
 
-def uses_direct_kernel(opt: torch.optim.Adam) -> bool:
+def uses_direct_kernel(opt: torch.optim.Optimizer) -> bool:
+    if not isinstance(opt, torch.optim.Adam):
+        return False
     g = opt.param_groups[0]
     return bool(g.get("fused")) and len(opt.param_groups) == 1 and len(g["params"]) == 1 \
         and direct_fused_available()
@@ -85,3 +87,59 @@ def adam_state(opt: torch.optim.Adam, p: torch.nn.Parameter) -> tuple[float, tor
     if not st:
         return 0.0, None, None
     return float(st["step"]), st["exp_avg"], st["exp_avg_sq"]
+
+
+# -- the optimizer the config names (dqn.optimizer): Adam, or RMSprop (the MinAtar paper) ---------
+# A checkpoint keeps two moment vectors per stage under the names Adam gives them ('exp_avg',
+# 'exp_avg_sq') and the step count ('adam_step'); RMSprop's are its gradient average (centered
+# only; zeros otherwise) and its squared-gradient average.
+
+def make_optimizer(flat: torch.nn.Parameter, d: dict) -> torch.optim.Optimizer:
+    """``dqn.optimizer`` on one flat parameter: fused Adam (``make_adam``) or torch's RMSprop
+    (single-tensor path, no momentum)."""
+    if d.get("optimizer", "adam") == "rmsprop":
+        return torch.optim.RMSprop([flat], lr=d["lr"], alpha=d["rmsprop_alpha"],
+                                   eps=d["rmsprop_eps"], centered=d["rmsprop_centered"],
+                                   foreach=False)
+    return make_adam(flat, d)
+
+
+def optimizer_step(opt: torch.optim.Optimizer) -> None:
+    if isinstance(opt, torch.optim.Adam):
+        adam_step(opt)
+    else:
+        opt.step()
+
+
+def optimizer_state(opt: torch.optim.Optimizer, p: torch.nn.Parameter):
+    """(step, first moment, second moment) of ``p``; (0, None, None) before the first update.
+    RMSprop: (step, grad_avg or zeros when not centered, square_avg)."""
+    if isinstance(opt, torch.optim.Adam):
+        return adam_state(opt, p)
+    st = opt.state.get(p, {})
+    if not st:
+        return 0.0, None, None
+    m1 = st.get("grad_avg")
+    return float(st["step"]), (m1 if m1 is not None else torch.zeros_like(p.data)), st["square_avg"]
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, p: torch.nn.Parameter, step: float, m1, m2) -> None:
+    """Set the optimizer's state for ``p`` exactly as its lazy init would create it, filled with
+    the given moments and step (step 0: no state)."""
+    if isinstance(opt, torch.optim.Adam):
+        restore_adam(opt, p, step, m1, m2)
+        return
+    if step <= 0:
+        opt.state.pop(p, None)
+        return
+    g = opt.param_groups[0]
+
+    def vec(a):
+        return torch.as_tensor(np.asarray(a, np.float32)).to(p.device).clone()
+
+    st = {"step": torch.tensor(float(step), dtype=scalar_dtype()), "square_avg": vec(m2)}
+    if g["momentum"] > 0:      # (hpcdqn makes none; torch's layout if one were made)
+        st["momentum_buffer"] = torch.zeros_like(p.data)
+    if g["centered"]:
+        st["grad_avg"] = vec(m1)
+    opt.state[p] = st

@@ -33,12 +33,21 @@ def linear_schedule(start: float, end: float, duration: float, t: float) -> floa
     return start + (end - start) * min(1.0, max(0.0, t / duration))
 
 
+def exploration_span(dqn: dict, total_steps: int) -> int:
+    """Env steps over which epsilon anneals: ``exploration_steps``, or (0) the
+    ``exploration_fraction`` of ``total_steps``."""
+    return dqn.get("exploration_steps", 0) or round(dqn["exploration_fraction"] * total_steps)
+
+
 def epsilon_at(dqn: dict, total_steps: int, step: int, rank: int = 0, ranks: int = 1,
                ladder: bool = False) -> float:
-    """Linear epsilon-greedy schedule over ``exploration_fraction * total_steps`` env steps.
+    """Linear epsilon-greedy schedule over ``exploration_span`` env steps, from step 0 or (with
+    ``exploration_after_warmup``, the MinAtar paper) from ``learning_starts``.
     With the Ape-X ladder, replica i explores with eps^(1 + 7 i / (N - 1))."""
+    if dqn.get("exploration_after_warmup"):
+        step = step - dqn["learning_starts"]
     eps = linear_schedule(dqn["epsilon_start"], dqn["epsilon_end"],
-                          dqn["exploration_fraction"] * total_steps, step)
+                          exploration_span(dqn, total_steps), step)
     if ladder and ranks > 1:
         eps = eps ** (1.0 + 7.0 * rank / (ranks - 1))
     return eps
@@ -149,7 +158,7 @@ class Schedule:
                    buffer_per_replica=buffer, lr_scale=scale,
                    lr_warmup=sc["lr_warmup_fraction"] if rule == "linear_lr" else 0.0,
                    replay_ratio=k * global_batch / spacing,
-                   exploration_steps=round(d["exploration_fraction"] * cfg["total_steps"]),
+                   exploration_steps=exploration_span(d, cfg["total_steps"]),
                    total_updates=updates,
                    warmup_share=min(learn_start, n_iters) / n_iters, n_step=d["n_step"])
 

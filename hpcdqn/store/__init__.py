@@ -7,7 +7,8 @@ resume; reshard; validation. And the files made from a run: the final model and 
 - ``bounds``: metadata typed and bounded before use, the format's major/minor rule;
 - ``schema``: what a checkpoint file contains (format, dataset names, the plan of parts);
 - ``codec``: per-rank state as JSON (arrays, RNGs, env states; no pickle), part checksums;
-- ``mpiio``: the I/O protocol (parallel or serial), MPI-IO hints, ROMIO, writeback pacing;
+- ``mpiio``: the I/O protocol (parallel or serial), writeback pacing, the in-memory HDF5
+  image (``SparseImage``), MPI-IO hints and ROMIO (for MPI-IO users);
 - ``writer``: ``write_checkpoint`` (collective), parallel and serial writers;
 - ``reader``: reading, validation (``verify``), loading into a run of the same layout;
 - ``reshard``: the reshard rules, loading the replay into another layout;

@@ -29,7 +29,8 @@ import time
 import numpy as np
 
 from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointIncompatible,
-                                 CheckpointIOError, CheckpointMismatch, CheckpointTransient)
+                                 CheckpointIOError, CheckpointMismatch, CheckpointTransient,
+                                 RunFileError)
 
 FAULT_ENV = "HPCDQN_TEST_FAULT"
 _fired: dict[str, int] = {}
@@ -55,14 +56,62 @@ class Local:
         return False      # KeyboardInterrupt / SystemExit go through
 
 
-def describe(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.errno:
-        name = errno_mod.errorcode.get(err.errno, str(err.errno))
-        where = f" on '{err.filename}'" if err.filename else ""
-        return f"{name} ({os.strerror(err.errno)}){where}"
+def describe(err: BaseException, path=None) -> str:
+    """One line naming what happened: for a write that found no room, the file system's state
+    ("file system full: N bytes free on DIR"), a quota, or the errno as it is (EIO stays EIO)."""
+    code = os_errno(err)
+    if code:
+        name = errno_mod.errorcode.get(code, str(code))
+        filename = getattr(err, "filename", None) or path
+        where = f" on '{filename}'" if filename else ""
+        return f"{cause(code, filename)}{name} ({os.strerror(code)}){where}"
     if isinstance(err, CheckpointError):
         return str(err)
     return f"{type(err).__name__}: {err}"
+
+
+def os_errno(err: BaseException) -> int | None:
+    """The errno of an OSError, also where HDF5 only wrote it into the message ("errno = 28")."""
+    if isinstance(err, OSError) and err.errno:
+        return int(err.errno)
+    if not isinstance(err, (OSError, RuntimeError)):
+        return None
+    import re
+
+    m = re.search(r"errno = (\d+)", str(err))
+    return int(m.group(1)) if m else None
+
+
+def cause(code: int, filename=None) -> str:
+    """What ENOSPC / EDQUOT mean for the file system under ``filename`` ("" for other errnos):
+    checked after the failure (statvfs), so the message says whether the disk really is full."""
+    if code not in (errno_mod.ENOSPC, errno_mod.EDQUOT):
+        return ""
+    d = _existing_dir(filename)
+    try:
+        st = os.statvfs(d)
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        inodes = st.f_favail if st.f_files else None
+    except (OSError, TypeError):
+        return "file system full: " if code == errno_mod.ENOSPC else "disk quota exceeded: "
+    if code == errno_mod.EDQUOT:
+        return f"disk quota exceeded on {d} ({free} bytes free on the file system): "
+    if inodes == 0:
+        return f"file system full: no free inodes on {d}: "
+    if free < max(64 * 2**20, total // 100):
+        return f"file system full: {free} bytes free on {d}: "
+    return (f"no space left on device although {free} bytes are free on {d} now "
+            "(reserved or freed since; quota or file system limit?): ")
+
+
+def _existing_dir(filename):
+    from pathlib import Path
+
+    p = Path(filename) if filename else Path(".")
+    for d in (p, *p.parents):
+        if d.is_dir():
+            return str(d)
+    return "."
 
 
 # the kinds a read phase can agree on, least destructive first: a file is set aside only when
@@ -80,15 +129,18 @@ def _kind(err: BaseException) -> str:
 
 
 def agree(comm, phase: str, path, err: BaseException | None, what: str = "checkpoint",
-          keep_kind: bool = False) -> None:
+          keep_kind: bool = False, cls=CheckpointIOError) -> None:
     """Collective over ``comm`` (None: this process alone): if any rank's ``err`` is set, raise
     the same error on every rank -- a ``CheckpointIOError`` naming the failing ranks, file, phase
     and errno, or with ``keep_kind`` the kind the failing ranks agree on (see ``_KINDS``)."""
     world = comm.Get_size() if comm is not None else 1
-    mine = None if err is None else (_kind(err), describe(err))
+    mine = None if err is None else (_kind(err), describe(err, path))
     if world > 1:
         from mpi4py import MPI
 
+        from hpcdqn.parallel.watchdog import again
+
+        again(comm)   # a rank that stalled in this phase is named here, past its deadline
         flag = np.array([0 if err is None else 1], np.int32)
         comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
         if not flag[0]:
@@ -107,9 +159,15 @@ def agree(comm, phase: str, path, err: BaseException | None, what: str = "checkp
         ranks = ", ".join(str(r) for r, _ in bad)
         head = f"{what} {phase} failed on rank{'s' if len(bad) > 1 else ''} {ranks} of {world}"
         body = "; ".join(f"rank {r}: {m}" for r, (_, m) in bad[:4]) + ("; ..." if len(bad) > 4 else "")
-        e = CheckpointIOError(f"{head} (file '{path}', phase '{phase}'): {body}")
+        e = cls(f"{head} (file '{path}', phase '{phase}'): {body}")
     e.agreed, e.phase, e.ranks = True, phase, [r for r, _ in bad]
     raise e
+
+
+def agree_write(comm, what: str, path, err: BaseException | None) -> None:
+    """Collective: ``agree`` for a run file written by one rank (metrics, eval.csv, summary,
+    model file): every rank raises the same ``RunFileError`` (one line, exit status 2)."""
+    agree(comm, "write", path, err, what=what, cls=RunFileError)
 
 
 def set_steps(env_steps: int) -> None:

@@ -44,6 +44,10 @@ def encode(x):
                 "b64": base64.b64encode(a.tobytes()).decode()}
     if isinstance(x, np.random.Generator):
         return {"__rng__": x.bit_generator.state}
+    if isinstance(x, np.random.RandomState):
+        name, keys, pos, has_gauss, gauss = x.get_state()
+        return {"__randomstate__": {"name": name, "keys": encode(keys), "pos": int(pos),
+                                    "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if isinstance(x, torch.Tensor):
         return {"__torch__": encode(x.detach().cpu().numpy())}
     if isinstance(x, (list, tuple, collections.deque)):
@@ -97,6 +101,8 @@ def decode(x, into=None):
         g = np.random.Generator(getattr(np.random, st["bit_generator"])())
         g.bit_generator.state = st
         return g
+    if "__randomstate__" in x:
+        return decode_randomstate(x["__randomstate__"])
     if "__torch__" in x:
         return torch.from_numpy(decode(x["__torch__"]))
     if "__list__" in x:
@@ -108,6 +114,27 @@ def decode(x, into=None):
     if "__dict__" in x:
         return {k: decode(v) for k, v in x["__dict__"].items()}
     return x
+
+
+MT_KEYS = 624    # MT19937's state words
+
+
+def decode_randomstate(st) -> np.random.RandomState:
+    """A numpy ``RandomState`` from its encoded ``get_state()``, checked before use (a Mersenne
+    Twister of 624 uint32 words, position in [0, 624])."""
+    try:
+        keys = decode(st["keys"])
+        ok = (st["name"] == "MT19937" and isinstance(keys, np.ndarray) and keys.dtype == np.uint32
+              and keys.shape == (MT_KEYS,) and isinstance(st["pos"], int)
+              and 0 <= st["pos"] <= MT_KEYS and st["has_gauss"] in (0, 1))
+        if ok:
+            rs = np.random.RandomState()
+            rs.set_state((st["name"], keys, st["pos"], st["has_gauss"], float(st["gauss"])))
+            return rs
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointCorrupt(f"numpy RandomState in checkpoint is malformed: {e}") from None
+    raise CheckpointCorrupt("numpy RandomState in checkpoint is not an MT19937 state of "
+                            f"{MT_KEYS} uint32 words with a position in [0, {MT_KEYS}]")
 
 
 def _encode_attrs(attrs: dict) -> dict:

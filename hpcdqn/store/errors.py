@@ -45,3 +45,9 @@ class RunDirBusy(CheckpointError):
     """The run directory is owned by another job, or holds another run's checkpoints."""
 
     agreed = True
+
+
+class RunFileError(CheckpointIOError):
+    """Writing a run file (metrics, eval.csv, summary, model file, lock) failed; agreed."""
+
+    kind = "I/O"

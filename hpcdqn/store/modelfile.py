@@ -2,14 +2,14 @@
 (config, observation shape/dtype, action count). Arrays and JSON only: no pickle, so loading an
 untrusted file cannot run code.
 
-A pipelined run writes it with its stages together (``write_model_slices``): parallel HDF5
-(``mpio``), each stage its own range of the flat vector, so no rank ever holds the whole
-network; without parallel h5py the stages write their ranges one after another (rank 0 creates
-the file). Loading checks the stored size against the config's network before allocating."""
+A pipelined run writes it with its stages together (``write_model_slices``): rank 0 creates
+the file, each stage then writes its own range of the flat vector at the dataset's offset, so
+no rank ever holds the whole network. Loading checks the stored size against the config's network before allocating."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -19,8 +19,8 @@ import torch
 from hpcdqn import __version__
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.parallel.partition import param_ranges, plan_stages, stage_modules
-from hpcdqn.rl.networks import meta_layers, num_params
-from hpcdqn.store.mpiio import io_mode, mpi_info
+from hpcdqn.rl.networks import KINDS, meta_layers, num_params
+from hpcdqn.store.mpiio import h5_image
 
 FORMAT = "hpcdqn-model-1"
 
@@ -37,45 +37,72 @@ def _attrs(f, cfg: dict, obs_shape, obs_dtype, n_actions: int) -> None:
 def save_model(path: Path, flat: np.ndarray, cfg: dict, obs_shape, obs_dtype, n_actions: int) -> None:
     path = Path(path)
     tmp = path.with_suffix(".tmp")
-    with h5py.File(tmp, "w") as f:
+
+    def fill(f, hold):
         _attrs(f, cfg, obs_shape, obs_dtype, n_actions)
-        f.create_dataset("online", data=np.asarray(flat, dtype=np.float32))
+        hold.append(f.create_dataset("online", data=np.asarray(flat, dtype=np.float32)))
+
+    _, fd = h5_image(tmp, fill)     # HDF5 builds it in memory; our own writes meet the disk
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     tmp.replace(path)
 
 
 def write_model_slices(path: Path, mine: np.ndarray, lo: int, total: int, comm, cfg: dict,
                        obs_shape, obs_dtype, n_actions: int) -> str:
     """Collective over ``comm`` (one replica's stages, rank 0 = the first stage): write the model
-    file, each rank its slice ``[lo, lo + len(mine))`` of the ``total`` flat parameters. Returns
-    the I/O mode used. Errors are agreed: every rank raises if one failed."""
+    file, each rank its slice ``[lo, lo + len(mine))`` of the ``total`` flat parameters. Rank 0
+    creates the file (the dataset's space allocated, its offset broadcast), then every rank
+    ``pwrite``s its slice and fsyncs (no collective I/O call: one rank's failed write cannot
+    leave the others in a collective). Returns the I/O mode used. Errors are agreed: every rank
+    raises the same ``RunFileError`` if one failed."""
+    from hpcdqn.store.agree import Local, agree_write
+
     path = Path(path)
     tmp = path.with_suffix(".tmp")
     mine = np.ascontiguousarray(mine, dtype=np.float32)
-    mode, err = io_mode(), None
-    try:
-        if mode == "parallel":
-            with h5py.File(tmp, "w", driver="mpio", comm=comm, info=mpi_info()) as f:
-                _attrs(f, cfg, obs_shape, obs_dtype, n_actions)
-                ds = f.create_dataset("online", shape=(total,), dtype=np.float32)
-                ds[lo:lo + mine.size] = mine
-        else:
-            for turn in range(comm.Get_size()):        # one stage after another
-                if turn == comm.Get_rank():
-                    with h5py.File(tmp, "w" if turn == 0 else "r+") as f:
-                        if turn == 0:
-                            _attrs(f, cfg, obs_shape, obs_dtype, n_actions)
-                            f.create_dataset("online", shape=(total,), dtype=np.float32)
-                        f["online"][lo:lo + mine.size] = mine
-                comm.Barrier()
-    except Exception as e:  # noqa: BLE001 - agreed below, then raised on every rank
-        err = f"rank {comm.Get_rank()}: {type(e).__name__}: {e}"
-    errs = [e for e in comm.allgather(err) if e]
-    if errs:
-        raise OSError(f"writing the model file {path} failed: " + "; ".join(errs))
-    if comm.Get_rank() == 0:
-        tmp.replace(path)
-    comm.Barrier()
-    return mode
+    offset = None
+    with Local() as loc:
+        if comm.Get_rank() == 0:
+            offset = _create_model(tmp, total, cfg, obs_shape, obs_dtype, n_actions)
+    agree_write(comm, "the model file", tmp, loc.err)
+    offset = comm.bcast(offset, root=0)
+    with Local() as loc:
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            view = memoryview(mine).cast("B")
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + lo * 4 + done)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if isinstance(loc.err, OSError) and loc.err.filename is None:
+        loc.err.filename = str(tmp)
+    agree_write(comm, "the model file", tmp, loc.err)
+    with Local() as loc:
+        if comm.Get_rank() == 0:
+            tmp.replace(path)
+    agree_write(comm, "the model file", path, loc.err)
+    return "parallel"
+
+
+def _create_model(tmp: Path, total: int, cfg, obs_shape, obs_dtype, n_actions) -> int:
+    from h5py import h5d, h5p
+
+    def fill(f, hold):
+        _attrs(f, cfg, obs_shape, obs_dtype, n_actions)
+        dcpl = h5p.create(h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+        dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
+        hold.append(f.create_dataset("online", shape=(total,), dtype=np.float32, dcpl=dcpl))
+        return int(hold[-1].id.get_offset())
+
+    offset, fd = h5_image(tmp, fill)
+    os.close(fd)
+    return offset
 
 
 def model_size(path: Path) -> tuple[int, int]:
@@ -99,17 +126,18 @@ def _declared(f, path) -> tuple:
         obs_shape = tuple(json.loads(f.attrs["obs_shape"]))
         n_actions = int(f.attrs["n_actions"])
         hidden, dueling = cfg["network"]["hidden"], cfg["network"]["dueling"]
+        kind = cfg["network"].get("kind", "auto")     # (files from before network.kind: auto)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"'{path}': its attributes are missing or malformed ({type(e).__name__}: "
                          f"{e})") from None
     ok = (1 <= len(obs_shape) <= 3 and all(isinstance(d, int) and 1 <= d <= MAX_DIM for d in obs_shape)
           and 1 <= n_actions <= MAX_DIM and isinstance(hidden, list) and len(hidden) <= MAX_WIDTHS
           and all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= MAX_DIM for w in hidden)
-          and isinstance(dueling, bool))
+          and isinstance(dueling, bool) and kind in KINDS)
     if not ok:
         raise ValueError(f"'{path}': declared network out of bounds (obs_shape={obs_shape}, "
-                         f"n_actions={n_actions}, hidden={hidden}, dueling={dueling})")
-    return cfg, obs_shape, n_actions, hidden, dueling
+                         f"n_actions={n_actions}, hidden={hidden}, dueling={dueling}, kind={kind!r})")
+    return cfg, obs_shape, n_actions, hidden, dueling, kind
 
 
 def _checked(f, path) -> tuple:
@@ -118,8 +146,11 @@ def _checked(f, path) -> tuple:
     (computed without allocating) against the stored dataset's shape and its bytes on disk."""
     if f.attrs.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not an hpcdqn model file (format={f.attrs.get('format')!r})")
-    cfg, obs_shape, n_actions, hidden, dueling = _declared(f, path)
-    layers = meta_layers(obs_shape, n_actions, hidden, dueling)
+    cfg, obs_shape, n_actions, hidden, dueling, kind = _declared(f, path)
+    try:
+        layers = meta_layers(obs_shape, n_actions, hidden, dueling, kind)
+    except ValueError as e:
+        raise ValueError(f"'{path}': declared network: {e}") from None
     n = sum(num_params(m) for m in layers)
     ds = f.get("online")
     if not isinstance(ds, h5py.Dataset) or ds.dtype != np.float32 or ds.shape != (n,):

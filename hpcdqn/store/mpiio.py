@@ -15,7 +15,7 @@ SERIAL_ENV = "HPCDQN_H5_SERIAL"          # "1": write through rank 0 even with p
 
 
 def io_mode() -> str:
-    """'parallel' (mpio, collective) or 'serial' (through rank 0)."""
+    """'parallel' (every rank writes its own slabs) or 'serial' (through rank 0)."""
     if os.environ.get(SERIAL_ENV, "") not in ("", "0") or not h5py.get_config().mpi:
         return "serial"
     return "parallel"
@@ -204,3 +204,105 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class SparseImage:
+    """A file-like object that keeps only the bytes written to it (HDF5's metadata, with
+    ``h5py``'s ``fileobj`` driver), so an HDF5 file whose datasets are allocated but never
+    filled costs only its metadata in memory. ``h5_image`` creates the file in one, and the
+    real file is then written with plain ``pwrite``: HDF5 never sees a failing system call
+    (HDF5 1.10 crashes closing a file whose flush or close failed)."""
+
+    def __init__(self):
+        self.pos, self.size = 0, 0
+        self.writes: list[tuple[int, bytes]] = []
+
+    def seekable(self):
+        return True
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seek(self, off, whence=0):
+        self.pos = off if whence == 0 else (self.pos + off if whence == 1 else self.size + off)
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def write(self, b):
+        b = bytes(b)
+        self.writes.append((self.pos, b))
+        self.pos += len(b)
+        self.size = max(self.size, self.pos)
+        return len(b)
+
+    def read(self, n=-1):
+        n = max(0, (self.size - self.pos) if n is None or n < 0 else min(n, self.size - self.pos))
+        out = bytearray(n)
+        for off, b in self.writes:
+            lo, hi = max(off, self.pos), min(off + len(b), self.pos + n)
+            if lo < hi:
+                out[lo - self.pos:hi - self.pos] = b[lo - off:hi - off]
+        self.pos += n
+        return bytes(out)
+
+    def readinto(self, buf):
+        data = self.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+    def truncate(self, size=None):
+        self.size = self.pos if size is None else size
+        return self.size
+
+    def flush(self):
+        pass
+
+    def extents(self):
+        """(offset, bytes) to write, in order (later writes win where they overlap)."""
+        return [(off, b[:max(0, self.size - off)]) for off, b in self.writes if off < self.size]
+
+
+def h5_image(path, fill, **kw):
+    """Create the HDF5 file ``path``: ``fill(f, hold)`` builds it in a ``SparseImage`` (the
+    objects it creates appended to ``hold``), then its bytes are written to ``path`` with
+    ``pwrite`` and the file sized with ``ftruncate`` (raising a plain OSError naming ``path``
+    on failure). Returns (what ``fill`` returned, the open descriptor of ``path``): the caller
+    fsyncs and closes it."""
+    img = SparseImage()
+    with h5py.File(img, "w", **kw) as f:
+        hold: list = []
+        out = fill(f, hold)
+        del hold
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for off, b in img.extents():
+            view = memoryview(b)
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], off + done)
+        os.ftruncate(fd, img.size)
+    except OSError as e:
+        os.close(fd)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    return out, fd
+
+
+def close_or_keep(f, hold=()) -> None:
+    """Close an HDF5 file, flushing first; if the flush or the close fails, the file is kept
+    open for good (``lifecycle.keep_broken``: closing it again crashes HDF5) and the error
+    raised."""
+    from hpcdqn.parallel.lifecycle import keep_broken
+
+    if f is None or not f.id.valid:
+        return
+    try:
+        f.flush()
+        f.close()
+    except Exception:
+        keep_broken((f, list(hold)))     # its datasets too: no dealloc of an id in a broken file
+        raise

@@ -8,6 +8,7 @@ collective); the outcome is agreed with an allreduce.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import h5py
 import numpy as np
 
 from hpcdqn import __version__
-from hpcdqn.store.agree import TRANSIENT_ERRNOS, Local, agree, describe, fault
+from hpcdqn.store.agree import TRANSIENT_ERRNOS, Local, agree, describe, fault, os_errno
 from hpcdqn.store.bounds import check_meta, check_shapes, format_version
 from hpcdqn.store.codec import ATTRS_CRC, attrs_crc, crc
 from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointMismatch,
@@ -61,8 +62,20 @@ def _open_once(path: Path) -> h5py.File:
     except OSError as e:
         if e.errno in TRANSIENT_ERRNOS:
             raise
+        _not_the_file(e, path)
         raise CheckpointCorrupt(f"checkpoint '{path}' cannot be opened (truncated or not an HDF5 "
                                 f"file): {e}") from None
+
+
+def _not_the_file(e: BaseException, path) -> None:
+    """A read that failed with a system error (an errno: EIO, ENOSPC, EACCES, ..., also where
+    HDF5 only wrote it into its message) says nothing about the file's contents: raise
+    ``CheckpointTransient`` (refused, the file left as it is, never set aside as corrupt)."""
+    code = os_errno(e)
+    if code:
+        raise CheckpointTransient(
+            f"checkpoint '{path}' could not be read: {describe(OSError(code, os.strerror(code)), path)}; "
+            "the file was left as it is (retry when the file system recovers)") from None
 
 
 def _rank() -> int:
@@ -136,6 +149,7 @@ def read_dataset(f, path, name, sel=slice(None)) -> np.ndarray:
     except (OSError, RuntimeError, ValueError) as e:
         if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
             raise CheckpointTransient(f"checkpoint '{path}': dataset '{name}': {describe(e)}") from None
+        _not_the_file(e, path)
         raise CheckpointCorrupt(f"checkpoint '{path}': dataset '{name}' cannot be read: {e}") from None
 
 
@@ -182,6 +196,7 @@ def verify(path, comm=None) -> None:
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - h5py raises many kinds on a damaged file
+            _not_the_file(e, path)
             raise CheckpointCorrupt(f"checkpoint '{path}': {type(e).__name__}: {e}") from None
     if comm is not None and world > 1:
         agree(comm, "verify", path, loc.err, keep_kind=True)

@@ -17,7 +17,7 @@ from hpcdqn.store.schema import CKPT_DIR, LATEST
 RUN_CONTROL_KEYS = {"run_dir", "stop_after", "pp", "micro_batches", "schedule", "checkpoint_every",
                     "checkpoint_minutes", "overwrite", "keep_last", "threads", "device", "vector", "network.cuts",
                     "network.split_layers"}
-RUN_CONTROL_PREFIXES = ("log.", "eval.", "parallel.")
+RUN_CONTROL_PREFIXES = ("log.", "eval.", "parallel.", "watchdog.")
 
 
 def checkpoint_dir(run_dir) -> Path:
@@ -239,10 +239,14 @@ def acquire_lock(run_dir) -> Path:
             warn(f"taking over the lock of '{run_dir}' ({why})")
             lock.unlink(missing_ok=True)
             continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(_me()) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(_me()) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as e:       # a half-written lock would hold the directory for 10 s
+            lock.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(lock)) from None
         return lock
     raise RunDirBusy(f"could not lock run directory '{run_dir}' (another job keeps taking it)")
 

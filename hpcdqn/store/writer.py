@@ -1,8 +1,9 @@
 """Writing a checkpoint: the plan's parts from every rank into one file, then published.
 
-Writing (``h5py`` with MPI): all ranks open the file with the ``mpio`` driver, create every
-dataset collectively (same shapes and attributes on every rank), then write their parts with
-collective I/O (ranks without a part join with an empty selection). Without parallel h5py
+Writing (parallel): rank 0 creates the file with HDF5 (every dataset contiguous, its space
+allocated at creation) and broadcasts the datasets' file offsets; every rank then writes its
+own parts with plain ``pwrite`` at those offsets (no MPI-IO: no I/O call is collective, so an
+error inside one rank's write cannot leave the ranks in different collective calls). Without parallel h5py
 (or with ``HPCDQN_H5_SERIAL=1``) the same file is written by rank 0, the others sending their
 parts to it. Either way the file is written as ``<name>.tmp``, flushed, closed and fsynced;
 after a barrier rank 0 renames it into place (atomic), fsyncs the directory, and only then
@@ -12,8 +13,8 @@ rewrites the ``latest`` pointer (tmp + ``os.replace``) and removes checkpoints b
 
 from __future__ import annotations
 
+import errno
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from hpcdqn import __version__
 from hpcdqn.store.agree import Local, agree, fault, set_steps
 from hpcdqn.store.codec import attrs_crc, crc
 from hpcdqn.store.errors import CheckpointIOError
-from hpcdqn.store.mpiio import Writeback, fsync_path, io_mode, mpi_info, stripe_bytes
+from hpcdqn.store.mpiio import Writeback, close_or_keep, fsync_path, h5_image, io_mode, stripe_bytes
 from hpcdqn.store.rundir import checkpoint_dir, ckpt_name
 from hpcdqn.store.schema import FORMAT, LATEST, plan, rows_per_piece
 
@@ -122,18 +123,16 @@ def _part_crcs(rank, specs, mine, maxlen) -> dict:
     return my_crcs
 
 
-def _agree_or_discard(comm, phase, tmp, err, f=None, flusher=None) -> None:
-    """``agree``; on a failure anywhere every rank is here: the open file is closed together,
-    the temporary removed (rank 0), then the agreed error raised."""
+def _agree_or_discard(comm, phase, tmp, err, f=None, closer=None) -> None:
+    """``agree``; on a failure anywhere every rank is here: its open file is closed (``f``, an
+    HDF5 file, or ``closer``), the temporary removed (rank 0), then the agreed error raised."""
     try:
         agree(comm, phase, tmp, err)
     except CheckpointIOError:
+        if closer is not None:
+            closer()
         with Local():
-            if flusher is not None:
-                flusher.close()
-        with Local():
-            if f is not None and f.id.valid:
-                f.close()
+            close_or_keep(f)
         if comm.Get_rank() == 0:
             with Local():
                 Path(tmp).unlink(missing_ok=True)
@@ -190,46 +189,132 @@ def _file_kwargs():
     return {"libver": ("earliest", "v110")}
 
 
-def _open_parallel(tmp, comm):
-    kw = _file_kwargs()
-    kw["info"] = mpi_info(Path(tmp).parent)
-    align = stripe_bytes(Path(tmp).parent)   # each shard starts on a stripe boundary
-    try:
-        return h5py.File(tmp, "w", driver="mpio", comm=comm, alignment_threshold=2**20,
-                         alignment_interval=align, **kw)
-    except TypeError:  # pragma: no cover - old h5py
-        return h5py.File(tmp, "w", driver="mpio", comm=comm, **kw)
-
-
 def _write_parallel(tmp, comm, specs, mine, crcs, root_attrs):
-    """Phases open (per-rank checks before the collective MPI_File_open), create, mid-data,
-    flush, close, each agreed. A fault is injected *after* the
-    collective call of its phase returns (as a real ENOSPC/EIO is reported by one rank's
-    MPI-IO write or sync), never instead of it."""
+    """Every rank writes its own slabs with plain ``pwrite`` at the offsets HDF5 assigned; no
+    MPI-IO, so no I/O call is collective and an error inside one rank's write cannot leave the
+    ranks in different collectives (the only collectives are the agreements themselves).
+
+    Phases, each agreed: open (per-rank checks: directory, free space), create (rank 0 alone
+    builds the file's HDF5 metadata in memory: attributes, every dataset contiguous, its space
+    allocated, stripe-aligned; then writes those bytes to the file itself, so HDF5 never meets
+    a failing system call; the offsets broadcast), mid-data (each rank
+    ``pwrite``s its parts in 32 MiB pieces, writeback paced, ``Writeback``), flush (fsync of
+    what this rank wrote) and close (its descriptor)."""
     rank = comm.Get_rank()
-    f = flusher = None
-    with Local() as loc:      # MPI_File_open is collective: every rank checks first, agreed
+    with Local() as loc:
         precheck_open(tmp, _my_bytes(rank, specs))
         fault("open", rank, tmp)
     _agree_or_discard(comm, "open", tmp, loc.err)
+    offsets = fd = flusher = None
     with Local() as loc:
-        f = _open_parallel(tmp, comm)
-        _create_all(f, specs, crcs, root_attrs, contiguous=True)
-        flusher = Writeback(tmp)
+        if rank == 0:
+            offsets, fd = _create_layout(tmp, specs, crcs, root_attrs)
         fault("create", rank, tmp)
-    _agree_or_discard(comm, "create", tmp, loc.err, f, flusher)
-    wrote = _write_parallel_data(f, comm, specs, mine, tmp, flusher)
+    _agree_or_discard(comm, "create", tmp, loc.err, closer=lambda: _close_fd(fd, None))
+    offsets = comm.bcast(offsets, root=0)
+    mine_any = any(own == rank for s in specs for own, _, _ in s.parts)
     with Local() as loc:
-        f.flush()             # MPI_File_sync (collective)
+        if mine_any:
+            fd = os.open(tmp, os.O_WRONLY) if fd is None else fd
+            flusher = Writeback(tmp)
+            _write_slabs(fd, rank, specs, mine, offsets, flusher, tmp)
+        else:
+            fault("mid-data", rank, tmp)
+    _agree_or_discard(comm, "mid-data", tmp, loc.err, closer=lambda: _close_fd(fd, flusher))
+    with Local() as loc:
+        if flusher is not None:
+            flusher.close()
+        if fd is not None:
+            _named(os.fsync, fd, tmp)   # this rank's data is on disk (its client's pages)
         fault("flush", rank, tmp)
-    _agree_or_discard(comm, "flush", tmp, loc.err, f, flusher)
+    _agree_or_discard(comm, "flush", tmp, loc.err, closer=lambda: _close_fd(fd, None))
     with Local() as loc:
-        f.close()             # collective
-        flusher.close()
+        fd_, fd = fd, None
+        if fd_ is not None:
+            _named(os.close, fd_, tmp)
         fault("close", rank, tmp)
-        if rank == 0 or wrote:
-            fsync_path(tmp)   # every rank that wrote (its file system client's dirty data)
-    _agree_or_discard(comm, "close", tmp, loc.err, None, flusher)
+    _agree_or_discard(comm, "close", tmp, loc.err)
+
+
+def _named(fn, fd, path):
+    """``fn(fd)``; an OSError names ``path``."""
+    try:
+        return fn(fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def _close_fd(fd, flusher) -> None:
+    for fn in ((flusher.close if flusher is not None else None),
+               ((lambda: os.close(fd)) if fd is not None else None)):
+        if fn is not None:
+            with Local():
+                fn()
+
+
+def _create_layout(tmp, specs, crcs, root_attrs) -> dict:
+    """Rank 0: the file with every attribute and dataset, each dataset's space allocated now
+    (contiguous, never filled), built in memory (``h5_image``: HDF5 never writes to the disk,
+    so a failing write is a plain OSError here, never a broken HDF5 handle); returns
+    ({name: file offset of row 0}, the open descriptor of ``tmp``)."""
+    from h5py import h5d, h5p
+
+    def fill(f, hold):
+        for k, v in root_attrs.items():
+            f.attrs[k] = v
+        offsets = {}
+        for s in specs:
+            dcpl = h5p.create(h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5d.FILL_TIME_NEVER)   # every byte is written by its owner
+            ds = f.create_dataset(s.name, shape=s.shape, dtype=s.dtype, dcpl=dcpl)
+            hold.append(ds)
+            ds.attrs["parts"] = json.dumps([[a, b] for _, a, b in s.parts])
+            ds.attrs["crc32"] = json.dumps([crcs.get((s.name, j), 0) for j in range(len(s.parts))])
+            offsets[s.name] = ds.id.get_offset()
+        return offsets
+
+    align = stripe_bytes(Path(tmp).parent)    # each dataset starts on a stripe boundary
+    return h5_image(tmp, fill, alignment_threshold=2**20, alignment_interval=align,
+                    **_file_kwargs())
+
+
+def _pwrite_all(fd, buf, offset: int) -> None:
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:      # pragma: no cover - the kernel reports errors as exceptions
+            raise OSError(errno.EIO, "short write", None)
+        done += n
+
+
+def _write_slabs(fd, rank, specs, mine, offsets, flusher, tmp) -> None:
+    """This rank's parts, 32 MiB pieces at their file offsets (independent ``pwrite``)."""
+    hooked = False
+    for s in specs:
+        rowbytes = int(np.prod(s.shape[1:], dtype=np.int64)) * s.dtype.itemsize
+        base = offsets.get(s.name)
+        rpp = rows_per_piece(s, WRITE_PIECE_BYTES)
+        for own, a, b in s.parts:
+            if own != rank or b <= a:
+                continue
+            if base is None:
+                raise OSError(errno.EIO, f"dataset '{s.name}' has no file offset", str(tmp))
+            arr = mine[s.name]
+            for p in range(0, b - a, rpp):
+                piece = np.ascontiguousarray(arr[p:p + rpp])
+                off = base + (a + p) * rowbytes
+                try:
+                    _pwrite_all(fd, piece, off)
+                except OSError as e:
+                    raise OSError(e.errno, e.strerror, str(tmp)) from None
+                flusher.wrote(piece.nbytes, off)
+                if s.name in FIRST_REPLAY and p == 0 and not hooked:
+                    hooked = True
+                    fault("mid-data", rank, tmp)
+    if not hooked:
+        fault("mid-data", rank, tmp)
 
 
 def _my_bytes(rank, specs) -> int:
@@ -238,11 +323,9 @@ def _my_bytes(rank, specs) -> int:
 
 
 def precheck_open(path, nbytes: int) -> None:
-    """This rank's checks before the collective open of ``path`` for writing: the directory
+    """This rank's checks before the file is created: the directory
     exists and is writable, the name is not taken by a non-file, and the file system has room
     for this rank's ``nbytes``. Raises OSError (with errno) so ``agree`` can name it."""
-    import errno
-
     path = Path(path)
     d = path.parent
     if not d.is_dir():
@@ -255,48 +338,6 @@ def precheck_open(path, nbytes: int) -> None:
     free = st.f_bavail * st.f_frsize
     if nbytes > free:
         raise OSError(errno.ENOSPC, f"{nbytes} bytes to write, {free} free", str(d))
-
-
-def _write_parallel_data(f, comm, specs, mine, tmp, flusher) -> bool:
-    """Every piece is a collective write, agreed before the next; True if this rank wrote."""
-    from h5py import h5fd, h5p, h5s
-
-    rank = comm.Get_rank()
-    dxpl = h5p.create(h5p.DATASET_XFER)
-    dxpl.set_dxpl_mpio(h5fd.MPIO_COLLECTIVE)
-    wrote = False
-    for s in specs:
-        if int(np.prod(s.shape, dtype=np.int64)) == 0:
-            continue
-        ds = f[s.name].id
-        base = ds.get_offset()      # file offset of row 0 (contiguous layout), or None
-        rowbytes = int(np.prod(s.shape[1:], dtype=np.int64)) * s.dtype.itemsize
-        rpp = rows_per_piece(s, WRITE_PIECE_BYTES)
-        n_pieces = max(math.ceil((b - a) / rpp) for _, a, b in s.parts)
-        my = [(a, b) for own, a, b in s.parts if own == rank]
-        arr = mine.get(s.name) if my else None
-        start = my[0][0] if my else 0
-        dummy = np.zeros((1,) + tuple(s.shape[1:]), s.dtype)
-        for p in range(n_pieces):
-            with Local() as loc:
-                fs = ds.get_space()
-                if arr is not None and p * rpp < len(arr):
-                    piece = np.ascontiguousarray(arr[p * rpp:(p + 1) * rpp])
-                    fs.select_hyperslab((start + p * rpp,) + (0,) * (len(s.shape) - 1), piece.shape)
-                    ms = h5s.create_simple(piece.shape)
-                    ds.write(ms, fs, piece, dxpl=dxpl)
-                    wrote = True
-                    flusher.wrote(piece.nbytes, None if base is None else
-                                  base + (start + p * rpp) * rowbytes)
-                else:
-                    fs.select_none()
-                    ms = h5s.create_simple(dummy.shape)
-                    ms.select_none()
-                    ds.write(ms, fs, dummy, dxpl=dxpl)
-                if s.name in FIRST_REPLAY and p == 0:
-                    fault("mid-data", rank, tmp)
-            _agree_or_discard(comm, "mid-data", tmp, loc.err, f, flusher)
-    return wrote
 
 
 def _write_serial(tmp, comm, specs, mine, crcs, root_attrs):
@@ -323,7 +364,7 @@ def _write_serial(tmp, comm, specs, mine, crcs, root_attrs):
     _agree_or_discard(comm, "flush", tmp, loc.err, f)
     with Local() as loc:
         if f is not None:
-            f.close()
+            close_or_keep(f)
             fsync_path(tmp)
         fault("close", rank, tmp)
     _agree_or_discard(comm, "close", tmp, loc.err)

@@ -149,6 +149,27 @@ def test_schedules_run_each_step_once_forward_before_backward(kind, P, M):
         assert peak == (M if kind == "gpipe" else min(M, P - s))
 
 
+@pytest.mark.parametrize("P,M", [(2, 1), (2, 4), (4, 2), (4, 6), (3, 16)])
+def test_zero_bubble_schedule_splits_the_backward_within_1f1b_memory(P, M):
+    from hpcdqn.parallel.pipeline import bubble_simulated
+
+    for s in range(P):
+        ops = schedule_ops("zbh1", s, P, M)
+        for k in "FBW":
+            assert [m for kind, m in ops if kind == k] == list(range(M))   # W in 1F1B's order
+        live, peak = 0, 0
+        for k, m in ops:
+            if k != "F":
+                assert ops.index((k, m)) > ops.index(("F" if k == "B" else "B", m))
+            live += {"F": 1, "B": 0, "W": -1}[k]
+            peak = max(peak, live)
+        assert peak <= min(M, P)          # 1F1B's peak (its first stage's)
+    zb, ofob = bubble_simulated(P, M, "zbh1"), bubble_simulated(P, M, "1f1b")
+    assert all(z <= o + 1e-12 for z, o in zip(zb, ofob))
+    if M > 1:
+        assert zb[0] < ofob[0]
+
+
 @pytest.mark.parametrize("P,M", [(2, 1), (2, 4), (3, 5), (4, 8)])
 def test_bubble_simulation_reproduces_textbook_and_early_send_beats_it(P, M):
     from hpcdqn.parallel.pipeline import bubble_simulated
@@ -191,11 +212,12 @@ def equivalence(tmp_path_factory):
 def _cases(suite):
     n, name, pp = SUITES[suite]
     if name == "mlp":
-        return [f"mlp_pp{pp}_{s}_{d}_M{m}" for s in ("gpipe", "1f1b") for d in ("single", "double")
+        return [f"mlp_pp{pp}_{s}_{d}_M{m}" for s in ("gpipe", "1f1b", "zbh1")
+                for d in ("single", "double")
                 for m in ((1, 4) if pp == 2 else (2, 6))]
     if name == "arch":
-        return ["dueling_mlp", "cnn", "dueling_cnn_cut3", "mlp_whole_layers"]
-    return ["dp2_pp2_gpipe", "dp2_pp2_1f1b"]
+        return ["dueling_mlp", "cnn", "dueling_cnn_cut3", "mlp_whole_layers", "minatar_cnn"]
+    return ["dp2_pp2_gpipe", "dp2_pp2_1f1b", "dp2_pp2_zbh1", "dp2_pp2_minatar"]
 
 
 ALL = [(s, c) for s in SUITES for c in _cases(s)]
@@ -222,6 +244,23 @@ def test_pipeline_equals_unpartitioned(equivalence, suite, case):
     ref = np.load(out / f"{case}_ref.npy")[:init.size]
     assert np.abs(ref - init).max() > 1e-3
     assert np.load(out / f"{case}_gradnorm_ref.npy").max() > 0.1
+
+
+@pytest.mark.parametrize("suite", ["mlp2", "mlp4"])
+def test_zero_bubble_is_bitwise_1f1b_on_the_hand_written_path(equivalence, suite):
+    """ZB-H1 runs each micro-batch's weight-gradient products in micro-batch order, as 1F1B
+    does: the same sums in the same order, so the parameters after K updates are bit for bit
+    1F1B's; every stage took the hand-written backward (the plan names it per stage)."""
+    out = equivalence(suite)
+    pp = SUITES[suite][2]
+    for d in ("single", "double"):
+        for m in ((1, 4) if pp == 2 else (2, 6)):
+            zb = np.load(out / f"mlp_pp{pp}_zbh1_{d}_M{m}_pp.npy")
+            assert np.array_equal(zb, np.load(out / f"mlp_pp{pp}_1f1b_{d}_M{m}_pp.npy"))
+            plan = (out / f"mlp_pp{pp}_zbh1_{d}_M{m}_plan.txt").read_text()
+            assert "gradient per stage: " + ", ".join(f"{s}: mlp-manual" for s in range(pp)) in plan
+    arch = (equivalence("arch") / "cnn_plan.txt").read_text()
+    assert "0: autograd-accumulate, 1: autograd-accumulate" in arch
 
 
 # -- training end to end -----------------------------------------------------------------------------

@@ -166,3 +166,19 @@ def test_non_stacked_env_keeps_whole_observations():
     env = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")])
     assert frame_stack(env) == 0
     assert type(make_replay(100, 1, (4,), np.float32, frame_stack=0)) is ReplayBuffer
+
+
+@pytest.mark.parametrize("episode_steps", [25, 100])
+def test_start_store_is_allocated_for_the_planned_episode_rate(episode_steps):
+    """The start store is allocated once for one start per ``episode_steps`` transitions, and
+    the planner counts exactly what is allocated; shorter episodes than planned still work (it
+    grows)."""
+    buf = make_replay(400, 2, (4, 8, 8), np.uint8, frame_stack=4, episode_steps=episode_steps,
+                      n_step=1)
+    cap = len(buf.starts.data)
+    assert cap == max(8, 4, buf.rows * 2 // episode_steps + 2)
+    assert buf.nbytes == FrameReplay.nbytes_for(400, 2, (4, 8, 8), np.uint8, 1, False, episode_steps)
+    stack = np.zeros((2, 4, 8, 8), np.uint8)
+    for _ in range(cap):       # every transition ends an episode: more starts than planned
+        buf.starts.push(stack)
+    assert len(buf.starts) == 2 * cap and len(buf.starts.data) >= 2 * cap

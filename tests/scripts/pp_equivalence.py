@@ -2,9 +2,9 @@
 
     mpirun -n W python pp_equivalence.py OUTDIR SUITE PP [K]
 
-SUITE: ``mlp`` (every schedule x double x two micro-batch counts; the balanced default cuts
+SUITE: ``mlp`` (every schedule, zero bubble included, x double x two micro-batch counts; the balanced default cuts
 inside Linear layers here), ``arch`` (dueling MLP, CNN, dueling CNN with an explicit cut inside
-the conv stack, an MLP cut only at layer boundaries) or ``dp`` (dp = W / PP replicas, each
+the conv stack, an MLP cut only at layer boundaries, the MinAtar CNN with centred RMSprop) or ``dp`` (dp = W / PP replicas, each
 taking its slice of the global batch; reference: one rank with the whole batch).
 
 For every case world rank 0 writes ``CASE.npz``-like plain ``.npy`` files into OUTDIR:
@@ -34,11 +34,14 @@ world = MPI.COMM_WORLD
 grid = RankGrid(world, pp)
 root = world.Get_rank() == 0
 
-cases = []   # (name, obs_shape, n_actions, hidden, dueling, cuts, schedule, double, M, global_B)
+cases = []   # (name, obs_shape, n_actions, hidden, dueling, cuts, schedule, double, M, global_B[, extra])
+# (lr and eps larger than the paper's so that 4 clipped updates move the parameters measurably)
+MINATAR = {"network.kind": "minatar", "dqn.optimizer": "rmsprop", "dqn.lr": 2.5e-3,
+           "dqn.rmsprop_eps": 1e-4}
 WHOLE = "whole"   # as cuts: balanced at layer boundaries only (network.split_layers=false)
 if suite == "mlp":
     hidden = [32, 32] if pp == 2 else [32, 32, 32, 32]
-    for sched in ("gpipe", "1f1b"):
+    for sched in ("gpipe", "1f1b", "zbh1"):
         for double in (False, True):
             for M in ((1, 4) if pp == 2 else (2, 6)):
                 cases.append((f"mlp_pp{pp}_{sched}_{'double' if double else 'single'}_M{M}",
@@ -47,16 +50,22 @@ elif suite == "arch":
     cases = [("dueling_mlp", (6,), 4, [32, 32], True, [], "1f1b", True, 4, 48),
              ("cnn", (4, 84, 84), 5, [32], False, [], "gpipe", True, 1, 8),
              ("dueling_cnn_cut3", (4, 84, 84), 5, [32], True, [3], "1f1b", False, 2, 8),
-             ("mlp_whole_layers", (6,), 3, [32, 32], False, WHOLE, "1f1b", True, 4, 48)]
+             ("mlp_whole_layers", (6,), 3, [32, 32], False, WHOLE, "1f1b", True, 4, 48),
+             ("minatar_cnn", (4, 10, 10), 6, [128], False, [], "1f1b", False, 2, 32, MINATAR)]
 elif suite == "dp":
     cases = [(f"dp{grid.dp}_pp{pp}_{s}", (6,), 3, [32, 32], False, [], s, True, 4, 48)
-             for s in ("gpipe", "1f1b")]
+             for s in ("gpipe", "1f1b", "zbh1")]
+    cases.append((f"dp{grid.dp}_pp{pp}_minatar", (4, 10, 10), 6, [128], False, [], "1f1b", False,
+                  2, 32, MINATAR))
 else:
     raise SystemExit(f"unknown suite {suite}")
 
 
 def make_data(rng, obs_shape, n_actions, B):
-    if len(obs_shape) == 3:
+    if len(obs_shape) == 3 and obs_shape[1] == 10:    # MinAtar grids: {0, 1}
+        obs = rng.integers(0, 2, (B, *obs_shape)).astype(np.uint8)
+        nxt = rng.integers(0, 2, (B, *obs_shape)).astype(np.uint8)
+    elif len(obs_shape) == 3:
         obs = rng.integers(0, 256, (B, *obs_shape)).astype(np.uint8)
         nxt = rng.integers(0, 256, (B, *obs_shape)).astype(np.uint8)
     else:
@@ -69,21 +78,26 @@ def make_data(rng, obs_shape, n_actions, B):
     return obs, act, ret, nxt, disc, w
 
 
-for name, obs_shape, n_actions, hidden, dueling, cuts, sched, double, M, GB in cases:
+for name, obs_shape, n_actions, hidden, dueling, cuts, sched, double, M, GB, *extra in cases:
+    kind = (extra[0] if extra else {}).get("network.kind", "auto")
     cfg = load_config(overrides={
         "pp": pp, "micro_batches": M, "schedule": sched, "dqn.double": double,
         "dqn.batch_size": GB // grid.dp, "dqn.max_grad_norm": 0.1,
         "dqn.lr": 1e-3, "network.hidden": hidden, "network.dueling": dueling,
         "network.cuts": [] if cuts == WHOLE else cuts, "network.split_layers": cuts != WHOLE,
-        "parallel.bucket_mb": 0.01, "replay.prioritized": True})   # (so |TD| is returned)
+        "parallel.bucket_mb": 0.01, "replay.prioritized": True,    # (so |TD| is returned)
+        **(extra[0] if extra else {})})
     # replicas other than 0 start from other weights: the per-stage broadcast must fix that
-    layers = build_layers(obs_shape, n_actions, hidden, dueling, seed=7 if grid.dp_rank == 0 else 8)
+    layers = build_layers(obs_shape, n_actions, hidden, dueling, seed=7 if grid.dp_rank == 0 else 8,
+                          kind=kind)
     learner = PipelineLearner(layers, cfg, grid)
     if root:
-        print(name, learner.stage_contents, flush=True)
+        print(name, learner.stage_contents, learner.plan.describe(), flush=True)
+        (outdir / f"{name}_plan.txt").write_text(learner.plan.describe())
     ref = None
     if root:
-        ref = DataParallelLearner(build_layers(obs_shape, n_actions, hidden, dueling, seed=7), cfg, MPI.COMM_SELF)
+        ref = DataParallelLearner(build_layers(obs_shape, n_actions, hidden, dueling, seed=7, kind=kind),
+                                  cfg, MPI.COMM_SELF)
         np.save(outdir / f"{name}_init.npy", ref.online.numpy_data().copy())
         norms = []
         ref_norm = ref.grad_norm
