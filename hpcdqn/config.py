@@ -158,6 +158,11 @@ SCHEMA: dict[str, Any] = {
     "parallel": {
         "bucket_mb": Key(25.0, float, "gradient allreduce bucket size cap (MiB)", _pos),
         "overlap": Key(False, bool, "overlap allreduce with backward (Iallreduce per bucket)"),
+        "allreduce": Key("auto", str, "gradient allreduce: flat (MPI_Allreduce), hierarchical (in "
+                                      "the node, among node leaders, in the node; blocking) or auto "
+                                      "(flat on one node, else the one the cost model predicts "
+                                      "faster; printed and in summary.json)",
+                         choices=("auto", "flat", "hierarchical")),
         "check_every": Key(1000, int, "updates between cross-rank parameter checksums (0: off)", _nonneg),
         "manual_backward": Key(True, bool, "plain MLPs: the hand-written backward (checked against "
                                            "autograd at start; false: autograd)"),

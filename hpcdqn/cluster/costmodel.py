@@ -34,10 +34,12 @@ import math
 import time
 from pathlib import Path
 
+from hpcdqn.parallel.allreduce_model import (ALGO_TEXT, DEFAULT_COEF, TERMS, choose_allreduce,  # noqa: F401
+                                             features_flat, features_hier, t_algorithm)
+
 PREDICT_RANKS = [2 ** k for k in range(1, 11)]     # 2 ... 1024
 EXTRAPOLATION_FACTOR = 8       # predictions beyond 8x the largest fitted p are marked as such
 LABEL = "prediction (model)"
-TERMS = ("t0", "alpha", "beta", "alpha_net", "beta_net")
 MODEL_TEXT = ("t(p, n) = t0 + alpha*log2(q) + beta*2(q-1)/q*n + alpha_net*log2(N) "
               "+ beta_net*2(N-1)/N*n  (q ranks on the fullest node, N nodes)")
 MAX_SWEEP_BYTES = 64 * 2**20
@@ -60,28 +62,38 @@ def spread(values) -> dict:
 
 
 def bench_main(sizes: list[int], path: str, target_s: float = 0.2, min_iters: int = 10,
-               max_iters: int = 2000) -> None:
-    """Under mpirun/srun: the sweep (see the module docstring); rank 0 writes JSON to ``path``."""
+               max_iters: int = 2000, algorithm: str = "flat") -> None:
+    """Under mpirun/srun: the sweep (see the module docstring); rank 0 writes JSON to ``path``.
+    ``algorithm``: ``flat`` (MPI_Allreduce) or ``hierarchical`` (``HierarchicalAllreduce``, the
+    gradient sync's ``parallel.allreduce = hierarchical``)."""
     import numpy as np
     from mpi4py import MPI
 
+    from hpcdqn.parallel.allreduce import HierarchicalAllreduce
     from hpcdqn.parallel.grid import RankGrid
 
     comm = MPI.COMM_WORLD
     grid = RankGrid(comm, 1)
+    hier = HierarchicalAllreduce(comm) if algorithm == "hierarchical" else None
+
+    def allreduce(buf):
+        if hier is not None:
+            hier.sum_(buf)
+        else:
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
     points = []
     for nbytes in sizes:
         buf = np.zeros(max(1, nbytes // 4), dtype=np.float32)
         t = time.perf_counter()
         for _ in range(5):                                   # warm-up (and a first estimate)
-            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            allreduce(buf)
         one = comm.allreduce((time.perf_counter() - t) / 5, op=MPI.MAX)
         iters = comm.bcast(int(min(max_iters, max(min_iters, target_s / max(one, 1e-7)))), root=0)
         dt = np.empty(iters)
         for i in range(iters):
             comm.Barrier()
             t = time.perf_counter()
-            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            allreduce(buf)
             dt[i] = time.perf_counter() - t
         slowest = np.empty_like(dt)
         comm.Allreduce(dt, slowest, op=MPI.MAX)              # an iteration = its slowest rank
@@ -91,7 +103,9 @@ def bench_main(sizes: list[int], path: str, target_s: float = 0.2, min_iters: in
     if comm.Get_rank() == 0:
         Path(path).write_text(json.dumps({"ranks": comm.Get_size(), "nodes": grid.nodes,
                                           "ranks_per_node": max(grid.ranks_per_node),
-                                          "points": points}))
+                                          "algorithm": algorithm, "points": points}))
+    if hier is not None:
+        hier.free()
     grid.free()
 
 
@@ -124,16 +138,17 @@ def nnls_small(A, b):
     return best
 
 
-def fit_model(points: list[dict]) -> dict:
+def fit_model(points: list[dict], feature=features) -> dict:
     """Coefficients (``TERMS``, seconds and seconds/byte, all >= 0) fitted to sweep points
-    ({ranks, n_bytes, median_s[, ranks_per_node]}) by least squares on relative error. Terms no
-    point exercises (every column zero) stay 0 and are listed in 'unfitted'."""
+    ({ranks, n_bytes, median_s[, ranks_per_node]}) by least squares on relative error, with the
+    terms of ``feature`` (default: ``features``; ``features_flat`` for a flat MPI_Allreduce across
+    nodes). Terms no point exercises (every column zero) stay 0 and are listed in 'unfitted'."""
     import numpy as np
 
     pts = [q for q in points if q["median_s"] > 0]
     if not pts:
         return {**{k: 0.0 for k in TERMS}, "unfitted": list(TERMS), "points": 0}
-    X = np.array([features(q["ranks"], q["n_bytes"], q.get("ranks_per_node")) for q in pts])
+    X = np.array([feature(q["ranks"], q["n_bytes"], q.get("ranks_per_node")) for q in pts])
     t = np.array([q["median_s"] for q in pts])
     used = [j for j in range(len(TERMS)) if np.any(X[:, j] != 0)]
     coef = np.zeros(len(TERMS))

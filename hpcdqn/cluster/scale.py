@@ -495,9 +495,10 @@ def main_cli(args) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "bench":
-        bench_main([int(x) for x in sys.argv[2].split(",")], sys.argv[3])
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "bench" and sys.argv[4:] in ([], ["flat"], ["hierarchical"]):
+        bench_main([int(x) for x in sys.argv[2].split(",")], sys.argv[3], algorithm=(sys.argv[4:] or ["flat"])[0])
     else:
-        print("usage: python -m hpcdqn.cluster.scale bench SIZES OUT.json  (use `hpcdqn scale` for studies)",
+        print("usage: python -m hpcdqn.cluster.scale bench SIZES OUT.json [flat|hierarchical]  "
+              "(use `hpcdqn scale` for studies)",
               file=sys.stderr)
         sys.exit(2)

@@ -107,7 +107,8 @@ class StageLearner:
         buckets = GradSync.bucket_bounds(self.online, cfg["parallel"]["bucket_mb"])
         self.plan = plan_mod.decide(cfg, self.online, self.opt, dp_comm, pipeline, len(buckets),
                                     stage_ends)
-        self.sync = GradSync(self.online, dp_comm, cfg["parallel"]["bucket_mb"], self.plan.overlap)
+        self.sync = GradSync(self.online, dp_comm, cfg["parallel"]["bucket_mb"], self.plan.overlap,
+                             self.plan.allreduce)
         if self.plan.gradient == "autograd-accumulate":
             self.online.accumulate_grads_in_place()
         self.updates = 0

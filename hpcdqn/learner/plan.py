@@ -15,6 +15,11 @@ synced on this rank, printed once at start and recorded in summary.json.
 - sync: ``none`` (one replica), ``blocking`` (in-place ``Allreduce`` per bucket after
   backward), ``overlap`` (``Iallreduce`` per bucket from autograd hooks during backward; on a
   pipeline stage only with one micro-batch, since a bucket must be complete after one backward).
+- allreduce (``parallel.allreduce``): ``flat`` (MPI_Allreduce) or ``hierarchical`` (in the node,
+  among node leaders, in the node); ``auto`` asks the cost model
+  (``hpcdqn.parallel.allreduce.choose_algorithm``: flat on one node). The choice, the node
+  layout and both predicted times are in ``allreduce_choice``. The hierarchical path is
+  blocking: with it, ``parallel.overlap`` is ignored (and ``auto`` with overlap stays flat).
 - optimizer: ``fused-direct`` (torch's fused Adam kernel called directly) or ``torch`` (the
   public ``Adam.step``) where a private API is missing or the kernel is not fused.
 """
@@ -26,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from hpcdqn.parallel.allreduce import can_overlap
+from hpcdqn.parallel.allreduce import can_overlap, choose_algorithm
 from hpcdqn.parallel import stage_mlp
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.rl import mlp
@@ -45,6 +50,8 @@ class ExecutionPlan:
     optimizer: str                # fused-direct | torch (Adam) | rmsprop
     manual_check: float | None = None   # max |hand-written - autograd| at start-up
     notes: tuple[str, ...] = field(default=())
+    allreduce: str = "flat"             # flat | hierarchical
+    allreduce_choice: dict | None = None   # layout, predicted times, reason (dp > 1)
 
     @property
     def overlap(self) -> bool:
@@ -53,8 +60,13 @@ class ExecutionPlan:
     def describe(self) -> str:
         check = "" if self.manual_check is None else f" (start-up check vs autograd: max |diff| " \
                                                      f"{self.manual_check:.1e})"
+        c = self.allreduce_choice or {}
+        algo = (f" {self.allreduce} ({c.get('requested')}: {c.get('reason')}; {c.get('nodes')} "
+                f"node(s) x <= {c.get('ranks_per_node')} rank(s); predicted per update flat "
+                f"{c.get('predicted_flat_s', 0) * 1e6:.1f} us, hierarchical "
+                f"{c.get('predicted_hierarchical_s', 0) * 1e6:.1f} us)") if c else ""
         sync = {"none": "none (one replica)",
-                "blocking": f"blocking Allreduce, {self.buckets} bucket(s) <= {self.bucket_mb:g} MiB",
+                "blocking": f"blocking{algo} Allreduce, {self.buckets} bucket(s) <= {self.bucket_mb:g} MiB",
                 "overlap": f"overlapped Iallreduce, {self.buckets} bucket(s) <= {self.bucket_mb:g} MiB"}
         return (f"gradient={self.gradient}{check}; sync={sync[self.sync]}; "
                 + ("optimizer=RMSprop (torch)" if self.optimizer == "rmsprop"
@@ -76,11 +88,21 @@ def decide(cfg: dict, online: FlatModule, opt, dp_comm, pipeline: bool, buckets:
     if par["overlap"] and not overlap and dp_comm.Get_size() > 1:
         notes.append("parallel.overlap ignored: " + ("needs micro_batches=1 on a pipeline stage"
                                                       if not one_backward else "gradients on a GPU"))
+    choice = None
+    if dp_comm.Get_size() > 1:
+        choice = choose_algorithm(par["allreduce"], dp_comm, 4 * online.numel, buckets)
+        if overlap and choice["algorithm"] == "hierarchical":
+            if choice["requested"] == "auto":
+                choice = {**choice, "algorithm": "flat", "reason": "overlap needs the flat Iallreduce"}
+            else:
+                overlap = False
+                notes.append("parallel.overlap ignored: the hierarchical allreduce is blocking")
     sync = "overlap" if overlap else "blocking" if dp_comm.Get_size() > 1 else "none"
     optimizer = ("rmsprop" if isinstance(opt, torch.optim.RMSprop)
                  else "fused-direct" if uses_direct_kernel(opt) else "torch")
     common = dict(device=str(online.flat.device), sync=sync, buckets=buckets,
-                  bucket_mb=float(par["bucket_mb"]), optimizer=optimizer)
+                  bucket_mb=float(par["bucket_mb"]), optimizer=optimizer, allreduce_choice=choice,
+                  allreduce=choice["algorithm"] if choice else "flat")
     if pipeline:
         return _stage_plan(cfg, online, overlap, stage_ends, notes, common)
     layers = mlp.mlp_layers(online.net)

@@ -8,6 +8,13 @@ size-capped *buckets* (contiguous slices). Each bucket is reduced with the buffe
 finishes them); when every parameter of a bucket has its gradient, a non-blocking
 ``Iallreduce`` starts while backward continues on earlier layers. ``finish()`` waits for all.
 
+Algorithm (``parallel.allreduce``, chosen by :func:`choose_algorithm`): ``flat`` is Open MPI's
+``MPI_Allreduce`` over all of ``comm``; ``hierarchical`` (:class:`HierarchicalAllreduce`)
+reduces within each node to a leader (``Split_type(COMM_TYPE_SHARED)`` of ``comm``), allreduces
+among the leaders and broadcasts within the node. ``auto`` is flat on one node (and with one rank
+per node), else whichever ``hpcdqn.parallel.allreduce_model.choose_allreduce`` predicts faster. Both
+give every rank the same bits; they differ from each other only in the order of the sum.
+
 Time accounting: before the reduction every rank enters a timed ``Barrier`` on the same
 communicator. The time inside it is *waiting for the slowest replica* (``wait_seconds``: its
 own compute is done, another's is not); the time after it, inside the reductions, is the
@@ -24,8 +31,65 @@ import time
 import numpy as np
 import torch
 
+from hpcdqn.parallel.allreduce_model import choose_allreduce
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.parallel.grid import mpi
+
+
+ALGORITHMS = ("auto", "flat", "hierarchical")
+
+
+class HierarchicalAllreduce:
+    """Collective over ``comm`` to build: the node-local sub-communicator (ranks sharing memory)
+    and, on each node's leader (its lowest rank in ``comm``), the communicator of the leaders.
+    ``sum_(buf)`` sums a float32 numpy buffer in place over ``comm``: Reduce to the leader,
+    Allreduce among leaders, Bcast in the node."""
+
+    def __init__(self, comm):
+        MPI = mpi()
+        self.node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+        self.is_leader = self.node_comm.Get_rank() == 0
+        self.leader_comm = comm.Split(0 if self.is_leader else MPI.UNDEFINED, key=comm.Get_rank())
+        self.nodes = comm.allreduce(int(self.is_leader), op=MPI.SUM)
+        self.ranks_per_node = comm.allreduce(self.node_comm.Get_size(), op=MPI.MAX)
+
+    def sum_(self, buf) -> None:
+        MPI = mpi()
+        local = self.node_comm.Get_size() > 1
+        if local:
+            if self.is_leader:
+                self.node_comm.Reduce(MPI.IN_PLACE, [buf, MPI.FLOAT], op=MPI.SUM, root=0)
+            else:
+                self.node_comm.Reduce([buf, MPI.FLOAT], None, op=MPI.SUM, root=0)
+        if self.is_leader and self.leader_comm.Get_size() > 1:
+            self.leader_comm.Allreduce(MPI.IN_PLACE, [buf, MPI.FLOAT], op=MPI.SUM)
+        if local:
+            self.node_comm.Bcast([buf, MPI.FLOAT], root=0)
+
+    def free(self) -> None:
+        for c in (self.node_comm, self.leader_comm):
+            if c is not None and c != mpi().COMM_NULL:
+                c.Free()
+
+
+def choose_algorithm(requested: str, comm, n_bytes: int, buckets: int = 1) -> dict:
+    """Collective over ``comm``: the allreduce to use for ``n_bytes`` of gradient per update in
+    ``buckets`` buckets, with the node layout, both predicted times and the reason
+    (``allreduce_model.choose_allreduce``; ``requested`` flat/hierarchical is taken as asked, but a
+    one-node communicator is always flat: there the hierarchy is the flat allreduce plus calls)."""
+    if requested not in ALGORITHMS:
+        raise ValueError(f"parallel.allreduce={requested!r}: use one of {list(ALGORITHMS)}")
+    MPI = mpi()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    nodes = comm.allreduce(int(node.Get_rank() == 0), op=MPI.SUM)
+    q = comm.allreduce(node.Get_size(), op=MPI.MAX)
+    node.Free()
+    out = choose_allreduce(nodes, comm.Get_size(), q, n_bytes, buckets)
+    out["requested"] = requested
+    if requested != "auto":
+        out["algorithm"] = requested if nodes > 1 else "flat"
+        out["reason"] = "as configured" if nodes > 1 else "one node (hierarchical = flat here)"
+    return out
 
 
 def can_overlap(module: FlatModule, comm) -> bool:
@@ -38,12 +102,17 @@ class GradSync:
     """Averages ``module``'s flat gradient over ``comm``: blocking buckets, or (``overlap``, as
     ``hpcdqn.learner.plan`` decides it) non-blocking ``Iallreduce`` started from autograd hooks."""
 
-    def __init__(self, module: FlatModule, comm, bucket_mb: float = 25.0, overlap: bool = False):
+    def __init__(self, module: FlatModule, comm, bucket_mb: float = 25.0, overlap: bool = False,
+                 algorithm: str = "flat"):
         self.module, self.comm = module, comm
         self.size = comm.Get_size()
         if overlap and not can_overlap(module, comm):
             raise ValueError("overlapped allreduce needs dp > 1 and gradients in host memory")
+        if algorithm not in ("flat", "hierarchical") or (overlap and algorithm != "flat"):
+            raise ValueError(f"allreduce algorithm {algorithm!r} (overlap={overlap}): use flat, or "
+                             "hierarchical without overlap")
         self.overlap = overlap
+        self.hier = HierarchicalAllreduce(comm) if algorithm == "hierarchical" and self.size > 1 else None
         self.seconds = 0.0           # transfer: inside the reductions, after every replica arrived
         self.wait_seconds = 0.0      # waiting for the slowest replica (the timed barrier)
         self.calls = 0
@@ -81,16 +150,22 @@ class GradSync:
             self._reset_pending()
         elif g.is_cuda:   # MPI without CUDA awareness: stage through host memory
             host = g.detach().cpu().numpy()
-            for a, b in self.buckets:
-                self.comm.Allreduce(MPI.IN_PLACE, [host[a:b], MPI.FLOAT], op=MPI.SUM)
+            self.sum_buckets(host)
             g.copy_(torch.from_numpy(host))
         else:
-            buf = g.detach().numpy()
-            for a, b in self.buckets:
-                self.comm.Allreduce(MPI.IN_PLACE, [buf[a:b], MPI.FLOAT], op=MPI.SUM)
+            self.sum_buckets(g.detach().numpy())
         g.div_(self.size)
         self.seconds += time.perf_counter() - t
         self.calls += 1
+
+    def sum_buckets(self, buf) -> None:
+        """Sum every bucket of the host buffer ``buf`` over ``comm`` in place (flat or hierarchical)."""
+        MPI = mpi()
+        for a, b in self.buckets:
+            if self.hier is not None:
+                self.hier.sum_(buf[a:b])
+            else:
+                self.comm.Allreduce(MPI.IN_PLACE, [buf[a:b], MPI.FLOAT], op=MPI.SUM)
 
     def wait_for_replicas(self, g: torch.Tensor) -> None:
         """Collective over ``comm``: a timed barrier, once this rank's gradient is computed

@@ -95,3 +95,25 @@ def test_prediction_flags_extrapolation_and_unmeasured_nodes_and_has_a_band():
     # per update: 10 ms of work + the model's allreduce + the straggler wait
     want = 0.01 + t_allreduce(2, 270_000, TRUE) + 1e-5 * expected_max_normal(2)
     assert r["env_steps_per_s"] == pytest.approx(2 * 20000 / (1000 * want), rel=1e-4)
+
+
+def test_flat_vs_hierarchical_choice():
+    """``parallel.allreduce = auto``: flat on one node and with one rank per node; across nodes
+    the algorithm with the smaller predicted time; the one-node flat time is the fitted model's."""
+    from hpcdqn.cluster.costmodel import DEFAULT_COEF, choose_allreduce, t_algorithm, t_allreduce
+
+    c = DEFAULT_COEF
+    for p, n in [(2, 4.0), (4, 1e6), (8, 3e5)]:
+        assert t_algorithm("flat", p, n, c, p) == pytest.approx(t_allreduce(p, n, c))
+    assert choose_allreduce(1, 4, 4, 1e6)["algorithm"] == "flat"
+    assert choose_allreduce(2, 2, 1, 1e6)["reason"] == "one rank per node"
+    two = choose_allreduce(2, 4, 2, 4e5, buckets=2)
+    # hier 3 t0 + 2 alpha + beta n + alpha_net + beta_net n vs flat t0 + 2 alpha_net + 1.5 beta_net n
+    n = 2e5
+    hier = 2 * (3 * c["t0"] + 2 * c["alpha"] + c["beta"] * n + c["alpha_net"] + c["beta_net"] * n)
+    flat = 2 * (c["t0"] + 2 * c["alpha_net"] + 1.5 * c["beta_net"] * n)
+    assert two["predicted_hierarchical_s"] == pytest.approx(hier)
+    assert two["predicted_flat_s"] == pytest.approx(flat)
+    assert two["algorithm"] == ("hierarchical" if hier < flat else "flat")
+    slow_node = {**c, "alpha": 1e-3}         # a costly node-local step: flat wins
+    assert choose_allreduce(2, 4, 2, 4e5, coef=slow_node)["algorithm"] == "flat"

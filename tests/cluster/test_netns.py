@@ -101,8 +101,37 @@ def test_train_across_nodes_checkpoints_on_shared_fs(nodes, tmp_path):
     ck = two / "checkpoints"
     with h5py.File(ck / (ck / "latest").read_text().strip(), "r") as f:   # both replicas' shards:
         assert list(f["replay/filled"][...]) == [1000, 1000]   # replica 1 lives on node2 only
+    plan = json.loads((two / "summary.json").read_text())["execution_plan"]   # rank 0's stage:
+    assert plan["allreduce"] == "flat", plan         # its 2 replicas, one per node: auto -> flat
+    assert plan["allreduce_choice"]["nodes"] == 2 and plan["allreduce_choice"]["reason"] == \
+        "one rank per node", plan
     one = tmp_path / "one"
     hpcdqn(4, [*args, f"run_dir={one}"], timeout=300)
     c = subprocess.run([sys.executable, SCRIPTS / "compare_runs.py", two, one], capture_output=True,
                        text=True)
     assert c.returncode == 0 and "BITWISE-EQUAL" in c.stdout, c.stdout + c.stderr
+
+
+HIER_TOLERANCE = 1e-6   # max |flat - hierarchical| / max |gradient|: 4 float32 terms summed in
+                        # another order differ by a few ulps of the largest partial sum
+
+
+@pytest.mark.parametrize("ranks,slots", [(4, 2), (2, 1)])
+def test_hierarchical_allreduce_matches_flat_across_nodes(nodes, ranks, slots):
+    """The gradient sync across the two nodes, flat and hierarchical, on the same gradients:
+    every rank ends with the same bits either way; the two agree within HIER_TOLERANCE with two
+    ranks per node (another sum order) and bitwise with one per node (the same sum). ``auto``
+    picks hierarchical for 2 nodes x 2 ranks (the cost model's prediction, printed), flat for
+    one rank per node."""
+    r = nodes.run_mpi(ranks, [SCRIPTS / "netns_hier.py"], slots=slots, timeout=120)
+    d = json.loads(next(l[5:] for l in r.stdout.splitlines() if l.startswith("HIER ")))
+    print(d)
+    assert d["nodes"] == 2 and d["ranks_per_node"] == slots and d["buckets"] > 1, d
+    assert d["flat_same_on_all_ranks"] and d["hier_same_on_all_ranks"], d
+    assert d["max_rel_diff"] <= HIER_TOLERANCE, d
+    auto = d["auto"]
+    if slots == 1:
+        assert d["bitwise"] and auto["algorithm"] == "flat", d
+    else:
+        assert auto["algorithm"] == "hierarchical", auto
+        assert auto["predicted_hierarchical_s"] < auto["predicted_flat_s"], auto

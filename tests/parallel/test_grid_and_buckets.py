@@ -44,3 +44,21 @@ def test_flat_module_params_are_views():
     assert float(net.flat.grad.abs().sum()) > 0
     grads = torch.cat([p.grad.reshape(-1) for p in net.net.parameters()])
     assert torch.equal(grads, net.flat.grad)
+
+
+def test_hierarchical_allreduce_on_one_node():
+    """mpirun -n 4 on this one node: the hierarchical path (Reduce to the node leader, Bcast)
+    gives every rank the same bits and the flat sum within 1e-6 of the largest entry; ``auto``
+    (and an explicit hierarchical request) is flat on one node, so one-node runs are unchanged."""
+    import json
+
+    from hpcdqn.parallel.allreduce import choose_algorithm
+    from tests.mpi_util import SCRIPTS, run_mpi
+
+    r = run_mpi(4, [SCRIPTS / "netns_hier.py"], timeout=120)
+    d = json.loads(next(l[5:] for l in r.stdout.splitlines() if l.startswith("HIER ")))
+    assert d["nodes"] == 1 and d["ranks_per_node"] == 4 and d["buckets"] > 1, d
+    assert d["flat_same_on_all_ranks"] and d["hier_same_on_all_ranks"], d
+    assert d["max_rel_diff"] <= 1e-6, d
+    assert d["auto"]["algorithm"] == "flat" and d["auto"]["reason"] == "one node", d
+    assert choose_algorithm("hierarchical", MPI.COMM_WORLD, 4096)["algorithm"] == "flat"
