@@ -126,7 +126,7 @@ cmd="${1:-}"; [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
   train) setup; mpi_env; exec "$VENV/bin/hpcdqn" train "$@" ;;
-  test)  setup; need_slurm; mpi_env; exec "$PY" -m pytest -q "$@" tests ;;
+  test)  setup; need_slurm; mpi_env; exec "$PY" -m pytest -q --durations=25 "$@" tests ;;
   run)   setup; mpi_env; exec "$@" ;;
   *) sed -n '2,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
