@@ -111,6 +111,20 @@ def _user_error_class(kind: str):
     return cls
 
 
+def gather_errors(comm, mine):
+    """Collective over ``comm`` (None: this process alone): ``None`` when no rank holds an error
+    (``mine`` is None everywhere: one Allreduce of a flag, the cheap common case), else every
+    rank's ``mine`` in rank order (an allgather). The one cross-rank step of every agreed phase
+    (``agree_user_errors`` here, ``store.agree.agree`` for files)."""
+    if comm is None or comm.Get_size() == 1:
+        return None if mine is None else [mine]
+    from mpi4py import MPI
+
+    flag = np.array([0 if mine is None else 1], np.int32)
+    comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+    return comm.allgather(mine) if flag[0] else None
+
+
 def agree_user_errors(comm, err: BaseException | None) -> None:
     """Collective over ``comm``, after a set-up phase that every rank runs alike (resolving the
     config for the layout, building the envs, the memory plan): if some rank's ``err`` is a user
@@ -120,16 +134,9 @@ def agree_user_errors(comm, err: BaseException | None) -> None:
     else re-raises it (its traceback, then MPI_Abort); the others go on and are ended by that
     abort."""
     mine = None if err is None else (user_error_kind(err), str(err))
-    if comm.Get_size() > 1:
-        from mpi4py import MPI
-
-        flag = np.array([0 if err is None else 1], np.int32)
-        comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
-        if not flag[0]:
-            return
-        got = comm.allgather(mine)
-    else:
-        got = [mine]
+    got = gather_errors(comm, mine)
+    if got is None:
+        return
     if err is not None and mine[0] is None:
         raise err
     bad = [g for g in got if g is not None and g[0] is not None]

@@ -26,8 +26,8 @@ import os
 import sys
 import time
 
-import numpy as np
 
+from hpcdqn.parallel.lifecycle import gather_errors
 from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointIncompatible,
                                  CheckpointIOError, CheckpointMismatch, CheckpointTransient,
                                  RunFileError)
@@ -136,20 +136,12 @@ def agree(comm, phase: str, path, err: BaseException | None, what: str = "checkp
     world = comm.Get_size() if comm is not None else 1
     mine = None if err is None else (_kind(err), describe(err, path))
     if world > 1:
-        from mpi4py import MPI
-
         from hpcdqn.parallel.watchdog import again
 
         again(comm)   # a rank that stalled in this phase is named here, past its deadline
-        flag = np.array([0 if err is None else 1], np.int32)
-        comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
-        if not flag[0]:
-            return
-        got = comm.allgather(mine)
-    else:
-        if err is None:
-            return
-        got = [mine]
+    got = gather_errors(comm, mine)
+    if got is None:
+        return
     bad = [(r, g) for r, g in enumerate(got) if g is not None]
     if keep_kind:
         kinds = {k for _, (k, _) in bad}
