@@ -177,6 +177,8 @@ def main() -> int:
     p.add_argument("--full", action="store_true", help="run-file points for every rank choice "
                    "and errno (default: rank 0 for all, the others for ENOSPC at 2 ranks)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fault_matrix.json"))
+    p.add_argument("--missing", default=None, help="an earlier results file: run only the run-file "
+                   "cases it skipped, keep all its other cases")
     p.add_argument("--table", action="store_true", help="print the README table of --out, run nothing")
     p.add_argument("--keep", default=None, help="an earlier results file whose cases of the levels "
                    "not run now are kept")
@@ -193,7 +195,13 @@ def main() -> int:
         if "checkpoint" in a.levels:
             rows += ckpt_cases(n, tmp)
             print(f"{n} ranks: checkpoint cases done ({time.time() - t0:.0f} s)", file=sys.stderr)
-    ref = {}
+    ref, done = {}, {}
+    if a.missing:       # the earlier file's cases, but for the run-file cases it skipped
+        earlier = json.loads(Path(a.missing).read_text())["cases"]
+        rows += [r for r in earlier if r["level"] != "run file"]
+        done = {(r["point"], r["who"], r["errno"], r["ranks"]): r for r in earlier
+                if r["level"] == "run file" and "skipped" not in r}
+        a.full = True
     for n in ranks if "run" in a.levels else ():
         ref[n] = tmp / f"ref-{n}"
         r = run(mpirun_cmd(n) + [sys.executable, "-m", "hpcdqn.cli", "train", *TRAIN,
@@ -202,6 +210,9 @@ def main() -> int:
         for point in RUN_POINTS:
             for who in WHO:
                 for code in ERRNOS:
+                    if (point, who, code, n) in done:
+                        rows.append(done[point, who, code, n])
+                        continue
                     if not a.full and who != "0" and (n != ranks[0] or code != "ENOSPC"):
                         rows.append({"level": "run file", "point": point, "who": who,
                                      "errno": code, "ranks": n, "hang": False, "signal": False,
