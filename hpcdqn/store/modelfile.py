@@ -35,19 +35,28 @@ def _attrs(f, cfg: dict, obs_shape, obs_dtype, n_actions: int) -> None:
 
 
 def save_model(path: Path, flat: np.ndarray, cfg: dict, obs_shape, obs_dtype, n_actions: int) -> None:
+    """One process writes the whole model file: the file created with the dataset's space
+    allocated (HDF5 builds only the metadata in memory), then the parameters ``pwrite`` straight
+    from ``flat`` (no copy of the network: a file image of it would double the peak)."""
     path = Path(path)
     tmp = path.with_suffix(".tmp")
+    flat = np.ascontiguousarray(flat, dtype=np.float32)
+    offset = _create_model(tmp, flat.size, cfg, obs_shape, obs_dtype, n_actions)
+    _pwrite_synced(tmp, flat, offset)
+    tmp.replace(path)
 
-    def fill(f, hold):
-        _attrs(f, cfg, obs_shape, obs_dtype, n_actions)
-        hold.append(f.create_dataset("online", data=np.asarray(flat, dtype=np.float32)))
 
-    _, fd = h5_image(tmp, fill)     # HDF5 builds it in memory; our own writes meet the disk
+def _pwrite_synced(tmp: Path, data: np.ndarray, at: int) -> None:
+    """``data``'s bytes into ``tmp`` at byte ``at``, then fsync."""
+    fd = os.open(tmp, os.O_WRONLY)
     try:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], at + done)
         os.fsync(fd)
     finally:
         os.close(fd)
-    tmp.replace(path)
 
 
 def write_model_slices(path: Path, mine: np.ndarray, lo: int, total: int, comm, cfg: dict,
@@ -70,15 +79,7 @@ def write_model_slices(path: Path, mine: np.ndarray, lo: int, total: int, comm, 
     agree_write(comm, "the model file", tmp, loc.err)
     offset = comm.bcast(offset, root=0)
     with Local() as loc:
-        fd = os.open(tmp, os.O_WRONLY)
-        try:
-            view = memoryview(mine).cast("B")
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + lo * 4 + done)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _pwrite_synced(tmp, mine, offset + lo * 4)
     if isinstance(loc.err, OSError) and loc.err.filename is None:
         loc.err.filename = str(tmp)
     agree_write(comm, "the model file", tmp, loc.err)
