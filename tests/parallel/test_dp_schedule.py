@@ -47,11 +47,12 @@ def test_global_batch_rule_makes_the_updates_of_one_rank(tmp_path):
 
 
 def test_layout_that_cannot_keep_the_replay_ratio_stops_before_any_work(tmp_path):
-    r = hpcdqn(2, ["train", *TINY, "num_envs=3", f"run_dir={tmp_path / 'x'}"], timeout=120,
-               check=False)
+    # (a train_frequency off the iteration grid is no longer refused: it trains at the lcm)
+    r = hpcdqn(2, ["train", *TINY, "scaling.rule=global_batch", "dqn.batch_size=63",
+                   f"run_dir={tmp_path / 'x'}"], timeout=120, check=False)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "config error" in r.stderr and "dqn.train_frequency=100" in r.stderr
-    assert "set dqn.train_frequency to a multiple of 6" in r.stderr
+    assert "config error" in r.stderr and "dqn.batch_size=63" in r.stderr
+    assert "must be divisible by dp=2" in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
 
