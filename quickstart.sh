@@ -117,9 +117,14 @@ mpi_env() {
   # Open MPI refuses to run as root unless told; tests and benchmarks oversubscribe 2 cores.
   if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
   export OMPI_MCA_rmaps_base_oversubscribe="${OMPI_MCA_rmaps_base_oversubscribe:-1}"
-  # mpirun's grace between forwarding SIGTERM (Ctrl-C) and SIGKILL: time to checkpoint and exit.
-  export OMPI_MCA_odls_base_sigkill_timeout="${OMPI_MCA_odls_base_sigkill_timeout:-10}"
   export PATH="$VENV/bin:$PATH"
+}
+
+kill_grace() {
+  # mpirun's grace between SIGTERM (Ctrl-C) and SIGKILL: the ranks' time to checkpoint and exit.
+  # mpirun (Open MPI 4.1) also waits it out twice after any abnormal end (an agreed error, a
+  # watchdog abort), even once every rank has left, so it is kept short; the tests set their own.
+  export OMPI_MCA_odls_base_sigkill_timeout="${OMPI_MCA_odls_base_sigkill_timeout:-5}"
 }
 
 cmd="${1:-}"; [ $# -gt 0 ] && shift
@@ -127,6 +132,6 @@ case "$cmd" in
   setup) setup ;;
   train) setup; mpi_env; exec "$VENV/bin/hpcdqn" train "$@" ;;
   test)  setup; need_slurm; mpi_env; exec "$PY" -m pytest -q --durations=25 "$@" tests ;;
-  run)   setup; mpi_env; exec "$@" ;;
+  run)   setup; mpi_env; kill_grace; exec "$@" ;;
   *) sed -n '2,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

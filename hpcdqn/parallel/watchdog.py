@@ -15,12 +15,20 @@ A rank that stalls *inside* a phase (after its gate) leaves the others in the ne
 thread per rank, armed while a phase runs, aborts once the phase has run for its deadline plus
 ``GRACE_S`` (it cannot tell which ranks are missing there, and says so).
 
+Leaving together: before ``MPI_Abort`` the aborting rank sends every other rank an "abort"
+notice on the watchdog's communicator. A rank polls for it in its gate wait and in its watchdog
+thread (every 0.5 s, also while the main thread is blocked in a collective, or just after a
+stopped rank is continued) and leaves at once with the same status. So the job ends within a
+second of the report, however long the launcher's grace between SIGTERM and SIGKILL (ranks
+catch SIGTERM to checkpoint, so without the notice mpirun waits that grace out per rank).
+
 Tests: ``HPCDQN_TEST_STALL=PHASE:RANK[@N]`` makes RANK stop itself (SIGSTOP) at its N-th gate
 of PHASE (default the first), as if the node had frozen.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -29,6 +37,7 @@ import time
 
 EXIT_STALL = 3                 # the exit status of a job a watchdog aborted
 GRACE_S = 5.0                  # a non-root rank's wait for rank 0's report; the thread's margin
+ABORT_TAG = 9                  # the "abort" notice on the watchdog's communicator
 STALL_ENV = "HPCDQN_TEST_STALL"
 PHASES = ("checkpoint", "resume", "model file", "eval", "gradient sync")
 
@@ -98,8 +107,10 @@ class Watchdog:
         self.seen: dict[str, int] = {}
         self.armed: tuple[str, float, float] | None = None     # (phase, since, deadline)
         self._stop = threading.Event()
+        self._threaded_mpi = _thread_multiple()
         self._thread = threading.Thread(target=self._watch, name="hpcdqn-watchdog", daemon=True)
         self._thread.start()
+        atexit.register(self.stop)     # runs before mpi4py's MPI_Finalize (registered earlier)
 
     def deadline(self, phase: str) -> float:
         """The configured deadline, or (automatic deadlines) at least 20 times the longest
@@ -176,6 +187,8 @@ class Watchdog:
             waited = time.monotonic() - t0
             if waited > limit + grace():
                 self.abort(phase, waited, words(left))
+            if polls >= 200 and polls % 50 == 0:
+                self.follow_abort()
             polls += 1      # yield first (a gate is usually passed within microseconds), then nap
             time.sleep(0 if polls < 200 else min(0.001, 2e-5 * (polls - 199)))
 
@@ -207,10 +220,36 @@ class Watchdog:
         sys.stdout.flush()
         from mpi4py import MPI
 
+        self._notify_others()
         MPI.COMM_WORLD.Abort(EXIT_STALL)
+
+    def _notify_others(self) -> None:
+        """The "abort" notice to every other rank (eager 1-byte sends; a stopped or dead rank
+        never receives it, so wait at most 0.5 s for them to leave this process)."""
+        from mpi4py import MPI
+
+        one = bytearray(1)
+        sends = [self.comm.Isend([one, MPI.BYTE], dest=r, tag=ABORT_TAG)
+                 for r in range(self.size) if r != self.rank]
+        t0 = time.monotonic()
+        while sends and not MPI.Request.Testall(sends) and time.monotonic() - t0 < 0.5:
+            time.sleep(0.005)
+
+    def follow_abort(self) -> None:
+        """Leave now (exit status ``EXIT_STALL``) if another rank's watchdog aborted the job."""
+        from mpi4py import MPI
+
+        st = MPI.Status()
+        if self.size > 1 and self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=ABORT_TAG, status=st):
+            sys.stderr.write(f"hpcdqn: watchdog: rank {self.rank} leaves with the job: rank "
+                             f"{st.Get_source()} aborted it (its stall report says why)\n")
+            sys.stderr.flush()
+            os._exit(EXIT_STALL)
 
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
+            if self._threaded_mpi:
+                self.follow_abort()
             armed = self.armed
             if armed is None:
                 continue
@@ -221,7 +260,17 @@ class Watchdog:
                            "arrived is not known there)")
 
     def stop(self) -> None:
+        """End the watchdog thread (and wait for it: it may be inside an MPI call)."""
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+
+
+def _thread_multiple() -> bool:
+    """Whether the watchdog thread may call MPI while the main thread is in a collective."""
+    from mpi4py import MPI
+
+    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
 
 
 def _test_stall(phase: str, rank: int, nth: int) -> None:

@@ -116,7 +116,7 @@ def test_watchdog_names_the_stalled_rank(tmp_path, phase, rank, at):
     # Ctrl-C can checkpoint; the job then ends ~deadline + 18 s): measured here with 1 s
     r = hpcdqn(2, ["train", *TRAIN, f"run_dir={tmp_path / 'run'}", "watchdog.deadline_s=5"],
                timeout=120, check=False, env={"HPCDQN_TEST_STALL": f"{phase}:{rank}@{at}",
-                                              "OMPI_MCA_odls_base_sigkill_timeout": "1"})
+                                              "OMPI_MCA_odls_base_sigkill_timeout": "10"})
     end = time.time()
     stop = float(re.search(r"test stall: .* t=([0-9.]+)", r.stderr).group(1))
     assert r.returncode == 3, r.stderr[-3000:]
