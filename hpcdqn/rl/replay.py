@@ -238,7 +238,6 @@ class ReplayBuffer:
         self.tree.set(idx, pr)
         self.max_priority = max(self.max_priority, float(pr.max()))
 
-
     # -- state (what a checkpoint keeps of the replay) ------------------------------------------
     def state_dict(self) -> dict:
         """Arrays [rows, num_envs, ...]: the ring's per-cell arrays (``OBS_ROWS``, then
