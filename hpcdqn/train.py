@@ -213,8 +213,7 @@ class Trainer:
         env_info = {"env_id": cfg["env_id"], "obs_shape": list(self.obs_space.shape),
                     "obs_dtype": np.dtype(self.obs_space.dtype).str, "n_actions": self.n_actions}
         self.ckpt = Checkpointer(self.run_dir, cfg, grid, layers, env_info, self.learner,
-                                 self.replay, env if self.rollout is not None else None,
-                                 self.frame_stack)
+                                 self.replay, self.rollout, self.frame_stack)
         release_freed_memory()      # start-up temporaries (the backward check's copy) leave no hole
 
     def check_memory(self) -> dict:
@@ -289,8 +288,6 @@ class Trainer:
         self.state = LoopState(iteration=it, episodes=int(c["episodes"]),
                                wall_offset=float(c["wall_s"]), epsilon=self.state.epsilon,
                                shown_steps=it * spi, window=Window.from_dict(st["window"]))
-        if self.rollout is not None:
-            self.rollout.load(st)
         self.resumed = True
         release_freed_memory()      # the arrays read from the checkpoint
         if self.root:
@@ -424,13 +421,11 @@ class Trainer:
     def checkpoint(self) -> None:
         """Collective over the world: everything needed to continue exactly from here."""
         s = self.state
-        loop = {"window": s.window.as_dict(),
-                **(self.rollout.state() if self.rollout is not None else {})}
         counters = {"iteration_next": s.iteration, "env_steps": self.schedule.env_steps(s.iteration),
                     "episodes": s.episodes, "epsilon": s.epsilon,
                     "wall_s": time.perf_counter() - self.t0}
         with watchdog.phase("checkpoint"):
-            info = self.ckpt.save(counters, loop)
+            info = self.ckpt.save(counters, s.window.as_dict())
         if self.root and not self.quiet:
             self.log.note(f"hpcdqn: checkpoint {info['path']} ({info['bytes'] / 1e6:.1f} MB) stalled "
                           f"training {info['seconds']:.3f} s")

@@ -163,3 +163,23 @@ def test_the_checks_catch_what_they_look_for(probe, tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "PKG", pkg)
     with pytest.raises(AssertionError):
         check()
+
+
+def h5py_file_opens(tree: ast.Module) -> list[int]:
+    """Lines that open an HDF5 file: ``h5py.File(...)``, or ``File(...)`` imported from h5py."""
+    names = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+             and n.module == "h5py" for a in n.names if a.name == "File"}
+    return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and (
+        (isinstance(n.func, ast.Attribute) and n.func.attr == "File"
+         and isinstance(n.func.value, ast.Name) and n.func.value.id == "h5py")
+        or (isinstance(n.func, ast.Name) and n.func.id in names))]
+
+
+def test_only_store_opens_hdf5_files():
+    """Bytes on disk are ``store``'s business (its storage backends): no module outside
+    ``hpcdqn.store`` opens an ``h5py.File``; the probe checks that the check can fail."""
+    bad = [f"{mod}:{line}" for mod, tree in modules().items() if not mod.startswith("hpcdqn.store")
+           for line in h5py_file_opens(tree)]
+    assert not bad, "h5py.File opened outside hpcdqn.store: " + ", ".join(bad)
+    probe = ast.parse("import h5py\nfrom h5py import File as F\nh5py.File('x')\nF('y')\n")
+    assert h5py_file_opens(probe) == [3, 4]

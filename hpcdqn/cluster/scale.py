@@ -258,10 +258,9 @@ def _loadavg() -> float | None:
 
 
 def _grad_bytes(run_dir: Path) -> int:
-    import h5py
+    from hpcdqn.store.modelfile import model_size
 
-    with h5py.File(run_dir / "model.h5", "r") as f:
-        return int(f["online"].size) * 4                     # float32 gradient buffer
+    return model_size(run_dir / "model.h5")[0] * 4          # float32 gradient buffer
 
 
 def run_bench(p: int, sizes, launcher: str, out: Path, timeout: float) -> list[dict]:

@@ -77,6 +77,8 @@ class Learner(Protocol):
     def state_arrays(self) -> dict: ...
     def state_scalars(self) -> dict: ...
     def load_state(self, arrays: dict, scalars: dict) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, sd: dict) -> None: ...
 
 
 class StageLearner:
@@ -229,6 +231,19 @@ class StageLearner:
                      arrays.get("exp_avg_sq") if step > 0 else None)
         self.updates = int(scalars["updates"])
         self.set_lr(scalars["lr"])
+
+    # -- state_dict: the learner's part of a checkpoint in one dict (``store.checkpointer``) -----
+    STATE_ARRAYS = ("online", "target", "exp_avg", "exp_avg_sq")
+    STATE_SCALARS = ("updates", "adam_step", "lr")
+
+    def state_dict(self) -> dict:
+        """This stage's flat float32 vectors (``STATE_ARRAYS``) and counters (``STATE_SCALARS``)."""
+        return {**self.state_arrays(), **self.state_scalars()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Load a ``state_dict`` bit for bit."""
+        self.load_state({k: sd[k] for k in self.STATE_ARRAYS},
+                        {k: sd[k] for k in self.STATE_SCALARS})
 
 
 def split_over_ranks(mine: dict, updates: int, wall: float, comm) -> dict:

@@ -124,3 +124,30 @@ def restore_env(env, st: dict) -> list[str]:
     if "ale_error" in st:
         problems.append(f"ALE state was not captured: {st['ale_error']}")
     return problems
+
+
+def capture_vector(venv) -> dict:
+    """Everything that can be captured of a vector env, as plain values (by reference: encode
+    them before stepping on): {supported, kind, vector: its own attributes, envs: each sub-env's
+    ``capture_env``}; {supported: False, why} where the sub-envs cannot be reached."""
+    if not hasattr(venv, "capture_env_states"):
+        return {"supported": False,
+                "why": f"{type(venv).__name__} does not expose its sub-envs' state"}
+    return {"supported": True, "kind": type(venv).__name__, "vector": capture_attrs(venv),
+            "envs": venv.capture_env_states()}
+
+
+def restore_vector(venv, st: dict) -> list[str]:
+    """Put a ``capture_vector`` state back; returns warnings (empty when the restore is
+    complete). The sub-envs' state moves between the sync and the async vector env (the vector
+    env's own attributes are per-step buffers of same-step autoreset; restored when the kind is
+    the same)."""
+    if not st.get("supported"):
+        return [f"environment state was not captured ({st.get('why', 'unsupported')}); "
+                "environments were re-seeded instead"]
+    if not hasattr(venv, "restore_env_states") or venv.num_envs != len(st["envs"]):
+        return ["vector env kind or size changed; environments were re-seeded instead"]
+    problems: list[str] = []
+    if st.get("kind", "SyncVectorEnv") == type(venv).__name__:
+        restore_attrs(venv, st["vector"], problems)
+    return problems + venv.restore_env_states(st["envs"])

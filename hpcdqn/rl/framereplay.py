@@ -229,6 +229,14 @@ class FrameReplay(ReplayBuffer):
         oldest = self.pos if self.filled == self.rows else 0
         return (oldest + np.arange(self.filled)) % self.rows
 
+    def state_dict(self) -> dict:
+        """``ReplayBuffer.state_dict`` and ``starts``: the initial stacks held, oldest first (a
+        copy)."""
+        return dict(super().state_dict(), starts=self.starts.held())
+
+    def load_derived(self, sd: dict) -> None:
+        self.restore(sd["starts"])
+
     def restore(self, starts: np.ndarray) -> None:
         """After ``frames``, ``ep_step``, the flags, ``pos`` and ``filled`` were loaded: take the
         initial stacks (oldest first) and rebuild the derived state (``start_seq``, each env's

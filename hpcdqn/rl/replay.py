@@ -101,6 +101,7 @@ class ReplayBuffer:
 
     # -- what the observations take (FrameReplay overrides these) ---------------------------------
     OBS_ROWS = ("obs", "next_obs")     # per-cell observation arrays, as checkpointed
+    CELL_ROWS = ("actions", "rewards", "terminated", "truncated")   # the other per-cell arrays
 
     def allocate(self, shape: tuple, obs_shape: tuple, obs_dtype) -> None:
         self.obs = np.zeros(shape + obs_shape, dtype=obs_dtype)
@@ -128,8 +129,7 @@ class ReplayBuffer:
     @property
     def nbytes(self) -> int:
         """Bytes of this buffer's arrays (reserved; pages are touched as it fills)."""
-        n = sum(getattr(self, k).nbytes for k in self.OBS_ROWS + ("actions", "rewards",
-                                                                  "terminated", "truncated"))
+        n = sum(getattr(self, k).nbytes for k in self.OBS_ROWS + self.CELL_ROWS)
         return n + (self.tree.tree.nbytes if self.tree is not None else 0)
 
     @staticmethod
@@ -237,6 +237,48 @@ class ReplayBuffer:
         # a duplicate index takes its last value; the tree stays consistent either way
         self.tree.set(idx, pr)
         self.max_priority = max(self.max_priority, float(pr.max()))
+
+    # -- state (what a checkpoint keeps of the replay) ------------------------------------------
+    def state_dict(self) -> dict:
+        """Arrays [rows, num_envs, ...]: the ring's per-cell arrays (``OBS_ROWS``, then
+        ``CELL_ROWS``) and, prioritized, the leaf ``priorities``, all views of this replay (a
+        checkpoint may read into them in place, as torch's DCP loads into a state dict); small
+        metadata: ``pos``, ``filled``, ``max_priority`` and the sampling ``rng``."""
+        sd = {k: getattr(self, k) for k in self.OBS_ROWS + self.CELL_ROWS}
+        if self.tree is not None:
+            leaves = self.tree.tree[self.tree.leaves:self.tree.leaves + self.cells]
+            sd["priorities"] = leaves.reshape(self.rows, self.num_envs)
+        sd.update(pos=self.pos, filled=self.filled, max_priority=self.max_priority, rng=self.rng)
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Load a ``state_dict``. Its parts are optional: the contents (the per-cell arrays with
+        ``pos`` and ``filled``; a resharded resume fills them through ``add`` instead), the
+        priorities with ``max_priority``, the ``rng`` (kept where absent). Raises ValueError
+        where the contents are inconsistent."""
+        if "pos" in sd:
+            for k in self.OBS_ROWS + self.CELL_ROWS:
+                if sd[k] is not getattr(self, k):
+                    getattr(self, k)[...] = sd[k]
+            pos, filled = int(sd["pos"]), int(sd["filled"])
+            if not (0 <= filled <= self.rows and 0 <= pos < self.rows):
+                raise ValueError(f"pos {pos}, filled {filled} outside its {self.rows} rows")
+            self.pos, self.filled = pos, filled
+            self.load_derived(sd)
+        if self.tree is not None and "priorities" in sd:
+            pr = np.array(sd["priorities"], np.float64).reshape(-1)
+            self.tree.tree[:] = 0.0
+            self.tree.set(np.arange(pr.size), pr)
+            self.max_priority = float(sd["max_priority"])
+        if "rng" in sd:
+            self.rng = sd["rng"]
+
+    def load_derived(self, sd: dict) -> None:
+        """After the contents were loaded: rebuild what is derived from them (FrameReplay)."""
+
+    def reseed(self, seed: list[int]) -> None:
+        """A new sampling RNG from ``seed`` (a resharded resume that has none to continue)."""
+        self.rng = np.random.default_rng(seed + [7])
 
 
 def tree_bytes(cells: int, prioritized: bool) -> int:

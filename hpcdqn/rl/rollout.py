@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcdqn.rl.envs import final_next_obs
+from hpcdqn.rl.envstate import capture_vector, restore_vector
 from hpcdqn.rl.replay import ReplayBuffer
 
 
@@ -54,12 +55,29 @@ class Rollout:
         return [(float(fin["game_return"][i]), int(fin["game_length"][i]))
                 for i in np.nonzero(fin["_game_return"])[0]]
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {"rng": self.rng, "obs": self.obs, "ep_ret": self.ep_ret, "ep_len": self.ep_len}
+    # -- state (what a checkpoint keeps of acting) ------------------------------------------------
+    def state_dict(self) -> dict:
+        """The acting RNG, the current observations, the running episode returns and lengths,
+        and the environments (``envstate.capture_vector``: plain values, by reference; encode
+        them before stepping on)."""
+        return {"rng": self.rng, "obs": self.obs, "ep_ret": self.ep_ret, "ep_len": self.ep_len,
+                "env": capture_vector(self.env)}
 
-    def load(self, st: dict) -> None:
+    def load_state_dict(self, st: dict) -> list[str]:
+        """Continue from a ``state_dict``; returns warnings (empty when the environments were
+        restored exactly)."""
         self.rng, self.obs, self.ep_ret, self.ep_len = st["rng"], st["obs"], st["ep_ret"], st["ep_len"]
+        return restore_vector(self.env, st["env"])
+
+    def reseed(self, seed: list[int]) -> None:
+        """Start afresh from ``seed`` (a list of ints: the run seed, the replica, the env step;
+        a resharded resume that has no state to continue): the environments reset, the acting
+        RNG new, no episode running."""
+        env_seed = int(np.random.SeedSequence(seed).generate_state(1)[0] % 2**31)
+        self.obs = self.env.reset(seed=env_seed)[0]
+        self.rng = np.random.default_rng(seed + [17])
+        self.ep_ret = np.zeros(self.num_envs)
+        self.ep_len = np.zeros(self.num_envs, dtype=np.int64)
 
     def close(self) -> None:
         self.env.close()

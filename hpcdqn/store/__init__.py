@@ -9,12 +9,16 @@ resume; reshard; validation. And the files made from a run: the final model and 
 - ``codec``: per-rank state as JSON (arrays, RNGs, env states; no pickle), part checksums;
 - ``mpiio``: the I/O protocol (parallel or serial), writeback pacing, the in-memory HDF5
   image (``SparseImage``), MPI-IO hints and ROMIO (for MPI-IO users);
-- ``writer``: ``write_checkpoint`` (collective), parallel and serial writers;
-- ``reader``: reading, validation (``verify``), loading into a run of the same layout;
+- ``storage``: the interface between planning and bytes: a backend (``write``, ``open``) and
+  the ``Source`` every reader sees (datasets by name, attributes), never an ``h5py.File``;
+- ``writer``: ``write_checkpoint`` (collective), ``write_parts``, the HDF5 backends
+  (``ParallelHDF5``, ``SerialHDF5``);
+- ``reader``: reading, validation (``verify``), a stage's and a shard's ``state_dict``;
 - ``reshard``: the reshard rules, loading the replay into another layout;
 - ``rundir``: a run directory's checkpoints (names, ``candidates``, ``resolve``, ``set_aside``),
   ``resume_config``, ``truncate_metrics``; its lock (one job per directory), ``check_fresh``;
-- ``checkpointer``: ``Checkpointer``, what the training loop calls (schedule, save, resume);
+- ``checkpointer``: ``Checkpointer``, what the training loop calls (schedule, save, resume):
+  it collects the parts' ``state_dict()`` and hands them back with ``load_state_dict()``;
 - ``modelfile``: the final model file (``model.h5``); ``export``: a replay as a Minari dataset.
 """
 

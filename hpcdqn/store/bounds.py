@@ -126,17 +126,18 @@ def _check_env(env: dict, path) -> None:
 
 
 def check_shapes(meta: dict, f, path) -> None:
-    """The few datasets whose shapes the layout implies, compared before ``plan`` is built."""
+    """The few datasets whose shapes the layout implies, compared before ``plan`` is built
+    (``f``: a ``storage.Source``)."""
     lay = meta["layout"]
     want = {"replay/pos": (lay["dp"],), "rank_state_len": (lay["world"],)}
     for name, shape in want.items():
-        ds = f.get(name)
-        if ds is None or not hasattr(ds, "shape"):
+        ds = f.dataset(name)
+        if ds is None:
             raise CheckpointCorrupt(f"checkpoint '{path}': dataset '{name}' is missing")
         if tuple(ds.shape) != shape:
             raise CheckpointCorrupt(f"checkpoint '{path}': dataset '{name}' has shape {ds.shape}, "
                                     f"its layout says {shape}")
-    rs = f.get("rank_state")
-    if rs is None or not hasattr(rs, "shape") or len(rs.shape) != 2 or rs.shape[0] != lay["world"]:
+    rs = f.dataset("rank_state")
+    if rs is None or len(rs.shape) != 2 or rs.shape[0] != lay["world"]:
         raise CheckpointCorrupt(f"checkpoint '{path}': dataset 'rank_state' is missing or does "
                                 f"not have {lay['world']} rows")

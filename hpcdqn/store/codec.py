@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 import torch
 
-from hpcdqn.rl.envstate import capture_attrs, restore_attrs
+from hpcdqn.rl.envstate import capture_vector, restore_vector
 from hpcdqn.store.errors import CheckpointCorrupt
 
 
@@ -143,41 +143,42 @@ def _encode_attrs(attrs: dict) -> dict:
 
 
 def env_state(venv) -> dict:
-    """Everything we can capture of a vector env (``rl.envstate``), as JSON-able data."""
-    if not hasattr(venv, "capture_env_states"):
-        return {"supported": False,
-                "why": f"{type(venv).__name__} does not expose its sub-envs' state"}
-    out = {"supported": True, "kind": type(venv).__name__,
-           "vector": _encode_attrs(capture_attrs(venv)), "envs": []}
-    for st in venv.capture_env_states():
-        es = {"chain": st["chain"], "attrs": [_encode_attrs(a) for a in st["attrs"]]}
-        if "ale" in st:
-            es["ale"] = encode(st["ale"])
-        if "ale_error" in st:
-            es["ale_error"] = st["ale_error"]
-        out["envs"].append(es)
+    """Everything we can capture of a vector env (``rl.envstate.capture_vector``), as JSON-able
+    data."""
+    return encode_env(capture_vector(venv))
+
+
+def encode_env(st: dict) -> dict:
+    """A ``capture_vector`` state as JSON-able data (attributes that cannot be encoded left out)."""
+    if not st.get("supported"):
+        return dict(st)
+    out = {"supported": True, "kind": st["kind"], "vector": _encode_attrs(st["vector"]), "envs": []}
+    for es in st["envs"]:
+        enc = {"chain": es["chain"], "attrs": [_encode_attrs(a) for a in es["attrs"]]}
+        if "ale" in es:
+            enc["ale"] = encode(es["ale"])
+        if "ale_error" in es:
+            enc["ale_error"] = es["ale_error"]
+        out["envs"].append(enc)
     return out
 
 
-def restore_env_state(venv, st: dict) -> list[str]:
-    """Put a captured state back; returns warnings (empty when the restore is complete). The
-    sub-envs' state moves between the sync and the async vector env (the vector env's own
-    attributes are per-step buffers of same-step autoreset; restored when the kind is the same)."""
+def decode_env(st: dict) -> dict:
+    """Inverse of ``encode_env`` (what ``rl.envstate.restore_vector`` takes)."""
     if not st.get("supported"):
-        return [f"environment state was not captured ({st.get('why', 'unsupported')}); "
-                "environments were re-seeded instead"]
-    if not hasattr(venv, "restore_env_states") or venv.num_envs != len(st["envs"]):
-        return ["vector env kind or size changed; environments were re-seeded instead"]
-    problems: list[str] = []
-    if st.get("kind", "SyncVectorEnv") == type(venv).__name__:
-        restore_attrs(venv, {k: decode(v) for k, v in st["vector"].items()}, problems)
-    states = []
+        return dict(st)
+    out = dict(st, vector={k: decode(v) for k, v in st.get("vector", {}).items()}, envs=[])
     for es in st["envs"]:
         d = {"chain": es["chain"], "attrs": [{k: decode(v) for k, v in a.items()}
                                              for a in es["attrs"]]}
         d.update({k: decode(es[k]) for k in ("ale", "ale_error") if k in es})
-        states.append(d)
-    return problems + venv.restore_env_states(states)
+        out["envs"].append(d)
+    return out
+
+
+def restore_env_state(venv, st: dict) -> list[str]:
+    """Put an ``env_state`` back; returns warnings (empty when the restore is complete)."""
+    return restore_vector(venv, decode_env(st))
 
 
 # ---------------------------------------------------------------------------------------------

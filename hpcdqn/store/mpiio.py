@@ -21,6 +21,11 @@ def io_mode() -> str:
     return "parallel"
 
 
+def serial_reason() -> str:
+    """Why ``io_mode`` is 'serial'."""
+    return f"{SERIAL_ENV}=1" if h5py.get_config().mpi else "h5py was built without MPI"
+
+
 HINTS_ENV = "HPCDQN_MPIIO_HINTS"
 # Each rank writes a few large contiguous blocks, so MPI-IO's two-phase collective buffering
 # (aggregating through 16 MiB buffers) only adds copies: measured 0.7 vs 1.8 GB/s on one disk.

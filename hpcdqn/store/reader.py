@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from hpcdqn import __version__
@@ -22,7 +21,8 @@ from hpcdqn.store.bounds import check_meta, check_shapes, format_version
 from hpcdqn.store.codec import ATTRS_CRC, attrs_crc, crc
 from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointMismatch,
                                  CheckpointTransient)
-from hpcdqn.store.schema import (PARAM_GROUPS, Spec, frame_stack, layer_parts, plan,
+from hpcdqn.store.storage import Dataset, H5Source
+from hpcdqn.store.schema import (LEARNER_COUNTERS, PARAM_GROUPS, Spec, frame_stack, layer_parts, plan,
                                  replay_rows, replay_specs, rows_per_piece)
 
 
@@ -33,8 +33,8 @@ RETRIES = 4                     # transient I/O errors: attempts after the first
 RETRY_BASE_S = 0.2              # backoff 0.2, 0.4, 0.8, 1.6 s
 
 
-def open_checkpoint(path) -> h5py.File:
-    """Open read-only; a transient I/O error (EIO, EAGAIN, ESTALE, ...) is retried with backoff,
+def open_checkpoint(path) -> H5Source:
+    """Open read-only (the HDF5 backends' ``Source``); a transient I/O error (EIO, EAGAIN, ESTALE, ...) is retried with backoff,
     then raised as ``CheckpointTransient`` (the file is not blamed)."""
     path = Path(path)
     for attempt in range(RETRIES + 1):
@@ -52,13 +52,13 @@ def open_checkpoint(path) -> h5py.File:
     raise AssertionError("unreachable")
 
 
-def _open_once(path: Path) -> h5py.File:
+def _open_once(path: Path) -> H5Source:
     if not path.is_file() or path.is_symlink():
         what = "is a symbolic link (refused)" if path.is_symlink() else "does not exist"
         raise CheckpointCorrupt(f"checkpoint '{path}' {what}")
     fault("open", _rank(), path)
     try:
-        return h5py.File(path, "r")
+        return H5Source(path)
     except OSError as e:
         if e.errno in TRANSIENT_ERRNOS:
             raise
@@ -86,12 +86,18 @@ def _rank() -> int:
     return sys.modules["mpi4py.MPI"].COMM_WORLD.Get_rank()
 
 
-def read_meta(path, comm=None) -> dict:
+def open_source(path, storage=None):
+    """``path`` opened as a ``storage.Source``: by ``storage`` (a backend), else as an HDF5
+    checkpoint file (``open_checkpoint``)."""
+    return open_checkpoint(path) if storage is None else storage.open(path)
+
+
+def read_meta(path, comm=None, storage=None) -> dict:
     """Root attributes, JSON-decoded, typed and bounded. With ``comm``: read on every rank and
     the outcome agreed (collective; the same error kind raised everywhere)."""
     err, meta = None, None
     with Local() as loc:
-        with open_checkpoint(path) as f:
+        with open_source(path, storage) as f:
             meta = _meta(f, path)
     err = loc.err
     if comm is not None:
@@ -133,11 +139,12 @@ def _meta(f, path) -> dict:
     return out
 
 
-def _dset(f, path, name) -> h5py.Dataset:
-    if name not in f:
+def _dset(f, path, name) -> Dataset:
+    """``f``: a ``storage.Source``."""
+    if not f.has(name):
         raise CheckpointCorrupt(f"checkpoint '{path}': dataset '{name}' is missing")
-    ds = f[name]
-    if not isinstance(ds, h5py.Dataset):
+    ds = f.dataset(name)
+    if ds is None:
         raise CheckpointCorrupt(f"checkpoint '{path}': '{name}' is not a dataset")
     return ds
 
@@ -145,7 +152,7 @@ def _dset(f, path, name) -> h5py.Dataset:
 def read_dataset(f, path, name, sel=slice(None)) -> np.ndarray:
     ds = _dset(f, path, name)
     try:
-        return ds[sel]
+        return ds.read(sel)
     except (OSError, RuntimeError, ValueError) as e:
         if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
             raise CheckpointTransient(f"checkpoint '{path}': dataset '{name}': {describe(e)}") from None
@@ -180,14 +187,14 @@ def verify_part(f, path, spec: Spec, j: int) -> None:
                               f"(stored crc32 {stored:#010x}, data {got:#010x}); the file is corrupted")
 
 
-def verify(path, comm=None) -> None:
+def verify(path, comm=None, storage=None) -> None:
     """Check every dataset part against its CRC. With ``comm``: the parts are spread over the
     ranks and the verdict agreed (collective); raises the agreed kind of CheckpointError
     (corrupt, incompatible, transient) on every rank."""
     rank, world = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     with Local() as loc:
         try:
-            with open_checkpoint(path) as f:
+            with open_source(path, storage) as f:
                 meta = _meta(f, path)
                 units = _units(meta, f, path)
                 for u, (spec, j) in enumerate(units):
@@ -234,9 +241,9 @@ def load_rank_state(f, path, r: int) -> dict:
         raise CheckpointCorrupt(f"checkpoint '{path}': dataset 'rank_state' row {r} is not JSON: {e}") from None
 
 
-def load_learner(f, path, meta, learner) -> None:
-    """This stage's slice of every parameter/Adam vector, whatever layout wrote them."""
-    lo, hi = learner.param_range()
+def read_learner(f, path, meta, lo: int, hi: int) -> dict:
+    """A stage's ``state_dict`` (``StageLearner``): its slice [lo, hi) of every parameter/Adam
+    vector, whatever layout wrote them, and the learner's counters."""
     flats = {}
     for key, grp in PARAM_GROUPS:
         parts = [np.asarray(read_dataset(f, path, f"{grp}/{i}", slice(a, b)), np.float32)
@@ -250,32 +257,29 @@ def load_learner(f, path, meta, learner) -> None:
         raise CheckpointError(f"checkpoint '{path}': {bad} online parameters are NaN or infinite "
                               "(the run diverged before this checkpoint?)")
     c = meta["counters"]
-    learner.load_state(flats, {"updates": c["updates"], "adam_step": c["adam_step"], "lr": c["lr"]})
+    return {**flats, **{k: c[k] for k in LEARNER_COUNTERS}}
 
 
-def load_replay_same(f, path, meta, replay, q: int) -> None:
+def read_replay_shard(f, path, meta, q: int, into: dict) -> dict:
+    """Replay shard ``q`` as a replay's ``state_dict``: the per-cell arrays read in place into
+    ``into``'s (a ``state_dict`` of a replay of the same layout), the rest read fresh."""
     lay = meta["layout"]
     rows = lay["rows"]
     sl = slice(q * rows, (q + 1) * rows)
+    sd = {}
     for k in replay_rows(lay):
         ds = _dset(f, path, f"replay/{k}")
         try:
-            ds.read_direct(getattr(replay, k), np.s_[sl])
+            ds.read_into(into[k], sl)
         except (OSError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointCorrupt(f"checkpoint '{path}': dataset 'replay/{k}' cannot be read: {e}") from None
-    replay.pos = int(read_dataset(f, path, "replay/pos", slice(q, q + 1))[0])
-    replay.filled = int(read_dataset(f, path, "replay/filled", slice(q, q + 1))[0])
-    if not (0 <= replay.filled <= replay.rows and 0 <= replay.pos < replay.rows):
-        raise CheckpointCorrupt(f"checkpoint '{path}': replay shard {q} has pos {replay.pos}, "
-                                f"filled {replay.filled} outside its {replay.rows} rows")
+        sd[k] = into[k]
+    for k in ("pos", "filled"):
+        sd[k] = int(read_dataset(f, path, f"replay/{k}", slice(q, q + 1))[0])
     if frame_stack(lay):
         _, a, b = [s for s in replay_specs(lay, meta["env"]) if s.name == "replay/starts"][0].parts[q]
-        try:
-            replay.restore(read_dataset(f, path, "replay/starts", slice(a, b)))
-        except ValueError as e:
-            raise CheckpointCorrupt(f"checkpoint '{path}': replay shard {q}: {e}") from None
-    if replay.prioritized:
-        pr = np.asarray(read_dataset(f, path, "replay/priorities", sl), np.float64).reshape(-1)
-        replay.tree.tree[:] = 0.0
-        replay.tree.set(np.arange(pr.size), pr)
-        replay.max_priority = float(read_dataset(f, path, "replay/max_priority", slice(q, q + 1))[0])
+        sd["starts"] = read_dataset(f, path, "replay/starts", slice(a, b))
+    if "priorities" in into:
+        sd["priorities"] = np.asarray(read_dataset(f, path, "replay/priorities", sl), np.float64)
+        sd["max_priority"] = float(read_dataset(f, path, "replay/max_priority", slice(q, q + 1))[0])
+    return sd

@@ -185,11 +185,9 @@ def load_replay_reshard(f, path, meta, replay, dp_rank: int, S_n: int) -> None:
         if prio:
             pr[i0:i1] = new["priorities"]
     if replay.prioritized:
-        replay.tree.tree[:] = 0.0
         mp = float(np.max(read_dataset(f, path, "replay/max_priority"))) if prio else 1.0
-        pr = np.where(pr > 0, pr, mp)
+        full = np.zeros((replay.rows, E_n), np.float64)     # rows past M: empty
+        full[:M] = np.where(pr > 0, pr, mp)
         if replay.n_step > 1:
-            pr[M - (replay.n_step - 1):] = 0.0
-        idx = (np.arange(M)[:, None] * E_n + np.arange(E_n)[None]).reshape(-1)
-        replay.tree.set(idx, pr.reshape(-1))
-        replay.max_priority = mp
+            full[M - (replay.n_step - 1):M] = 0.0
+        replay.load_state_dict({"priorities": full, "max_priority": mp})

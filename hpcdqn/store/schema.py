@@ -38,7 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpcdqn.rl.framereplay import FrameReplay
 from hpcdqn.rl.networks import num_params
+from hpcdqn.rl.replay import ReplayBuffer
 
 FORMAT_NAME = "hpcdqn-checkpoint"
 # 1.1: adds the root attribute ``attrs_crc32``; 2.0: frame-stacked replay (replay/frames, ...),
@@ -49,12 +51,13 @@ CKPT_DIR = "checkpoints"
 LATEST = "latest"
 PIECE_BYTES = 256 * 2**20                 # largest single write/read call per rank
 CHUNK_BYTES = 8 * 2**20                   # target chunk size of the replay datasets
-CELL_ROWS = ("actions", "rewards", "terminated", "truncated")
-REPLAY_ROWS = ("obs", "next_obs") + CELL_ROWS          # whole observations (ReplayBuffer)
-FRAME_ROWS = ("frames", "ep_step") + CELL_ROWS         # frame-stacked (FrameReplay)
+CELL_ROWS = ReplayBuffer.CELL_ROWS
+REPLAY_ROWS = ReplayBuffer.OBS_ROWS + CELL_ROWS          # whole observations (ReplayBuffer)
+FRAME_ROWS = FrameReplay.OBS_ROWS + CELL_ROWS            # frame-stacked (FrameReplay)
 # a stage's flat vectors and the dataset group each is stored in (one dataset per layer)
 PARAM_GROUPS = (("online", "params/online"), ("target", "params/target"),
                 ("exp_avg", "adam/exp_avg"), ("exp_avg_sq", "adam/exp_avg_sq"))
+LEARNER_COUNTERS = ("updates", "adam_step", "lr")      # a learner's scalars, kept in ``counters``
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from hpcdqn.store.agree import Local, agree, fault, set_steps
 from hpcdqn.store.codec import attrs_crc, crc
 from hpcdqn.store.errors import CheckpointIOError
 from hpcdqn.store.mpiio import Writeback, close_or_keep, fsync_path, h5_image, io_mode, stripe_bytes
+from hpcdqn.store.reader import open_checkpoint
 from hpcdqn.store.rundir import checkpoint_dir, ckpt_name
 from hpcdqn.store.schema import FORMAT, LATEST, plan, rows_per_piece
 
@@ -41,13 +42,14 @@ FIRST_REPLAY = ("replay/obs", "replay/frames")   # where the test hook's mid-dat
 
 def write_checkpoint(run_dir, comm, layout: dict, env: dict, sizes: list[int], cfg: dict,
                      counters: dict, mine: dict, rank_json: bytes, keep_last: int,
-                     mode: str | None = None) -> dict:
+                     mode: str | None = None, storage=None) -> dict:
     """Collective over ``comm`` (the world). ``mine``: {dataset name: array} of the parts this
     rank owns (replay shard rows, its layers, ...). Returns {'path', 'seconds', 'bytes'}.
     A failure on any rank in any phase raises the same ``CheckpointIOError`` on every rank
-    (``agree``), after the temporary file is removed; the previous checkpoint is untouched."""
+    (``agree``), after the temporary file is removed; the previous checkpoint is untouched.
+    ``storage``: the backend writing the file (default: ``storage_for(mode)``)."""
     t0 = time.perf_counter()
-    mode = mode or io_mode()
+    storage = storage or storage_for(mode or io_mode())
     rank = comm.Get_rank()
     d = checkpoint_dir(run_dir)
     counters = comm.bcast(counters if rank == 0 else None, root=0)
@@ -60,27 +62,7 @@ def write_checkpoint(run_dir, comm, layout: dict, env: dict, sizes: list[int], c
             for stale in d.glob("*.tmp"):      # ours: the run directory is locked (rundir.Lock)
                 stale.unlink(missing_ok=True)
     agree(comm, "create", tmp, loc.err)
-    with Local() as loc:
-        mine = _prepare(rank, mine, rank_json, layout, env, sizes)
-    agree(comm, "prepare", tmp, loc.err)
-    maxlen = max(1, max(comm.allgather(len(rank_json))))
-    specs = plan(layout, env, sizes, maxlen)
-    with Local() as loc:
-        my_crcs = _part_crcs(rank, specs, mine, maxlen)
-    agree(comm, "prepare", tmp, loc.err)
-    crcs = {}
-    for part in comm.allgather(my_crcs):
-        crcs.update(part)
-    root_attrs = {"format": FORMAT, "version": __version__, "io_mode": mode,
-                  "config": json.dumps(cfg), "layout": json.dumps(layout), "env": json.dumps(env),
-                  "layer_sizes": json.dumps(sizes), "counters": json.dumps(counters)}
-    root_attrs["attrs_crc32"] = attrs_crc(root_attrs)
-    nbytes = sum(int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize for s in specs)
-
-    if mode == "parallel":
-        _write_parallel(tmp, comm, specs, mine, crcs, root_attrs)
-    else:
-        _write_serial(tmp, comm, specs, mine, crcs, root_attrs)
+    nbytes = write_parts(storage, tmp, comm, layout, env, sizes, cfg, counters, mine, rank_json)
     sleep = _test_sleep(int(counters["env_steps"]))
     if sleep > 0:
         time.sleep(sleep)     # test hook: a window in which a kill -9 hits a half-done checkpoint
@@ -92,6 +74,57 @@ def write_checkpoint(run_dir, comm, layout: dict, env: dict, sizes: list[int], c
             _publish(d, tmp, final, keep_last)
     _agree_or_discard(comm, "rename", tmp, loc.err)
     return {"path": str(final), "seconds": time.perf_counter() - t0, "bytes": nbytes}
+
+
+def write_parts(storage, target, comm, layout: dict, env: dict, sizes: list[int], cfg: dict,
+                counters: dict, mine: dict, rank_json: bytes) -> int:
+    """Collective over ``comm``: plan the checkpoint's datasets (``schema.plan``), check and
+    checksum this rank's parts, and have ``storage`` (a ``storage.Storage`` backend) write them
+    all to ``target`` with the root attributes. ``counters``: the same on every rank. Returns
+    the bytes of the datasets."""
+    rank = comm.Get_rank()
+    with Local() as loc:
+        mine = _prepare(rank, mine, rank_json, layout, env, sizes)
+    agree(comm, "prepare", target, loc.err)
+    maxlen = max(1, max(comm.allgather(len(rank_json))))
+    specs = plan(layout, env, sizes, maxlen)
+    with Local() as loc:
+        my_crcs = _part_crcs(rank, specs, mine, maxlen)
+    agree(comm, "prepare", target, loc.err)
+    crcs = {}
+    for part in comm.allgather(my_crcs):
+        crcs.update(part)
+    root_attrs = {"format": FORMAT, "version": __version__, "io_mode": storage.io_mode,
+                  "config": json.dumps(cfg), "layout": json.dumps(layout), "env": json.dumps(env),
+                  "layer_sizes": json.dumps(sizes), "counters": json.dumps(counters)}
+    root_attrs["attrs_crc32"] = attrs_crc(root_attrs)
+    storage.write(target, comm, specs, mine, crcs, root_attrs)
+    return sum(int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize for s in specs)
+
+
+class ParallelHDF5:
+    """The HDF5 backend where every rank writes its own parts (``_write_parallel``)."""
+    io_mode = "parallel"
+
+    def write(self, target, comm, specs, parts, crcs, root_attrs) -> None:
+        _write_parallel(target, comm, specs, parts, crcs, root_attrs)
+
+    def open(self, target):
+        return open_checkpoint(target)
+
+
+class SerialHDF5(ParallelHDF5):
+    """The HDF5 backend where rank 0 writes every part, the others sending theirs
+    (``_write_serial``): h5py without MPI, or ``HPCDQN_H5_SERIAL=1``."""
+    io_mode = "serial"
+
+    def write(self, target, comm, specs, parts, crcs, root_attrs) -> None:
+        _write_serial(target, comm, specs, parts, crcs, root_attrs)
+
+
+def storage_for(mode: str):
+    """The HDF5 backend of an I/O mode (``mpiio.io_mode``: 'parallel' or 'serial')."""
+    return ParallelHDF5() if mode == "parallel" else SerialHDF5()
 
 
 def _prepare(rank, mine, rank_json, layout, env, sizes) -> dict:
@@ -168,6 +201,13 @@ def _test_sleep(env_steps: int) -> float:
     return float(secs) if env_steps >= int(at or 0) else 0.0
 
 
+def dataset_attrs(spec, crcs: dict) -> dict:
+    """A dataset's attributes in the file: ``parts`` ([[start, stop], ...]) and ``crc32`` (one
+    CRC-32 per part, from ``crcs``: {(name, part index): crc})."""
+    return {"parts": json.dumps([[a, b] for _, a, b in spec.parts]),
+            "crc32": json.dumps([crcs.get((spec.name, j), 0) for j in range(len(spec.parts))])}
+
+
 def _create_all(f, specs, crcs, root_attrs, fill_never=True, contiguous=False):
     """``contiguous``: ignore the specs' chunk shapes (parallel writer): a rank's shard is then
     one contiguous byte range of the file, written with plain large writes, and its file offset
@@ -181,8 +221,7 @@ def _create_all(f, specs, crcs, root_attrs, fill_never=True, contiguous=False):
         if fill_never:
             kw["fill_time"] = "never"   # every byte is written by its owner: no fill pass
         ds = f.create_dataset(s.name, shape=s.shape, dtype=s.dtype, **kw)
-        ds.attrs["parts"] = json.dumps([[a, b] for _, a, b in s.parts])
-        ds.attrs["crc32"] = json.dumps([crcs.get((s.name, j), 0) for j in range(len(s.parts))])
+        ds.attrs.update(dataset_attrs(s, crcs))
 
 
 def _file_kwargs():
@@ -269,8 +308,7 @@ def _create_layout(tmp, specs, crcs, root_attrs) -> dict:
             dcpl.set_fill_time(h5d.FILL_TIME_NEVER)   # every byte is written by its owner
             ds = f.create_dataset(s.name, shape=s.shape, dtype=s.dtype, dcpl=dcpl)
             hold.append(ds)
-            ds.attrs["parts"] = json.dumps([[a, b] for _, a, b in s.parts])
-            ds.attrs["crc32"] = json.dumps([crcs.get((s.name, j), 0) for j in range(len(s.parts))])
+            ds.attrs.update(dataset_attrs(s, crcs))
             offsets[s.name] = ds.id.get_offset()
         return offsets
 
