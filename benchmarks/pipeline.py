@@ -75,7 +75,7 @@ def _setup(a):
 def worker(a) -> None:
     import numpy as np
 
-    from hpcdqn.learner.budget import peak_rss
+    from hpcdqn.sysinfo import peak_rss
 
     comm, grid, layers, learner, batch, rows, base = _setup(a)
     for _ in range(a.warmup):

@@ -15,12 +15,12 @@ import h5py
 import numpy as np
 import torch
 
+from hpcdqn.parallel.agree import Local
+from hpcdqn.parallel.layout import replay_per_replica
 from hpcdqn.rl.framereplay import ring_rows
-from hpcdqn.rl.schedule import Schedule
 from hpcdqn.store.codec import decode, encode, env_state, restore_env_state
-from hpcdqn.store.agree import Local, agree
 from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointMismatch,
-                                 CheckpointTransient)
+                                 CheckpointTransient, agree)
 from hpcdqn.store.mpiio import SERIAL_ENV, io_mode
 from hpcdqn.store.reader import (check_compatible, load_learner, load_rank_state, load_replay_same,
                                  open_checkpoint, read_meta, verify)
@@ -219,8 +219,7 @@ class Checkpointer:
 
 def _rows_for(cfg: dict, dp: int, k: int) -> int:
     """Rows of each replica's replay ring (``dqn.buffer_size`` is the global capacity)."""
-    per_replica = Schedule.resolve(cfg, dp).buffer_per_replica
-    return ring_rows(per_replica, cfg["num_envs"], cfg["dqn"]["n_step"], k)
+    return ring_rows(replay_per_replica(cfg, dp), cfg["num_envs"], cfg["dqn"]["n_step"], k)
 
 
 def _same(old: dict, new: dict, keys) -> bool:

@@ -17,13 +17,14 @@ import h5py
 import numpy as np
 
 from hpcdqn import __version__
-from hpcdqn.store.agree import TRANSIENT_ERRNOS, Local, agree, describe, fault, os_errno
+from hpcdqn.parallel.agree import TRANSIENT_ERRNOS, Local, describe, os_errno
 from hpcdqn.store.bounds import check_meta, check_shapes, format_version
 from hpcdqn.store.codec import ATTRS_CRC, attrs_crc, crc
 from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointMismatch,
-                                 CheckpointTransient)
+                                 CheckpointTransient, agree)
 from hpcdqn.store.schema import (PARAM_GROUPS, Spec, frame_stack, layer_parts, plan,
                                  replay_rows, replay_specs, rows_per_piece)
+from hpcdqn.testing import fault
 
 
 # ---------------------------------------------------------------------------------------------
