@@ -46,7 +46,7 @@ def _cmd_plan(args, world: int | None = None) -> int:
     """Per-rank memory by category for a layout, and the run's schedule figures; allocates
     nothing of the network or the replay. Exit 0 if every rank fits, 1 if not."""
     from hpcdqn.config import ConfigError, load_config
-    from hpcdqn.learner.budget import describe_plan, job_plan
+    from hpcdqn.learner.budget import describe_memory_plan, job_memory_plan
     from hpcdqn.parallel.grid import LayoutError
     from hpcdqn.sysinfo import ENV_CAP, fmt_bytes
 
@@ -54,14 +54,15 @@ def _cmd_plan(args, world: int | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         per_node = args.ranks_per_node or ranks
-        res = job_plan(cfg, ranks, per_node, args.mem_per_rank)
+        res = job_memory_plan(cfg, ranks, per_node, args.mem_per_rank)
     except (ConfigError, LayoutError) as e:
         print(f"hpcdqn plan: config error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(res))
     else:
-        print(describe_plan(res, res["mem_per_rank"], res["mem_per_rank_source"], res["baseline_rss"]))
+        print(describe_memory_plan(res, res["mem_per_rank"], res["mem_per_rank_source"],
+                                   res["baseline_rss"]))
     if not res["fits"]:
         print(f"hpcdqn plan: WARNING: the largest rank needs {fmt_bytes(res['largest_rank_bytes'])}, "
               f"more than the {fmt_bytes(res['mem_per_rank'])} a rank may use "

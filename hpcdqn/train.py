@@ -194,7 +194,7 @@ class Trainer:
             raise config_mod.ConfigError(str(e)) from None
         if not self.layout.steps_envs:
             env.close()      # (built for its spaces: only a replica's first stage acts)
-        self.mem_plan = self.check_memory()     # stops here, on every rank, if it cannot fit
+        self.memory_plan = self.check_memory()     # stops here, on every rank, if it cannot fit
         # shapes only (meta device, the layout's): each rank allocates just its own stage, with
         # the values the whole network would get from `seed` (networks.initial_flat)
         layers = list(self.layout.layers)
@@ -255,7 +255,7 @@ class Trainer:
         g = self.grid
         cats = dict(self.learner.memory_bytes())
         cats["replay"] = self.replay.nbytes if self.replay is not None else 0
-        planned = self.mem_plan["stages"][g.pp_rank]
+        planned = self.memory_plan["stages"][g.pp_rank]
         cats["activations_estimate"] = planned["activations"]
         return {"rank": g.rank, "dp_rank": g.dp_rank, "pp_rank": g.pp_rank, **cats,
                 "baseline_rss": self.baseline_rss, "planned_rss": self.baseline_rss + planned["total"],

@@ -155,7 +155,8 @@ def check_fits(plan: dict, cap: int, source: str, baseline: int, ranks_per_stage
         f"(--mem-per-rank / {ENV_CAP}); `hpcdqn plan` shows every layout's figures")
 
 
-def describe_plan(plan: dict, cap: int | None = None, source: str = "", baseline: int = 0) -> str:
+def describe_memory_plan(plan: dict, cap: int | None = None, source: str = "",
+                         baseline: int = 0) -> str:
     """The plan as lines for people."""
     lines = [f"layout: world={plan['world']} = dp {plan['dp']} x pp {plan['pp']}; global batch "
              f"{plan['global_batch']}; replay ratio {plan['replay_ratio']} (sampled transitions per "
@@ -177,7 +178,8 @@ def describe_plan(plan: dict, cap: int | None = None, source: str = "", baseline
     return "\n".join(lines)
 
 
-def job_plan(cfg: dict, world: int, local_ranks: int, cap_override: str | None = None) -> dict:
+def job_memory_plan(cfg: dict, world: int, local_ranks: int,
+                    cap_override: str | None = None) -> dict:
     """What ``hpcdqn plan`` prints: the plan for ``world`` ranks, the cap, the measured process
     baseline and whether the largest rank fits. Builds one environment for its spaces."""
     from hpcdqn.rl.envs import frame_stack, make_vector_env

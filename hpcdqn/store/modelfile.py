@@ -18,7 +18,8 @@ import torch
 
 from hpcdqn import __version__
 from hpcdqn.parallel.flat import FlatModule
-from hpcdqn.parallel.partition import param_ranges, plan_stages, stage_modules
+from hpcdqn.parallel.layout import stage_bounds
+from hpcdqn.parallel.partition import param_ranges, stage_modules
 from hpcdqn.rl.networks import KINDS, meta_layers, num_params
 from hpcdqn.store.mpiio import h5_image
 
@@ -226,8 +227,9 @@ def load_model_stage(path: Path, pp: int, stage: int, device="cpu"):
     other stages is read or allocated."""
     with _open(path) as f:
         cfg, obs_shape, n_actions, layers, ds = _checked(f, path)
-        stages = plan_stages(layers, pp, cfg["network"].get("cuts"),
-                             cfg["network"].get("split_layers", True))
+        net_cfg = cfg["network"]
+        stages = stage_bounds(layers, pp, {"cuts": net_cfg.get("cuts"),
+                                           "split_layers": net_cfg.get("split_layers", True)})
         lo, hi = param_ranges(layers, stages)[stage]
         net = FlatModule(stage_modules(layers, *stages[stage]), device, grad=False)
         if net.numel != hi - lo:
