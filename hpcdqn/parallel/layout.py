@@ -5,8 +5,10 @@ decides before a byte is allocated: the degrees (``world = dp x pp``), this rank
 coordinates and its *role*, the env-step ``Schedule`` for ``dp`` replicas (``rl.schedule``),
 the replay each replica holds and the per-rank memory cap's override. ``place`` adds the
 network (``rl.networks`` on the meta device: nothing is allocated) and its pipeline stage
-bounds once the observation and action spaces are known. ``hpcdqn train`` builds one at set-up and hands it down (memory plan, learner,
-checkpointer); ``hpcdqn plan`` builds the same one for any world size and prints it.
+bounds once the observation and action spaces are known. ``hpcdqn train`` builds one at set-up
+and hands it down (memory plan, learner, replay, model file); ``hpcdqn plan`` builds the same
+one for any world size and prints it. The checkpointer and the model-file loader size and cut
+through ``replay_per_replica`` and ``stage_bounds`` here.
 
 Roles: today every rank is ``env+learner`` (a replica's first stage steps its envs and holds
 its replay shard; every stage learns its share of the network). ``Role`` is where actor-only
