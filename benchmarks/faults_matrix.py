@@ -6,7 +6,7 @@ the real system call by the LD_PRELOAD injector (tests/faultshim/faultshim.c).
     python benchmarks/faults_matrix.py [--ranks 2,4] [--out benchmarks/results/fault_matrix.json]
 
 Checkpoint points (open ... resume read) run in one MPI job per rank count
-(tests/scripts/syscall_faults.py: a real checkpoint, then each case against a second one, or a
+(tests/store/syscall_faults.py: a real checkpoint, then each case against a second one, or a
 read of the first). Run-file points run one short ``hpcdqn train`` each (2 checkpoints, then
 the fault), then ``hpcdqn train --resume`` without the fault, which must resume exactly from
 the last checkpoint and end like an uninterrupted run (same final parameters, bitwise).
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from mpi_util import SCRIPTS, faultshim_lib, mpi_env, mpirun_cmd  # noqa: E402
+from mpi_util import TESTS, faultshim_lib, mpi_env, mpirun_cmd  # noqa: E402
 
 ERRNOS = ("ENOSPC", "EIO", "EDQUOT")
 WHO = ("0", "last", "all")
@@ -74,7 +74,7 @@ def signalled(rc, err) -> bool:
 def ckpt_cases(n: int, tmp: Path) -> list[dict]:
     cases = [f"{p}:{w}:{e}" for p in CKPT_POINTS for w in WHO for e in ERRNOS]
     rc, out, err, hang, wall = run(
-        mpirun_cmd(n) + [sys.executable, str(SCRIPTS / "syscall_faults.py"), str(tmp / f"ck{n}"),
+        mpirun_cmd(n) + [sys.executable, str(TESTS / "store" / "syscall_faults.py"), str(tmp / f"ck{n}"),
                          ",".join(cases)], {"LD_PRELOAD": str(faultshim_lib())}, 120 + 10 * len(cases))
     if hang or rc:
         return [{"level": "checkpoint", "case": c, "ranks": n, "hang": hang,

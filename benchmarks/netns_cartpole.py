@@ -9,7 +9,7 @@ tests/netns_nodes.py) and on one node, hpcdqn unchanged:
 
 Seed 1 (the config's default, fixed before any run). Each run must reach a final greedy eval
 (100 episodes) >= 475; the three runs' model.h5 and newest checkpoints must be bitwise equal
-(tests/scripts/compare_runs.py); the checkpoint's replay shards of both replicas (written by the
+(tests/cluster/compare_runs.py); the checkpoint's replay shards of both replicas (written by the
 ranks of both nodes under block placement) must be filled. Writes
 benchmarks/results/netns_cartpole.json. Needs root.
 
@@ -28,7 +28,7 @@ import h5py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.mpi_util import SCRIPTS, hpcdqn  # noqa: E402
+from tests.mpi_util import TESTS, hpcdqn  # noqa: E402
 from tests.netns_nodes import NetnsNodes  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def main():
         runs[name]["eval_return_mean"] = runs[name]["summary"]["eval_return_mean"]
     cmp = {}
     for other in ("two_nodes_kept", "two_nodes_split"):
-        c = subprocess.run([sys.executable, str(SCRIPTS / "compare_runs.py"), str(tmp / other),
+        c = subprocess.run([sys.executable, str(TESTS / "cluster" / "compare_runs.py"), str(tmp / other),
                             str(tmp / "one_node")], capture_output=True, text=True)
         cmp[f"{other}_vs_one_node"] = c.stdout.strip()
     ok = (all(r["eval_return_mean"] >= 475 for r in runs.values())

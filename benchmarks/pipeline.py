@@ -41,7 +41,7 @@ def _setup(a):
     from mpi4py import MPI
 
     from hpcdqn.config import load_config
-    from hpcdqn.learner import build_learner
+    from hpcdqn.learner import DataParallelLearner, PipelineLearner
     from hpcdqn.learner.budget import process_baseline
     from hpcdqn.parallel.grid import RankGrid
     from hpcdqn.parallel.memory import keep_freed_memory, release_freed_memory
@@ -60,7 +60,8 @@ def _setup(a):
                                  "threads": a.threads})
     base = process_baseline()
     layers = meta_layers((OBS,), ACTIONS, a.hidden)
-    learner = build_learner(grid, layers, cfg, "cpu", seed=1)
+    learner = (DataParallelLearner(layers, cfg, grid.dp_comm, "cpu", seed=1) if pp == 1 else
+               PipelineLearner(layers, cfg, grid, "cpu", seed=1))
     release_freed_memory()       # as ``hpcdqn train`` does once the learner is built
     batch = None
     if grid.is_first_stage:
@@ -75,7 +76,7 @@ def _setup(a):
 def worker(a) -> None:
     import numpy as np
 
-    from hpcdqn.learner.budget import peak_rss
+    from hpcdqn.sysinfo import peak_rss
 
     comm, grid, layers, learner, batch, rows, base = _setup(a)
     for _ in range(a.warmup):

@@ -46,20 +46,23 @@ def _cmd_plan(args, world: int | None = None) -> int:
     """Per-rank memory by category for a layout, and the run's schedule figures; allocates
     nothing of the network or the replay. Exit 0 if every rank fits, 1 if not."""
     from hpcdqn.config import ConfigError, load_config
-    from hpcdqn.learner.budget import ENV_CAP, describe_plan, fmt_bytes, job_plan
+    from hpcdqn.learner.budget import describe_memory_plan, job_memory_plan
+    from hpcdqn.parallel.grid import LayoutError
+    from hpcdqn.sysinfo import ENV_CAP, fmt_bytes
 
     ranks = args.ranks or world or 1
     try:
         cfg = load_config(args.config, args.overrides)
         per_node = args.ranks_per_node or ranks
-        res = job_plan(cfg, ranks, per_node, args.mem_per_rank)
-    except ConfigError as e:
+        res = job_memory_plan(cfg, ranks, per_node, args.mem_per_rank)
+    except (ConfigError, LayoutError) as e:
         print(f"hpcdqn plan: config error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(res))
     else:
-        print(describe_plan(res, res["mem_per_rank"], res["mem_per_rank_source"], res["baseline_rss"]))
+        print(describe_memory_plan(res, res["mem_per_rank"], res["mem_per_rank_source"],
+                                   res["baseline_rss"]))
     if not res["fits"]:
         print(f"hpcdqn plan: WARNING: the largest rank needs {fmt_bytes(res['largest_rank_bytes'])}, "
               f"more than the {fmt_bytes(res['mem_per_rank'])} a rank may use "
@@ -74,11 +77,8 @@ def _cmd_train(args) -> int:
 
     install_signal_handlers()   # before the slow imports: an early USR1/TERM must not kill a rank
     from hpcdqn.config import load_config
-    from hpcdqn.learner.budget import ENV_CAP
     from hpcdqn.parallel.lifecycle import abort_on_exception, is_user_error, user_error_kind
 
-    if args.mem_per_rank:
-        os.environ[ENV_CAP] = args.mem_per_rank      # the check in Trainer reads it
     if args.dry_run:
         from mpi4py import MPI
 
@@ -99,7 +99,7 @@ def _cmd_train(args) -> int:
             _array_seed(cfg, args)
         from hpcdqn.train import train
 
-        summary = abort_on_exception(train, cfg, resume=args.resume)
+        summary = abort_on_exception(train, cfg, resume=args.resume, mem_per_rank=args.mem_per_rank)
     except Exception as e:   # one process: a user error is a message, anything else a traceback
         if not is_user_error(e):
             raise
@@ -204,8 +204,8 @@ def _whole_network_policy(path):
     naming the way out if the whole network does not fit one rank."""
     import torch
 
-    from hpcdqn.learner.budget import ENV_CAP, cap_per_rank, current_rss, fmt_bytes
     from hpcdqn.store.modelfile import load_model, model_size
+    from hpcdqn.sysinfo import ENV_CAP, cap_per_rank, current_rss, fmt_bytes
 
     n, pp = model_size(path)
     need, (cap, source) = 4 * n + current_rss(), cap_per_rank(1)
@@ -228,15 +228,15 @@ def _whole_network_policy(path):
 
 def _run_eval(policy, cfg: dict, args, run) -> dict:
     """``args.episodes`` greedy episodes (default: the run's eval.episodes, else 10)."""
-    from hpcdqn.rl.evaluate import evaluate
+    from hpcdqn.rl.evaluate import evaluate_run
 
     episodes = args.episodes or cfg["eval"]["episodes"] or 10
     n_envs = min(cfg["eval"]["num_envs"], episodes)
     while episodes % n_envs:
         n_envs -= 1
-    res = evaluate(policy, args.env_id or cfg["env_id"], episodes, n_envs,
-                   args.seed if args.seed is not None else cfg["seed"] + 10_000_000, args.epsilon,
-                   atari=cfg.get("atari"))
+    res = evaluate_run(policy, cfg, episodes, n_envs,
+                       args.seed if args.seed is not None else cfg["seed"] + 10_000_000,
+                       epsilon=args.epsilon, env_id=args.env_id, vector="sync")
     res["run_dir"] = str(run)
     return res
 
@@ -246,11 +246,12 @@ def _eval_pipelined(args, run, path) -> int:
     (a missing file, another pp) are agreed so every rank stops with the same message."""
     import torch
 
-    from hpcdqn.learner.budget import fmt_bytes
     from hpcdqn.learner.pipelined import StagePolicy
     from hpcdqn.parallel.grid import RankGrid, mpi
-    from hpcdqn.store.agree import Local, agree
+    from hpcdqn.parallel.agree import Local
+    from hpcdqn.store.errors import agree
     from hpcdqn.store.modelfile import load_model_stage, model_size
+    from hpcdqn.sysinfo import fmt_bytes
 
     comm = mpi().COMM_WORLD
     world, rank = comm.Get_size(), comm.Get_rank()

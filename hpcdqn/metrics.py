@@ -6,11 +6,49 @@ import csv
 import sys
 from pathlib import Path
 
+from hpcdqn.sysinfo import fmt_bytes
+
 # the time split (``Learner.time_split``): shares of the wall time since this process started
 # training, averaged over ranks; they add up to 1
 SHARE_COLUMNS = ["compute_share", "allreduce_share", "wait_share", "bubble_share", "other_share"]
 COLUMNS = ["env_steps", "updates", "episodes", "episodic_return", "episodic_length", "loss",
            "mean_q", "epsilon", "lr", "sps", "ups", *SHARE_COLUMNS, "rss_mb", "wall_s"]
+
+
+EVAL_CSV = "eval.csv"        # periodic greedy evaluations (eval.every)
+EVAL_COLUMNS = ["env_steps", "updates", "wall_s", "eval_return_mean", "eval_return_std",
+                "eval_episodes", "eval_s"]
+MEMORY_COLUMNS = ("parameters", "target", "gradients", "optimizer", "replay",
+                  "activations_estimate")
+
+
+def append_eval_row(run_dir: Path, row: dict) -> Path:
+    """One row of ``eval.csv`` (its header first in a new file); returns the file's path. An
+    OSError is raised for the caller to agree on."""
+    path = Path(run_dir) / EVAL_CSV
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=EVAL_COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+    return path
+
+
+def start_lines(schedule_text: str, update_text: str, stage_contents, reports: list[dict],
+                pp: int, dp: int) -> list[str]:
+    """What rank 0 says once at start: the env-step schedule, how updates are computed, what
+    each pipeline stage holds and the bytes by category of every rank (replica 0's at dp>1)."""
+    lines = [f"hpcdqn: {schedule_text}", f"hpcdqn: update plan (rank 0): {update_text}"]
+    if pp > 1:
+        lines.append("hpcdqn: pipeline stages: " + "; ".join(
+            f"{i}: {held}" for i, held in enumerate(stage_contents)))
+    for r in reports[:pp] if dp > 1 else reports:
+        lines.append(f"hpcdqn: memory rank {r['rank']} (stage {r['pp_rank']}): " + ", ".join(
+            f"{k} {fmt_bytes(r[k])}" for k in MEMORY_COLUMNS)
+            + f"; RSS baseline {fmt_bytes(r['baseline_rss'])}, planned peak "
+              f"{fmt_bytes(r['planned_rss'])}, peak so far {fmt_bytes(r['peak_rss'])}")
+    return lines
 
 
 def share_columns(split: dict) -> dict:

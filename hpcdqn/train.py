@@ -4,9 +4,9 @@ Every data-parallel replica steps its own vector envs, fills its own replay shar
 its own minibatches; the learner averages gradients across replicas, so all replicas apply the
 same update. Inside a replica the pipeline stages make the same learner calls as the first stage
 (which holds the envs and the replay), passing ``None`` where they hold no data.
-Every schedule key counts global env steps (over all replicas); ``rl.schedule.Schedule``
-resolves them for this layout once (iterations, updates per phase, the per-replica batch and
-replay capacity of ``scaling.rule``).
+Every schedule key counts global env steps (over all replicas); the run's layout
+(``parallel.layout.RunLayout``: degrees, rank roles, the env-step ``Schedule``, stage bounds,
+replay per replica, the memory cap) is resolved once at set-up and handed down.
 
 ``Trainer.run`` is the algorithm; ``Trainer.__init__`` (set-up), ``Trainer.resume`` and
 ``Trainer.finish`` (final model, evaluation, summary) are the rest.
@@ -15,7 +15,6 @@ replay capacity of ``scaling.rule``).
 from __future__ import annotations
 
 import atexit
-import csv
 import json
 import os
 import sys
@@ -29,29 +28,26 @@ import torch
 
 from hpcdqn import config as config_mod
 from hpcdqn.learner import build_learner
-from hpcdqn.learner.budget import (cap_per_rank, check_fits, current_rss, fmt_bytes, peak_rss,
-                                   plan_memory, process_baseline)
-from hpcdqn.metrics import MetricsLogger, share_columns
+from hpcdqn.learner.budget import check_fits, plan_memory, process_baseline
+from hpcdqn.metrics import EVAL_CSV, MetricsLogger, append_eval_row, share_columns, start_lines
+from hpcdqn.parallel.agree import Local, describe
 from hpcdqn.parallel.grid import RankGrid, choose_device, mpi
+from hpcdqn.parallel.layout import RunLayout
 from hpcdqn.parallel.lifecycle import (agree_signal, agree_user_errors, install_signal_handlers,
                                       on_leave)
 from hpcdqn.parallel.memory import keep_freed_memory, release_freed_memory
 from hpcdqn.parallel import watchdog
 from hpcdqn.rl.envs import frame_stack, make_vector_env
-from hpcdqn.rl.evaluate import evaluate
-from hpcdqn.rl.networks import meta_layers, resolve_kind
+from hpcdqn.rl.evaluate import evaluate_run
+from hpcdqn.rl.networks import resolve_kind
 from hpcdqn.rl.framereplay import make_replay, planned_episode_steps
 from hpcdqn.rl.rollout import Rollout
-from hpcdqn.rl.schedule import Schedule, linear_schedule
+from hpcdqn.rl.schedule import linear_schedule
 from hpcdqn.store import Checkpointer, truncate_metrics, warn
-from hpcdqn.store.agree import Local, agree, agree_write, describe
-from hpcdqn.store.modelfile import save_model, write_model_slices
+from hpcdqn.store.errors import agree, agree_write
+from hpcdqn.store.modelfile import write_run_model
 from hpcdqn.store.rundir import acquire_lock, check_fresh, release_lock
-
-
-EVAL_CSV = "eval.csv"        # periodic greedy evaluations (eval.every)
-EVAL_COLUMNS = ["env_steps", "updates", "wall_s", "eval_return_mean", "eval_return_std",
-                "eval_episodes", "eval_s"]
+from hpcdqn.sysinfo import cap_per_rank, current_rss, peak_rss
 
 
 @dataclass
@@ -147,12 +143,17 @@ def configure_process(cfg: dict, local_rank: int = 0) -> str:
 class Trainer:
     """One training run on this rank: set-up here, then ``resume`` (optional) and ``run``."""
 
-    def __init__(self, cfg: dict, comm=None, quiet: bool = False, resume: str | None = None):
+    def __init__(self, cfg: dict, comm=None, quiet: bool = False, resume: str | None = None,
+                 mem_per_rank: str | None = None):
+        """``mem_per_rank``: the per-rank memory cap (``--mem-per-rank``; None: the
+        ``HPCDQN_MEM_PER_RANK`` environment variable, the Slurm allocation or ``MemTotal``)."""
         self.cfg, self.quiet = cfg, quiet
         self.comm = comm if comm is not None else mpi().COMM_WORLD
         with Local() as loc:    # the same on every rank, or the same error: agreed, exit 2
+            self.layout = RunLayout.resolve(cfg, self.comm.Get_size(), self.comm.Get_rank(),
+                                            mem_per_rank)
             self.grid = grid = RankGrid(self.comm, cfg["pp"])
-            self.schedule = Schedule.resolve(cfg, grid.dp)
+            self.clock = self.layout.schedule     # the env-step schedule (rl.schedule)
         agree_user_errors(self.comm, loc.err)
         self.device = configure_process(cfg, grid.local_rank)
         self.run_dir, self.lock = make_run_dir(cfg, self.comm, resume)
@@ -160,7 +161,8 @@ class Trainer:
         with Local() as loc:
             if self.root:
                 (self.run_dir / "config.toml").write_text(config_mod.to_toml(cfg))
-                (self.run_dir / "layout.json").write_text(json.dumps(grid.describe()))
+                (self.run_dir / "layout.json").write_text(json.dumps(
+                    {**grid.describe(), "roles": [r.value for r in self.layout.roles]}))
                 if not resume:          # (a fresh run appends its own periodic evaluations)
                     (self.run_dir / EVAL_CSV).unlink(missing_ok=True)
         agree_write(self.comm, "config.toml and layout.json", self.run_dir, loc.err)
@@ -190,20 +192,19 @@ class Trainer:
             resolve_kind(self.obs_space.shape, cfg["network"]["kind"])
         except ValueError as e:
             raise config_mod.ConfigError(str(e)) from None
-        if not grid.is_first_stage:
+        if not self.layout.steps_envs:
             env.close()      # (built for its spaces: only a replica's first stage acts)
-        self.mem_plan = self.check_memory()     # stops here, on every rank, if it cannot fit
-        # shapes only (meta device): each rank allocates just its own stage, with the values
-        # the whole network would get from `seed` (networks.initial_flat)
-        layers = meta_layers(self.obs_space.shape, self.n_actions, cfg["network"]["hidden"],
-                             cfg["network"]["dueling"], cfg["network"]["kind"])
-        self.learner = build_learner(grid, layers, cfg, self.device, seed=cfg["seed"])
+        self.memory_plan = self.check_memory()     # stops here, on every rank, if it cannot fit
+        # shapes only (meta device, the layout's): each rank allocates just its own stage, with
+        # the values the whole network would get from `seed` (networks.initial_flat)
+        layers = list(self.layout.layers)
+        self.learner = build_learner(self.layout, grid, cfg, self.device, seed=cfg["seed"])
         # online + target + Adam moments held by each stage (replica 0's stages are world ranks 0..pp-1)
         self.stage_bytes = self.comm.allgather(self.learner.parameter_bytes())[:grid.pp]
         self.replay = self.rollout = None
-        if grid.is_first_stage:
+        if self.layout.steps_envs:
             self.replay = make_replay(
-                self.schedule.buffer_per_replica, cfg["num_envs"], self.obs_space.shape,
+                self.layout.replay_per_replica, cfg["num_envs"], self.obs_space.shape,
                 self.obs_space.dtype, self.frame_stack, n_step=d["n_step"], gamma=d["gamma"],
                 prioritized=cfg["replay"]["prioritized"], alpha=cfg["replay"]["alpha"],
                 priority_eps=cfg["replay"]["priority_eps"], seed=env_seed + 7,
@@ -217,16 +218,18 @@ class Trainer:
         release_freed_memory()      # start-up temporaries (the backward check's copy) leave no hole
 
     def check_memory(self) -> dict:
-        """Collective over the world: the planner's per-stage bytes for this layout, checked
-        against the per-rank cap (``learner.budget``) before the network or replay is allocated;
-        every rank takes the same decision (the largest baseline, the smallest cap)."""
+        """Collective over the world: the layout's network and stages placed, the planner's
+        per-stage bytes for it, checked against the per-rank cap (``learner.budget``) before the
+        network or replay is allocated; every rank takes the same decision (the largest
+        baseline, the smallest cap)."""
         MPI = mpi()
+        shape = self.obs_space.shape
         with Local() as loc:    # (a pipeline split this network cannot make: agreed, exit 2)
-            plan = plan_memory(self.cfg, self.obs_space.shape, self.obs_space.dtype,
-                               self.n_actions, self.grid.world, self.frame_stack)
+            self.layout = self.layout.place(self.cfg["network"], shape, self.n_actions)
+            plan = plan_memory(self.layout, self.cfg, shape, self.obs_space.dtype, self.frame_stack)
         agree_user_errors(self.comm, loc.err)
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        cap, source = cap_per_rank(local.Get_size())
+        cap, source = cap_per_rank(local.Get_size(), self.layout.mem_per_rank)
         local.Free()
         cap = self.comm.allreduce(cap, op=MPI.MIN)
         # the process baseline: Python, torch (its optimizer's imports), MPI and the envs,
@@ -241,9 +244,9 @@ class Trainer:
     def ckpt_bytes(self) -> int:
         """Collective: the most checkpoint bytes any rank writes (its replay shard, its
         parameters and optimizer state), for the watchdog's checkpoint/resume deadline."""
-        mine = (self.replay.nbytes if self.replay is not None else 0) + \
+        held = (self.replay.nbytes if self.replay is not None else 0) + \
             int(self.learner.parameter_bytes())
-        return int(self.comm.allreduce(mine, op=mpi().MAX))
+        return int(self.comm.allreduce(held, op=mpi().MAX))
 
     def memory_report(self) -> dict:
         """This rank's bytes by category (tensors it holds; activations: the planner's estimate)
@@ -251,7 +254,7 @@ class Trainer:
         g = self.grid
         cats = dict(self.learner.memory_bytes())
         cats["replay"] = self.replay.nbytes if self.replay is not None else 0
-        planned = self.mem_plan["stages"][g.pp_rank]
+        planned = self.memory_plan["stages"][g.pp_rank]
         cats["activations_estimate"] = planned["activations"]
         return {"rank": g.rank, "dp_rank": g.dp_rank, "pp_rank": g.pp_rank, **cats,
                 "baseline_rss": self.baseline_rss, "planned_rss": self.baseline_rss + planned["total"],
@@ -263,19 +266,10 @@ class Trainer:
         reports = self.comm.gather(self.memory_report(), root=0)
         if not self.root or self.quiet:
             return
-        print(f"hpcdqn: {self.schedule.describe()}", file=sys.stderr, flush=True)
-        print(f"hpcdqn: update plan (rank 0): {self.learner.plan.describe()}", file=sys.stderr, flush=True)
-        if self.grid.pp > 1:
-            print("hpcdqn: pipeline stages: " + "; ".join(
-                f"{i}: {held}" for i, held in enumerate(self.learner.stage_contents)),
-                file=sys.stderr, flush=True)
-        for r in reports[:self.grid.pp] if self.grid.dp > 1 else reports:
-            print(f"hpcdqn: memory rank {r['rank']} (stage {r['pp_rank']}): " + ", ".join(
-                f"{k} {fmt_bytes(r[k])}" for k in ("parameters", "target", "gradients", "optimizer",
-                                                   "replay", "activations_estimate"))
-                  + f"; RSS baseline {fmt_bytes(r['baseline_rss'])}, planned peak "
-                    f"{fmt_bytes(r['planned_rss'])}, peak so far {fmt_bytes(r['peak_rss'])}",
-                  file=sys.stderr, flush=True)
+        lay = self.layout
+        for line in start_lines(self.clock.describe(), self.learner.plan.describe(),
+                                lay.stage_contents, reports, lay.pp, lay.dp):
+            print(line, file=sys.stderr, flush=True)
 
     # -- resume -----------------------------------------------------------------------------------
     def resume(self, run_dir) -> None:
@@ -283,11 +277,12 @@ class Trainer:
         learner, loop counters): bitwise on the same layout, resharded on another."""
         with watchdog.phase("resume"):
             st = self.ckpt.resume(run_dir)
-        c, spi = st["counters"], self.schedule.steps_per_iter
-        it = c["iteration_next"] if st["exact"] else round(c["env_steps"] / spi)
+        c, steps_per_iter = st["counters"], self.clock.steps_per_iter
+        it = c["iteration_next"] if st["exact"] else round(c["env_steps"] / steps_per_iter)
         self.state = LoopState(iteration=it, episodes=int(c["episodes"]),
                                wall_offset=float(c["wall_s"]), epsilon=self.state.epsilon,
-                               shown_steps=it * spi, window=Window.from_dict(st["window"]))
+                               shown_steps=it * steps_per_iter,
+                               window=Window.from_dict(st["window"]))
         self.resumed = True
         release_freed_memory()      # the arrays read from the checkpoint
         if self.root:
@@ -303,34 +298,34 @@ class Trainer:
     def run(self) -> dict:
         """Train to ``total_steps`` (or ``stop_after``, or a signal all ranks agreed on); returns
         the run's summary. Every rank makes the same collective calls in the same order."""
-        s, sched, cfg = self.state, self.schedule, self.cfg
+        s, clock, cfg = self.state, self.clock, self.cfg
         self.log = None
         with Local() as loc:
             self.log = MetricsLogger(self.run_dir, self.root, cfg["log"]["tensorboard"],
                                      cfg["log"]["progress"] and not self.quiet,
-                                     sched.env_steps(sched.n_iters), append=self.resumed)
+                                     clock.env_steps(clock.n_iters), append=self.resumed)
         agree_write(self.comm, "metrics.csv", self.run_dir / "metrics.csv", loc.err)
         self.t0 = time.perf_counter() - s.wall_offset
         self.t_leg = time.perf_counter()      # this process's start (the time split's window)
         self.log.progress(s.shown_steps)
-        for it in range(s.iteration, sched.n_iters):
+        for it in range(s.iteration, clock.n_iters):
             s.iteration = it + 1
-            s.epsilon = sched.epsilon(cfg, it, self.grid.dp_rank)
+            s.epsilon = clock.epsilon(cfg, it, self.grid.dp_rank)
             actions = self.act(s.epsilon)       # collective over the replica's stages
             self.store(actions)                 # env step -> replay shard (first stages)
-            if sched.syncs_target_after(it):
+            if clock.syncs_target_after(it):
                 self.sync_target()              # every target_update_every env steps
-            if sched.trains_after(it):
+            if clock.trains_after(it):
                 with watchdog.phase("gradient sync"):
                     self.learn()                # collective: one phase of gradient updates
-            if sched.evaluates_after(it):
+            if clock.evaluates_after(it):
                 with watchdog.phase("eval"):
                     self.periodic_eval()        # collective: eval.csv, time left out of wall_s
-            if sched.logs_after(it):
+            if clock.logs_after(it):
                 self.log_row()                  # collective: metrics row, agreed signals
             stopping = self.stopping()
-            if cfg["checkpoint"] and (self.ckpt.due(sched.env_steps(it), sched.env_steps(it + 1))
-                                      or stopping or it == sched.n_iters - 1):
+            if cfg["checkpoint"] and (self.ckpt.due(clock.env_steps(it), clock.env_steps(it + 1))
+                                      or stopping or it == clock.n_iters - 1):
                 self.checkpoint()               # collective: one parallel-HDF5 file
             if stopping:
                 break
@@ -365,12 +360,12 @@ class Trainer:
 
     def learn(self) -> None:
         """Collective: the schedule's updates per phase on minibatches of this replica's shard."""
-        cfg, sched, learner, replay = self.cfg, self.schedule, self.learner, self.replay
-        frac = sched.progress(learner.updates)
-        learner.set_lr(sched.lr(cfg["dqn"], frac))
+        cfg, clock, learner, replay = self.cfg, self.clock, self.learner, self.replay
+        frac = clock.progress(learner.updates)
+        learner.set_lr(clock.lr(cfg["dqn"], frac))
         beta = linear_schedule(cfg["replay"]["beta_start"], cfg["replay"]["beta_end"], 1.0, frac)
         per = replay is not None and replay.prioritized
-        n, size = sched.updates_per_phase, sched.batch_per_replica
+        n, size = clock.updates_per_phase, clock.batch_per_replica
         # uniform replay: the phase's minibatches in one draw (and their targets in one pass)
         batches = replay.sample_many(n, size, beta) if replay is not None and not per else None
         q_next = learner.phase_targets(batches)
@@ -391,7 +386,7 @@ class Trainer:
     def log_row(self) -> None:
         """Collective over the world: one metrics row (rank 0 writes it), then agree on signals."""
         s, learner = self.state, self.learner
-        steps_done = self.schedule.env_steps(s.iteration)
+        steps_done = self.clock.env_steps(s.iteration)
         w = allreduce_window(s.window, self.comm)
         s.episodes += int(w["n"])
         wall = time.perf_counter() - self.t0
@@ -416,12 +411,12 @@ class Trainer:
     def stopping(self) -> bool:
         stop_after = self.cfg["stop_after"]
         return bool(self.state.stopped_by) or bool(
-            stop_after and self.schedule.env_steps(self.state.iteration) >= stop_after)
+            stop_after and self.clock.env_steps(self.state.iteration) >= stop_after)
 
     def checkpoint(self) -> None:
         """Collective over the world: everything needed to continue exactly from here."""
         s = self.state
-        counters = {"iteration_next": s.iteration, "env_steps": self.schedule.env_steps(s.iteration),
+        counters = {"iteration_next": s.iteration, "env_steps": self.clock.env_steps(s.iteration),
                     "episodes": s.episodes, "epsilon": s.epsilon,
                     "wall_s": time.perf_counter() - self.t0}
         with watchdog.phase("checkpoint"):
@@ -439,8 +434,8 @@ class Trainer:
         self.log.close()
         if self.rollout is not None:
             self.rollout.close()
-        env_steps = self.schedule.env_steps(s.iteration)
-        stopped_early = env_steps < self.schedule.env_steps(self.schedule.n_iters)
+        env_steps = self.clock.env_steps(s.iteration)
+        stopped_early = env_steps < self.clock.env_steps(self.clock.n_iters)
         with watchdog.phase("model file"):
             self.save_model()
         memory = self.comm.allgather(self.memory_report())
@@ -451,7 +446,7 @@ class Trainer:
                    "parameter_bytes_per_stage": self.stage_bytes,
                    "memory_per_rank": memory,
                    "execution_plan": learner.plan.as_dict(),
-                   "schedule": self.schedule.as_dict(), "eval_s": round(self.eval_seconds, 3)}
+                   "schedule": self.clock.as_dict(), "eval_s": round(self.eval_seconds, 3)}
         summary.update(self.ckpt.summary(), checkpoint_io=self.ckpt.mode)
         if s.stopped_by:
             summary["stopped_by_signal"] = int(s.stopped_by)
@@ -478,60 +473,50 @@ class Trainer:
         return summary
 
     def save_model(self) -> None:
-        """Collective over the world: ``model.h5``; pipelined, replica 0's stages write their
-        own slices together (no rank gathers the whole network)."""
-        cfg, learner, grid = self.cfg, self.learner, self.grid
-        args = (cfg, self.obs_space.shape, self.obs_space.dtype, self.n_actions)
-        path = self.run_dir / "model.h5"
-        with Local() as loc:
-            if grid.pp == 1:
-                if self.root:
-                    save_model(path, learner.online.numpy_data(), *args)
-            elif grid.dp_rank == 0:
-                lo, _ = learner.param_range()
-                write_model_slices(path, learner.online.numpy_data(), lo,
-                                   learner.param_ranges[-1][1], grid.pp_comm, *args)
-        agree_write(self.comm, "model.h5", path, loc.err)    # (a barrier too)
+        """Collective over the world: ``model.h5`` (``store.modelfile.write_run_model``)."""
+        lay = self.layout
+        write_run_model(self.run_dir / "model.h5", self.grid, self.learner.online.numpy_data(),
+                        lay.param_ranges[lay.pp_rank][0], lay.param_ranges[-1][1], self.cfg,
+                        self.obs_space.shape, self.obs_space.dtype, self.n_actions)
+
+    def evaluate(self, episodes: int, num_envs: int, seed: int) -> dict | None:
+        """Collective over the replica's stages: greedy episodes of replica 0 in envs made as
+        the run trained (``rl.evaluate.evaluate_run``); the result on world rank 0."""
+        return self.learner.evaluate(
+            lambda policy: evaluate_run(policy, self.cfg, episodes, num_envs, seed))
 
     def periodic_eval(self) -> None:
         """Collective over the world: ``eval.every_episodes`` greedy episodes of replica 0 and a
         row of ``eval.csv`` (rank 0). Every rank waits for them in one broadcast and leaves
         their time out of its wall-clock (``wall_s``, env steps/s, time to target)."""
-        cfg, ev, t = self.cfg, self.cfg["eval"], time.perf_counter()
-        steps = self.schedule.env_steps(self.state.iteration)
-        res = self.learner.evaluate(lambda policy: evaluate(
-            policy, cfg["env_id"], ev["every_episodes"], min(ev["num_envs"], ev["every_episodes"]),
-            cfg["seed"] + 20_000_000 + steps, ev["epsilon"], cfg["vector"]))
+        ev, t = self.cfg["eval"], time.perf_counter()
+        steps = self.clock.env_steps(self.state.iteration)
+        res = self.evaluate(ev["every_episodes"], min(ev["num_envs"], ev["every_episodes"]),
+                            self.cfg["seed"] + 20_000_000 + steps)
         spent = self.comm.bcast(time.perf_counter() - t if self.root else None, root=0)
         self.t0 += spent
         self.eval_seconds += spent
-        path = self.run_dir / EVAL_CSV
         with Local() as loc:
             if self.root:
-                row = {"env_steps": steps, "updates": self.learner.updates,
-                       "wall_s": round(time.perf_counter() - self.t0, 4), "eval_s": round(spent, 4),
-                       **{k: res[k] for k in ("eval_return_mean", "eval_return_std",
-                                              "eval_episodes")}}
-                new = not path.exists()
-                with open(path, "a", newline="") as fh:
-                    w = csv.DictWriter(fh, fieldnames=EVAL_COLUMNS)
-                    if new:
-                        w.writeheader()
-                    w.writerow(row)
-        agree_write(self.comm, EVAL_CSV, path, loc.err)
+                append_eval_row(self.run_dir, {
+                    "env_steps": steps, "updates": self.learner.updates,
+                    "wall_s": round(time.perf_counter() - self.t0, 4), "eval_s": round(spent, 4),
+                    **{k: res[k] for k in ("eval_return_mean", "eval_return_std",
+                                           "eval_episodes")}})
+        agree_write(self.comm, EVAL_CSV, self.run_dir / EVAL_CSV, loc.err)
 
     def final_evaluation(self) -> dict:
         """Collective over the replica's stages: greedy episodes of replica 0 (results on rank 0)."""
-        cfg = self.cfg
-        res = self.learner.evaluate(lambda policy: evaluate(
-            policy, cfg["env_id"], cfg["eval"]["episodes"], cfg["eval"]["num_envs"],
-            cfg["seed"] + 10_000_000, cfg["eval"]["epsilon"], cfg["vector"], cfg["atari"]))
+        ev = self.cfg["eval"]
+        res = self.evaluate(ev["episodes"], ev["num_envs"], self.cfg["seed"] + 10_000_000)
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in (res or {}).items()}
 
 
-def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None) -> dict:
-    """Train; with ``resume`` (a run directory) continue from its newest valid checkpoint."""
-    trainer = Trainer(cfg, comm, quiet, resume)
+def train(cfg: dict, comm=None, quiet: bool = False, resume: str | None = None,
+          mem_per_rank: str | None = None) -> dict:
+    """Train; with ``resume`` (a run directory) continue from its newest valid checkpoint.
+    ``mem_per_rank``: the per-rank memory cap (``--mem-per-rank``; see ``Trainer``)."""
+    trainer = Trainer(cfg, comm, quiet, resume, mem_per_rank)
     if resume:
         trainer.resume(resume)
     return trainer.run()

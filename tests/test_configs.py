@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:
 from hpcdqn.config import ConfigError, load_config  # noqa: E402
 from hpcdqn.learner.budget import plan_memory  # noqa: E402
 from hpcdqn.parallel.grid import LayoutError  # noqa: E402
+from hpcdqn.parallel.layout import RunLayout  # noqa: E402
 
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
 DPS = (1, 2, 4, 8, 64)
@@ -56,7 +57,8 @@ def resolve_all() -> dict:
             for pp in PPS:
                 try:
                     cfg = load_config(path, [f"pp={pp}"])
-                    cells[dp, pp] = plan_memory(cfg, shape, dtype, n_actions, dp * pp, stack)
+                    layout = RunLayout.resolve(cfg, dp * pp).place(cfg["network"], shape, n_actions)
+                    cells[dp, pp] = plan_memory(layout, cfg, shape, dtype, stack)
                 except (ConfigError, LayoutError) as e:
                     cells[dp, pp] = str(e)
         out[path.stem] = cells

@@ -18,10 +18,11 @@ __all__ = ["COLLECTIVES", "DataParallelLearner", "ExecutionPlan", "Learner", "Pi
            "StageLearner", "build_learner"]
 
 
-def build_learner(grid, layers, cfg: dict, device: str, seed: int | None = None) -> Learner:
-    """The learner for this rank's place in ``grid``: data-parallel for pp=1, else its stage.
-    ``layers`` on the meta device (``networks.meta_layers``) with ``seed``: only this rank's
-    stage is ever allocated."""
-    if grid.pp == 1:
+def build_learner(layout, grid, cfg: dict, device: str, seed: int | None = None) -> Learner:
+    """The learner for this rank's place in ``layout`` (a placed ``parallel.layout.RunLayout``;
+    ``grid``: its communicators): data-parallel for pp=1, else its stage. The layout's layers
+    are on the meta device; with ``seed`` only this rank's stage is ever allocated."""
+    layers = list(layout.layers)
+    if layout.pp == 1:
         return DataParallelLearner(layers, cfg, grid.dp_comm, device, seed=seed)
-    return PipelineLearner(layers, cfg, grid, device, seed=seed)
+    return PipelineLearner(layers, cfg, grid, device, seed=seed, stages=layout.stages)

@@ -22,70 +22,35 @@ peak by a few percent in all of these (tests/learner/test_memory.py checks 1.0-1
 optimizer imports (~70 MB, measured in the baseline) and a meta-device forward for shapes
 (imports torch's meta kernels, ~70 MB: shapes are computed by formula instead).
 
-Stage sizes come from the network built on the meta device (``networks.meta_layers``), cut
-exactly as the pipeline learner will cut it, so the plan allocates nothing of the network.
-
-The cap per rank: ``--mem-per-rank`` / ``HPCDQN_MEM_PER_RANK`` (e.g. ``6G``), else under
-Slurm the allocation (``SLURM_MEM_PER_CPU`` x cpus per task, or ``SLURM_MEM_PER_NODE`` /
-tasks per node; 0, Slurm's "all of the node", falls through), else the node's ``MemTotal`` /
-ranks on this node. The cap is the planner's: the kernel does not enforce it.
+Stage sizes come from the run's layout (``parallel.layout.RunLayout``): the network built on
+the meta device (``networks.meta_layers``), cut exactly as the pipeline learner cuts it, so the
+plan allocates nothing of the network. The cap per rank and the RSS figures: ``hpcdqn.sysinfo``.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 
 import numpy as np
 import torch
 from torch import nn
 
 from hpcdqn.config import ConfigError
-from hpcdqn.parallel.partition import (LinearPiece, describe, layer_offsets, param_ranges,
-                                       plan_stages, stage_modules)
+from hpcdqn.parallel.layout import RunLayout
+from hpcdqn.parallel.partition import LinearPiece, stage_modules
 from hpcdqn.rl.framereplay import planned_episode_steps, replay_nbytes
-from hpcdqn.rl.networks import DuelingHead, Scale, meta_layers, unroll
-from hpcdqn.rl.schedule import Schedule
+from hpcdqn.rl.networks import DuelingHead, Scale, unroll
+from hpcdqn.sysinfo import ENV_CAP, cap_per_rank, current_rss, fmt_bytes
 
 CATEGORIES = ("parameters", "target", "gradients", "optimizer", "replay", "activations",
               "transient")
 RUNTIME = 48 << 20      # bytes: first-update library memory, MPI buffers, free lists (measured)
 THREAD = 80 << 20       # bytes per torch thread beyond the first (BLAS/OpenMP buffers: measured)
 SLACK = 0.05            # of a stage's other categories
-ENV_CAP = "HPCDQN_MEM_PER_RANK"
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 class MemoryPlanError(ConfigError):
     """The job's layout needs more memory on some rank than that rank may use."""
-
-
-# -- the OS's view ----------------------------------------------------------------------------------
-def _proc_kb(path: str, key: str) -> int | None:
-    """A ``KEY:  N kB`` line of a /proc file (``/proc/self/status``, ``/proc/meminfo``)."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _status_kb(key: str) -> int | None:
-    return _proc_kb("/proc/self/status", key)
-
-
-def peak_rss() -> int:
-    """This process's peak resident set size in bytes (VmHWM; else getrusage's ru_maxrss)."""
-    kb = _status_kb("VmHWM")
-    return 1024 * (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
-def current_rss() -> int:
-    kb = _status_kb("VmRSS")
-    return 1024 * kb if kb is not None else peak_rss()
 
 
 def process_baseline() -> int:
@@ -98,74 +63,7 @@ def process_baseline() -> int:
     return current_rss()
 
 
-def parse_bytes(text: str) -> int:
-    """'6G', '512M', '1.5G', '1000000' -> bytes (binary units; a trailing B or iB is fine)."""
-    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1] if t and t[-1] in "KMGT" else ""
-    try:
-        value = float(t[:-1] if unit else t)
-    except ValueError:
-        raise ConfigError(f"memory size {text!r}: use a number with an optional unit K, M, G or T "
-                          "(e.g. 6G)") from None
-    if not value > 0:
-        raise ConfigError(f"memory size {text!r} must be > 0")
-    return int(value * _UNITS[unit])
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def cap_per_rank(local_ranks: int, override: str | None = None) -> tuple[int, str]:
-    """(bytes a rank may use, where that figure comes from)."""
-    if override:
-        return parse_bytes(override), "--mem-per-rank"
-    if os.environ.get(ENV_CAP):
-        return parse_bytes(os.environ[ENV_CAP]), ENV_CAP
-    per_cpu, per_node = _slurm_int("SLURM_MEM_PER_CPU"), _slurm_int("SLURM_MEM_PER_NODE")
-    if per_cpu:     # (Slurm gives MB; 0 means "all of the node's memory": next rule)
-        cpus = _slurm_int("SLURM_CPUS_PER_TASK") or 1
-        return per_cpu * (1 << 20) * cpus, f"Slurm: SLURM_MEM_PER_CPU={per_cpu}M x {cpus} cpus per task"
-    if per_node:
-        tasks = _slurm_int("SLURM_NTASKS_PER_NODE") or local_ranks
-        return per_node * (1 << 20) // max(1, tasks), \
-            f"Slurm: SLURM_MEM_PER_NODE={per_node}M / {tasks} tasks per node"
-    total = (_meminfo_kb("MemTotal") or 0) * 1024
-    return total // max(1, local_ranks), f"MemTotal / {local_ranks} rank(s) on this node"
-
-
-def _slurm_int(name: str) -> int | None:
-    """A Slurm count from the environment (``4``, or ``4(x2)`` as SLURM_NTASKS_PER_NODE may be)."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return None
-    try:
-        return int(text.split("(")[0])
-    except ValueError:
-        raise ConfigError(f"{name}={text!r} is not a number; unset it or set {ENV_CAP} "
-                          "(e.g. 6G)") from None
-
-
-def _meminfo_kb(key: str) -> int | None:
-    return _proc_kb("/proc/meminfo", key)
-
-
 # -- the plan ---------------------------------------------------------------------------------------
-def stage_layout(cfg: dict, obs_shape: tuple, n_actions: int):
-    """(meta layers, stages as boundaries, param ranges, contents) for ``cfg['pp']`` stages."""
-    net = cfg["network"]
-    layers = meta_layers(obs_shape, n_actions, net["hidden"], net["dueling"], net["kind"])
-    pp = cfg["pp"]
-    if pp == 1:
-        total = layer_offsets(layers)[-1]
-        return layers, [((0, 0), (len(layers), 0))], [(0, total)], [f"layers [0, {len(layers)})"]
-    stages = plan_stages(layers, pp, net["cuts"], net["split_layers"])
-    return layers, stages, param_ranges(layers, stages), describe(stages)
-
-
 def leaf_shape(leaf, in_shape: tuple) -> tuple:
     """Per-sample output shape of one of the network's leaf modules for a per-sample input
     shape, by formula (a forward on the meta device would import torch's meta kernels: ~70 MB
@@ -209,34 +107,29 @@ def activation_bytes(widths: list[int], cfg: dict, stage: int, pp: int) -> int:
     return int(saved + transient)
 
 
-def plan_memory(cfg: dict, obs_shape: tuple, obs_dtype, n_actions: int, world: int,
-                frame_stack: int = 0) -> dict:
-    """Per-stage memory by category (bytes) and the run's schedule figures; allocates nothing.
-    ``frame_stack``: frames per observation where the replay stores each frame once
-    (``rl.envs.frame_stack`` of the env)."""
-    pp = cfg["pp"]
-    if world % pp:
-        raise ConfigError(f"{world} ranks cannot form pp={pp} pipelines: use a multiple of pp")
-    dp = world // pp
-    layers, stages, ranges, contents = stage_layout(cfg, obs_shape, n_actions)
-    d, sched = cfg["dqn"], Schedule.resolve(cfg, dp)
-    replay = replay_nbytes(sched.buffer_per_replica, cfg["num_envs"], obs_shape, obs_dtype,
-                           d["n_step"], cfg["replay"]["prioritized"], frame_stack,
+def plan_memory(layout, cfg: dict, obs_shape: tuple, obs_dtype, frame_stack: int = 0) -> dict:
+    """Per-stage memory by category (bytes) and the run's schedule figures for ``layout`` (a
+    ``parallel.layout.RunLayout`` with its stages placed); allocates nothing. ``frame_stack``:
+    frames per observation where the replay stores each frame once (``rl.envs.frame_stack``)."""
+    pp, sched = layout.pp, layout.schedule
+    replay = replay_nbytes(layout.replay_per_replica, cfg["num_envs"], obs_shape, obs_dtype,
+                           cfg["dqn"]["n_step"], cfg["replay"]["prioritized"], frame_stack,
                            planned_episode_steps(cfg))
     per_stage, in_shape = [], tuple(obs_shape)
     threads = cfg["threads"] or os.cpu_count() or 1        # (0: torch's default, one per core)
-    for s, ((a, b), (lo, hi)) in enumerate(zip(stages, ranges)):
+    for s, ((a, b), (lo, hi)) in enumerate(zip(layout.stages, layout.param_ranges)):
         n = hi - lo
-        widths, in_shape = stage_widths(stage_modules(layers, a, b), in_shape)
+        widths, in_shape = stage_widths(stage_modules(layout.layers, a, b), in_shape)
         cats = {"parameters": 4 * n, "target": 4 * n, "gradients": 4 * n, "optimizer": 8 * n,
                 "replay": replay if s == 0 else 0,
                 "activations": activation_bytes(widths, cfg, s, pp)}
         cats["transient"] = (RUNTIME + (threads - 1) * THREAD + cats["activations"]
                              + int(SLACK * sum(cats.values())))
-        per_stage.append({"stage": s, "holds": contents[s], "parameters_count": n, **cats,
-                          "total": sum(cats.values())})
+        per_stage.append({"stage": s, "holds": layout.stage_contents[s], "parameters_count": n,
+                          **cats, "total": sum(cats.values())})
     res = sched.as_dict()
-    return {"world": world, "dp": dp, "pp": pp, "stages": per_stage,
+    return {"world": layout.world, "dp": layout.dp, "pp": pp, "stages": per_stage,
+            "roles": [r.value for r in layout.roles], "roles_text": layout.describe_roles(),
             "global_batch": sched.global_batch, "replay_ratio": res["replay_ratio"],
             "updates_per_env_step": res["updates_per_env_step"],
             "total_updates": sched.total_updates, "env_steps": res["env_steps_total"],
@@ -262,12 +155,15 @@ def check_fits(plan: dict, cap: int, source: str, baseline: int, ranks_per_stage
         f"(--mem-per-rank / {ENV_CAP}); `hpcdqn plan` shows every layout's figures")
 
 
-def describe_plan(plan: dict, cap: int | None = None, source: str = "", baseline: int = 0) -> str:
+def describe_memory_plan(plan: dict, cap: int | None = None, source: str = "",
+                         baseline: int = 0) -> str:
     """The plan as lines for people."""
     lines = [f"layout: world={plan['world']} = dp {plan['dp']} x pp {plan['pp']}; global batch "
              f"{plan['global_batch']}; replay ratio {plan['replay_ratio']} (sampled transitions per "
              f"env step); {plan['total_updates']} updates over {plan['env_steps']} env steps; "
              f"warm-up {100 * plan['warmup_share']:.1f}% of the run"]
+    if "roles_text" in plan:
+        lines.append(plan["roles_text"])
     if "schedule_text" in plan:
         lines += plan["schedule_text"].splitlines()
     for st in plan["stages"]:
@@ -282,17 +178,20 @@ def describe_plan(plan: dict, cap: int | None = None, source: str = "", baseline
     return "\n".join(lines)
 
 
-def job_plan(cfg: dict, world: int, local_ranks: int, cap_override: str | None = None) -> dict:
+def job_memory_plan(cfg: dict, world: int, local_ranks: int,
+                    cap_override: str | None = None) -> dict:
     """What ``hpcdqn plan`` prints: the plan for ``world`` ranks, the cap, the measured process
     baseline and whether the largest rank fits. Builds one environment for its spaces."""
     from hpcdqn.rl.envs import frame_stack, make_vector_env
 
+    layout = RunLayout.resolve(cfg, world, 0, cap_override)
     env = make_vector_env(cfg["env_id"], 1, cfg["seed"], "sync", cfg["atari"])
     space, n_actions = env.single_observation_space, int(env.single_action_space.n)
     stack = frame_stack(env)
     env.close()
-    plan = plan_memory(cfg, space.shape, space.dtype, n_actions, world, stack)
-    cap, source = cap_per_rank(local_ranks, cap_override)
+    layout = layout.place(cfg["network"], space.shape, n_actions)
+    plan = plan_memory(layout, cfg, space.shape, space.dtype, stack)
+    cap, source = cap_per_rank(local_ranks, layout.mem_per_rank)
     baseline = process_baseline()
     need = max(st["total"] for st in plan["stages"]) + baseline
     return {**plan, "mem_per_rank": cap, "mem_per_rank_source": source, "baseline_rss": baseline,

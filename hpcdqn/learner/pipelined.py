@@ -20,7 +20,8 @@ from hpcdqn.learner.base import StageLearner
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.parallel import stage_mlp
 from hpcdqn.parallel.grid import mpi
-from hpcdqn.parallel.partition import describe, param_ranges, plan_stages, stage_modules
+from hpcdqn.parallel.layout import stage_bounds
+from hpcdqn.parallel.partition import describe, param_ranges, stage_modules
 from hpcdqn.parallel.pipeline import (OP_GREEDY, OP_QVALUES, OP_STOP, OP_UPDATE, TAG_ACT,
                                       TAG_DBL, TAG_GRAD, TAG_INFER, TAG_INFER_OUT, TAG_LABELS,
                                       TAG_RESULT, TAG_TGT, StageLink, as_np, micro_splits,
@@ -128,16 +129,17 @@ class StagePolicy(StageInference):
 class PipelineLearner(StageInference, StageLearner):
     """One pipeline stage of one data-parallel replica (``grid.pp_rank`` of ``grid.pp``)."""
 
-    def __init__(self, layers, cfg: dict, grid, device="cpu", seed: int | None = None):
+    def __init__(self, layers, cfg: dict, grid, device="cpu", seed: int | None = None,
+                 stages=None):
         """``layers``: the whole network, real or (with ``seed``) on the meta device; this rank
-        materialises only its stage (rows of a cut layer included)."""
+        materialises only its stage (rows of a cut layer included). ``stages``: the run
+        layout's stage bounds (``parallel.layout``; None: cut here by the same rule)."""
         if grid.pp < 2:
             raise ValueError("PipelineLearner needs pp >= 2; use DataParallelLearner for pp=1")
         self.grid = grid
         self.P, self.stage = grid.pp, grid.pp_rank
         self.first, self.last = grid.is_first_stage, grid.is_last_stage
-        self.stages = plan_stages(layers, grid.pp, cfg["network"]["cuts"],
-                                  cfg["network"]["split_layers"])
+        self.stages = list(stages or stage_bounds(layers, grid.pp, cfg["network"]))
         self.param_ranges = param_ranges(layers, self.stages)
         self.stage_sizes = [b - a for a, b in self.param_ranges]
         self.stage_contents = describe(self.stages)

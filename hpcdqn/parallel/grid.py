@@ -55,6 +55,20 @@ def span_warning(node_of: list, pp: int) -> str | None:
             f"srun --distribution=block) and a multiple of pp={pp} ranks per node")
 
 
+def dp_degree(world: int, pp: int) -> int:
+    """The data-parallel degree of ``world`` ranks in pipelines of ``pp`` stages; ``LayoutError``
+    naming the fix where they do not divide (the one check of the degrees: ``RankGrid`` and
+    ``parallel.layout.RunLayout`` both ask it)."""
+    if pp < 1:
+        raise LayoutError(f"pp={pp}: the number of pipeline stages must be >= 1")
+    if world % pp:
+        raise LayoutError(
+            f"world size {world} is not divisible by pp={pp}: launch a multiple of "
+            f"{pp} ranks (e.g. mpirun -n {pp * max(1, world // pp)}) "
+            f"or choose pp among {[d for d in range(1, world + 1) if world % d == 0]}")
+    return world // pp
+
+
 def choose_device(requested: str, local_rank: int, visible: int) -> str:
     """The torch device for a rank: ``cpu`` stays; ``cuda``/``auto`` with GPUs visible become
     ``cuda:<local_rank % visible>`` (``cuda:0`` when one device is visible, as under
@@ -89,14 +103,7 @@ class RankGrid:
             self.comm = MPI.COMM_WORLD
         self.world = self.comm.Get_size()
         self.rank = self.comm.Get_rank()
-        if self.pp < 1:
-            raise LayoutError(f"pp={self.pp}: the number of pipeline stages must be >= 1")
-        if self.world % self.pp:
-            raise LayoutError(
-                f"world size {self.world} is not divisible by pp={self.pp}: launch a multiple of "
-                f"{self.pp} ranks (e.g. mpirun -n {self.pp * max(1, self.world // self.pp)}) "
-                f"or choose pp among {[d for d in range(1, self.world + 1) if self.world % d == 0]}")
-        self.dp = self.world // self.pp
+        self.dp = dp_degree(self.world, self.pp)
         self.dp_rank, self.pp_rank = divmod(self.rank, self.pp)
         self.dp_comm = self.comm.Split(color=self.pp_rank, key=self.dp_rank)
         self.pp_comm = self.comm.Split(color=self.dp_rank, key=self.pp_rank)

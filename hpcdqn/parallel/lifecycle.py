@@ -76,10 +76,10 @@ def agree_signal(comm) -> int:
     from mpi4py import MPI
 
     rank_order = {0: 0, int(signal.SIGUSR1): 1, int(signal.SIGINT): 2, int(signal.SIGTERM): 3}
-    mine = np.array([rank_order.get(int(_stop["signal"]), 0)], dtype=np.int32)
+    seen = np.array([rank_order.get(int(_stop["signal"]), 0)], dtype=np.int32)
     if comm.Get_size() > 1:
-        comm.Allreduce(MPI.IN_PLACE, mine, op=MPI.MAX)
-    return {v: k for k, v in rank_order.items()}[int(mine[0])]
+        comm.Allreduce(MPI.IN_PLACE, seen, op=MPI.MAX)
+    return {v: k for k, v in rank_order.items()}[int(seen[0])]
 
 
 USER_ERRORS = ("ConfigError", "LayoutError", "CheckpointError", "EnvError")
@@ -111,18 +111,18 @@ def _user_error_class(kind: str):
     return cls
 
 
-def gather_errors(comm, mine):
+def gather_errors(comm, this_rank):
     """Collective over ``comm`` (None: this process alone): ``None`` when no rank holds an error
-    (``mine`` is None everywhere: one Allreduce of a flag, the cheap common case), else every
-    rank's ``mine`` in rank order (an allgather). The one cross-rank step of every agreed phase
-    (``agree_user_errors`` here, ``store.agree.agree`` for files)."""
+    (``this_rank`` is None everywhere: one Allreduce of a flag, the cheap common case), else every
+    rank's ``this_rank`` in rank order (an allgather). The one cross-rank step of every agreed phase
+    (``agree_user_errors`` here, ``parallel.agree.agree_phase`` for files)."""
     if comm is None or comm.Get_size() == 1:
-        return None if mine is None else [mine]
+        return None if this_rank is None else [this_rank]
     from mpi4py import MPI
 
-    flag = np.array([0 if mine is None else 1], np.int32)
+    flag = np.array([0 if this_rank is None else 1], np.int32)
     comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
-    return comm.allgather(mine) if flag[0] else None
+    return comm.allgather(this_rank) if flag[0] else None
 
 
 def agree_user_errors(comm, err: BaseException | None) -> None:
@@ -133,11 +133,11 @@ def agree_user_errors(comm, err: BaseException | None) -> None:
     with status 2: no MPI_Abort, so no Open MPI abort report. A rank whose ``err`` is anything
     else re-raises it (its traceback, then MPI_Abort); the others go on and are ended by that
     abort."""
-    mine = None if err is None else (user_error_kind(err), str(err))
-    got = gather_errors(comm, mine)
+    this_rank = None if err is None else (user_error_kind(err), str(err))
+    got = gather_errors(comm, this_rank)
     if got is None:
         return
-    if err is not None and mine[0] is None:
+    if err is not None and this_rank[0] is None:
         raise err
     bad = [g for g in got if g is not None and g[0] is not None]
     if not bad:
@@ -161,7 +161,7 @@ def leave_together(comm, timeout_s: float = 10.0) -> None:
 def abort_on_exception(fn, *args, **kwargs):
     """Run fn; if it raises on this rank, print the traceback tagged with the rank and abort
     every rank of the job (MPI_Abort) so nobody waits forever in a collective. An error every
-    rank raised alike (``agreed``: a failed collective phase, see ``store.agree``) is printed
+    rank raised alike (``agreed``: a failed collective phase, see ``parallel.agree``) is printed
     once, by rank 0, and every rank exits with status 2."""
     try:
         return fn(*args, **kwargs)

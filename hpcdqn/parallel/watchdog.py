@@ -11,7 +11,7 @@ rank names rank 0 if rank 0's "arrived" is missing, otherwise it gives rank 0 a 
 report first. 3 (n - 1) small messages per gate: cheap next to the phase itself.
 
 A rank that stalls *inside* a phase (after its gate) leaves the others in the next gate (every
-``store.agree`` agreement passes one first) or in a blocking collective; for the latter a daemon
+``parallel.agree`` agreement passes one first) or in a blocking collective; for the latter a daemon
 thread per rank, armed while a phase runs, aborts once the phase has run for its deadline plus
 ``GRACE_S`` (it cannot tell which ranks are missing there, and says so).
 
@@ -22,30 +22,30 @@ stopped rank is continued) and leaves at once with the same status. So the job e
 second of the report, however long the launcher's grace between SIGTERM and SIGKILL (ranks
 catch SIGTERM to checkpoint, so without the notice mpirun waits that grace out per rank).
 
-Tests: ``HPCDQN_TEST_STALL=PHASE:RANK[@N]`` makes RANK stop itself (SIGSTOP) at its N-th gate
-of PHASE (default the first), as if the node had frozen.
+Tests: ``HPCDQN_TEST_STALL=PHASE:RANK[@N]`` (``hpcdqn.testing.stall``) makes RANK stop itself
+(SIGSTOP) at its N-th gate of PHASE (default the first), as if the node had frozen.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import signal
 import sys
 import threading
 import time
 
+from hpcdqn.testing import stall
+
 EXIT_STALL = 3                 # the exit status of a job a watchdog aborted
 GRACE_S = 5.0                  # a non-root rank's wait for rank 0's report; the thread's margin
 ABORT_TAG = 9                  # the "abort" notice on the watchdog's communicator
-STALL_ENV = "HPCDQN_TEST_STALL"
 PHASES = ("checkpoint", "resume", "model file", "eval", "gradient sync")
 
 _current: dict = {"dog": None}
 
 
 def install(dog: "Watchdog | None") -> None:
-    """Make ``dog`` the watchdog that ``gate`` (and ``store.agree``) use; None: none."""
+    """Make ``dog`` the watchdog that ``gate`` (and ``parallel.agree``) use; None: none."""
     old = _current["dog"]
     if old is not None and old is not dog:
         old.stop()
@@ -87,7 +87,7 @@ class phase:
 
 
 def again(comm) -> None:
-    """Another gate of the armed phase (``store.agree``, before its collective over ``comm``;
+    """Another gate of the armed phase (``parallel.agree``, before its collective over ``comm``;
     only where ``comm`` spans the watchdog's ranks)."""
     dog = _current["dog"]
     if dog is not None and dog.spans(comm):
@@ -127,7 +127,7 @@ class Watchdog:
         if self.began is None or self.began[0] != phase:
             self.began = (phase, time.monotonic())
         self.seen[phase] = self.seen.get(phase, 0) + 1
-        _test_stall(phase, self.rank, self.seen[phase])
+        stall(phase, self.rank, self.seen[phase])   # (a test hook)
         limit = self.deadline(phase)
         self.armed = (phase, time.monotonic(), limit)
         if self.size == 1 or limit <= 0:
@@ -193,7 +193,7 @@ class Watchdog:
             time.sleep(0 if polls < 200 else min(0.001, 2e-5 * (polls - 199)))
 
     def again(self) -> None:
-        """Inside an armed phase (``store.agree`` calls this before its collective): pass
+        """Inside an armed phase (``parallel.agree`` calls this before its collective): pass
         another gate of the same phase; nothing if no phase is armed."""
         if self.armed is not None:
             self.gate(self.armed[0])
@@ -271,14 +271,3 @@ def _thread_multiple() -> bool:
     from mpi4py import MPI
 
     return MPI.Query_thread() == MPI.THREAD_MULTIPLE
-
-
-def _test_stall(phase: str, rank: int, nth: int) -> None:
-    spec = os.environ.get(STALL_ENV, "")
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        body, _, at = item.partition("@")
-        ph, _, r = body.rpartition(":")
-        if ph == phase and int(r) == rank and nth == int(at or 1):
-            print(f"hpcdqn: test stall: rank {rank} stops itself (SIGSTOP) in phase '{phase}' "
-                  f"t={time.time():.3f}", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGSTOP)

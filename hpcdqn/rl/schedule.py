@@ -53,15 +53,15 @@ def epsilon_at(dqn: dict, total_steps: int, step: int, rank: int = 0, ranks: int
     return eps
 
 
-def phase_spacing(train_frequency: int, spi: int) -> int:
+def phase_spacing(train_frequency: int, steps_per_iter: int) -> int:
     """Global env steps between training phases: the least common multiple of
-    ``train_frequency`` and one iteration (``spi`` env steps). That is ``train_frequency`` when
-    one iteration divides it, one iteration when ``train_frequency`` divides that, and otherwise
-    the first iteration end that is also a ``train_frequency`` boundary (e.g. 3 envs and
-    ``train_frequency=2``: a phase every 2 iterations holding the updates of 3 periods). Never a
-    refusal, so a ``train_frequency`` accepted at one ``dp`` is accepted at every ``dp``; the
+    ``train_frequency`` and one iteration (``steps_per_iter`` env steps). That is
+    ``train_frequency`` when one iteration divides it, one iteration when ``train_frequency``
+    divides that, and otherwise the first iteration end that is also a ``train_frequency``
+    boundary (e.g. 3 envs and ``train_frequency=2``: a phase every 2 iterations holding the
+    updates of 3 periods). Never a refusal, so a ``train_frequency`` accepted at one ``dp`` is accepted at every ``dp``; the
     replay ratio stays exact (``updates_per_phase``)."""
-    return math.lcm(train_frequency, spi)
+    return math.lcm(train_frequency, steps_per_iter)
 
 
 def updates_per_phase(cfg: dict, spacing: int, global_batch: int) -> tuple[int, int]:
@@ -76,14 +76,14 @@ def updates_per_phase(cfg: dict, spacing: int, global_batch: int) -> tuple[int, 
     return k.numerator, spacing * k.denominator
 
 
-def warmup_iterations(dqn: dict, spi: int) -> int:
+def warmup_iterations(dqn: dict, steps_per_iter: int) -> int:
     """Warm-up iterations: ``learning_starts`` global env steps, and at least ``n_step - 1``
     iterations. An n-step return needs ``n_step`` consecutive steps of one env, so no update can
     come before every env holds ``n_step`` of them; the first phase comes after iteration
     ``learn_start`` or later, i.e. after ``n_step`` iterations or more. The floor is the same
     rule at every ``dp`` (``n_step`` steps per env, one per iteration): a ``learning_starts``
     below it (e.g. 0, as SB3 allows) is raised to it, never refused."""
-    return max(dqn["learning_starts"] // spi, dqn["n_step"] - 1)
+    return max(dqn["learning_starts"] // steps_per_iter, dqn["n_step"] - 1)
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class Schedule:
         ``dqn.lr`` by ``sqrt(dp)``, or by ``dp`` after a linear ramp over
         ``scaling.lr_warmup_fraction`` of the updates."""
         d, sc, E = cfg["dqn"], cfg["scaling"], cfg["num_envs"]
-        rule, spi = sc["rule"], E * dp
+        rule, steps_per_iter = sc["rule"], E * dp
         batch, per_replica = d["batch_size"], d["batch_size"]
         if rule == "global_batch":
             if batch % dp:
@@ -137,10 +137,10 @@ class Schedule:
                 f"the per-replica batch {per_replica} (dqn.batch_size={batch}, scaling.rule="
                 f"{rule}, dp={dp}) must be divisible by micro_batches={cfg['micro_batches']}")
         global_batch = per_replica * dp
-        spacing = phase_spacing(d["train_frequency"], spi)
+        spacing = phase_spacing(d["train_frequency"], steps_per_iter)
         k, spacing = updates_per_phase(cfg, spacing, global_batch)
-        n_iters = math.ceil(cfg["total_steps"] / spi)
-        learn_start, every = warmup_iterations(d, spi), spacing // spi
+        n_iters = math.ceil(cfg["total_steps"] / steps_per_iter)
+        learn_start, every = warmup_iterations(d, steps_per_iter), spacing // steps_per_iter
         buffer = d["buffer_size"] // dp
         if buffer // E < 2 * d["n_step"]:
             raise ConfigError(
@@ -149,11 +149,12 @@ class Schedule:
                 f"{d['n_step']}; raise dqn.buffer_size")
         scale = {"global_batch": 1.0, "sqrt_lr": math.sqrt(dp), "linear_lr": float(dp)}[rule]
         updates = max(0, n_iters // every - learn_start // every) * k
-        return cls(dp=dp, num_envs=E, rule=rule, steps_per_iter=spi, n_iters=n_iters,
+        return cls(dp=dp, num_envs=E, rule=rule, steps_per_iter=steps_per_iter, n_iters=n_iters,
                    learn_start=learn_start, train_every=every, updates_per_phase=k,
                    target_every=d["target_update_every"],
-                   log_every=max(1, cfg["log"]["every"] // spi),
-                   eval_every=max(1, cfg["eval"]["every"] // spi) if cfg["eval"]["every"] else 0,
+                   log_every=max(1, cfg["log"]["every"] // steps_per_iter),
+                   eval_every=(max(1, cfg["eval"]["every"] // steps_per_iter)
+                               if cfg["eval"]["every"] else 0),
                    batch_per_replica=per_replica, global_batch=global_batch,
                    buffer_per_replica=buffer, lr_scale=scale,
                    lr_warmup=sc["lr_warmup_fraction"] if rule == "linear_lr" else 0.0,
@@ -220,16 +221,16 @@ class Schedule:
 
     def describe(self) -> str:
         """Two lines for people (rank 0 prints them at start; ``hpcdqn plan`` too)."""
-        spi, phase = self.steps_per_iter, self.train_every * self.steps_per_iter
+        steps_per_iter, phase = self.steps_per_iter, self.train_every * self.steps_per_iter
         lr = f"lr x {self.lr_scale:.4g}" + (f" after a {100 * self.lr_warmup:.0f}% ramp"
                                             if self.lr_warmup and self.lr_scale != 1 else "")
         target = f"target synced every {self.target_every} env steps"
         if self.target_every <= phase:
             target += " (once per phase, before it)"
-        elif self.target_every % spi:
+        elif self.target_every % steps_per_iter:
             target += " (on average: syncs fall on iteration ends)"
-        return (f"schedule (dp {self.dp}, {self.num_envs} envs per replica; 1 iteration = {spi} "
-                f"global env steps): {self.n_iters} iterations; warm-up {self.learn_start} "
+        return (f"schedule (dp {self.dp}, {self.num_envs} envs per replica; 1 iteration = "
+                f"{steps_per_iter} global env steps): {self.n_iters} iterations; warm-up {self.learn_start} "
                 f"iterations ({100 * self.warmup_share:.2f}% of the run"
                 + (f"; the floor for n_step {self.n_step}: {self.n_step} steps per env before "
                    "the first update" if self.learn_start == self.n_step - 1 > 0 else "")

@@ -2,8 +2,8 @@
 resume; reshard; validation. And the files made from a run: the final model and exports.
 
 - ``errors``: ``CheckpointError`` and its kinds (corrupt, mismatch/incompatible, transient,
-  I/O, run directory busy), raised by every store module;
-- ``agree``: error agreement around collective phases, the fault-injection hook of the tests;
+  I/O, run directory busy), raised by every store module, and their agreement over the ranks
+  (``agree``, ``agree_write``: ``parallel.agree`` with these kinds);
 - ``bounds``: metadata typed and bounded before use, the format's major/minor rule;
 - ``schema``: what a checkpoint file contains (format, dataset names, the plan of parts);
 - ``codec``: per-rank state as JSON (arrays, RNGs, env states; no pickle), part checksums;
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from hpcdqn.store.checkpointer import Checkpointer
 from hpcdqn.store.codec import crc
-from hpcdqn.store.agree import FAULT_ENV
 from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointIncompatible,
                                  CheckpointIOError, CheckpointMismatch, CheckpointTransient,
                                  RunDirBusy)
@@ -35,9 +34,9 @@ from hpcdqn.store.reader import read_meta, verify
 from hpcdqn.store.rundir import (candidates, checkpoint_dir, resolve, resume_config,
                                  truncate_metrics, warn)
 from hpcdqn.store.schema import FORMAT, PARAM_GROUPS, REPLAY_ROWS
-from hpcdqn.store.writer import TEST_SLEEP_ENV, write_checkpoint
+from hpcdqn.store.writer import write_checkpoint
 
-__all__ = ["FAULT_ENV", "FORMAT", "PARAM_GROUPS", "REPLAY_ROWS", "SERIAL_ENV", "TEST_SLEEP_ENV",
+__all__ = ["FORMAT", "PARAM_GROUPS", "REPLAY_ROWS", "SERIAL_ENV",
            "CheckpointCorrupt", "CheckpointError", "CheckpointIOError", "CheckpointIncompatible",
            "CheckpointMismatch", "CheckpointTransient", "RunDirBusy", "Checkpointer", "candidates", "checkpoint_dir", "crc", "io_mode",
            "read_meta", "resolve", "resume_config", "truncate_metrics", "verify", "warn",

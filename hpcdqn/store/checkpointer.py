@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpcdqn.parallel.agree import Local
+from hpcdqn.parallel.layout import replay_per_replica
 from hpcdqn.rl.framereplay import ring_rows
-from hpcdqn.rl.schedule import Schedule
-from hpcdqn.store.agree import Local, agree
 from hpcdqn.store.codec import decode, decode_env, encode, encode_env
 from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointMismatch,
-                                 CheckpointTransient)
+                                 CheckpointTransient, agree)
 from hpcdqn.store.mpiio import io_mode, serial_reason
 from hpcdqn.store.reader import (check_compatible, load_rank_state, open_source, read_learner,
                                  read_meta, read_replay_shard, verify)
@@ -251,8 +251,7 @@ class Checkpointer:
 
 def _rows_for(cfg: dict, dp: int, k: int) -> int:
     """Rows of each replica's replay ring (``dqn.buffer_size`` is the global capacity)."""
-    per_replica = Schedule.resolve(cfg, dp).buffer_per_replica
-    return ring_rows(per_replica, cfg["num_envs"], cfg["dqn"]["n_step"], k)
+    return ring_rows(replay_per_replica(cfg, dp), cfg["num_envs"], cfg["dqn"]["n_step"], k)
 
 
 def _same(old: dict, new: dict, keys) -> bool:

@@ -18,7 +18,8 @@ import torch
 
 from hpcdqn import __version__
 from hpcdqn.parallel.flat import FlatModule
-from hpcdqn.parallel.partition import param_ranges, plan_stages, stage_modules
+from hpcdqn.parallel.layout import stage_bounds
+from hpcdqn.parallel.partition import param_ranges, stage_modules
 from hpcdqn.rl.networks import KINDS, meta_layers, num_params
 from hpcdqn.store.mpiio import h5_image
 
@@ -59,19 +60,20 @@ def _pwrite_synced(tmp: Path, data: np.ndarray, at: int) -> None:
         os.close(fd)
 
 
-def write_model_slices(path: Path, mine: np.ndarray, lo: int, total: int, comm, cfg: dict,
+def write_model_slices(path: Path, stage_flat: np.ndarray, lo: int, total: int, comm, cfg: dict,
                        obs_shape, obs_dtype, n_actions: int) -> str:
     """Collective over ``comm`` (one replica's stages, rank 0 = the first stage): write the model
-    file, each rank its slice ``[lo, lo + len(mine))`` of the ``total`` flat parameters. Rank 0
-    creates the file (the dataset's space allocated, its offset broadcast), then every rank
+    file, each rank its slice ``[lo, lo + len(stage_flat))`` of the ``total`` flat parameters.
+    Rank 0 creates the file (the dataset's space allocated, its offset broadcast), then every rank
     ``pwrite``s its slice and fsyncs (no collective I/O call: one rank's failed write cannot
     leave the others in a collective). Returns the I/O mode used. Errors are agreed: every rank
     raises the same ``RunFileError`` if one failed."""
-    from hpcdqn.store.agree import Local, agree_write
+    from hpcdqn.parallel.agree import Local
+    from hpcdqn.store.errors import agree_write
 
     path = Path(path)
     tmp = path.with_suffix(".tmp")
-    mine = np.ascontiguousarray(mine, dtype=np.float32)
+    stage_flat = np.ascontiguousarray(stage_flat, dtype=np.float32)
     offset = None
     with Local() as loc:
         if comm.Get_rank() == 0:
@@ -79,7 +81,7 @@ def write_model_slices(path: Path, mine: np.ndarray, lo: int, total: int, comm, 
     agree_write(comm, "the model file", tmp, loc.err)
     offset = comm.bcast(offset, root=0)
     with Local() as loc:
-        _pwrite_synced(tmp, mine, offset + lo * 4)
+        _pwrite_synced(tmp, stage_flat, offset + lo * 4)
     if isinstance(loc.err, OSError) and loc.err.filename is None:
         loc.err.filename = str(tmp)
     agree_write(comm, "the model file", tmp, loc.err)
@@ -88,6 +90,25 @@ def write_model_slices(path: Path, mine: np.ndarray, lo: int, total: int, comm, 
             tmp.replace(path)
     agree_write(comm, "the model file", path, loc.err)
     return "parallel"
+
+
+def write_run_model(path: Path, grid, flat: np.ndarray, lo: int, total: int, cfg: dict,
+                    obs_shape, obs_dtype, n_actions: int) -> None:
+    """Collective over ``grid.comm`` (the world): a run's ``model.h5``. At pp=1 rank 0 writes
+    the whole network; pipelined, replica 0's stages write their own slices together (no rank
+    gathers the whole network; ``flat``: this stage's parameters, ``[lo, lo + len(flat))`` of
+    ``total``). The outcome is agreed over the world (a barrier too)."""
+    from hpcdqn.parallel.agree import Local
+    from hpcdqn.store.errors import agree_write
+
+    args = (cfg, obs_shape, obs_dtype, n_actions)
+    with Local() as loc:
+        if grid.pp == 1:
+            if grid.is_root:
+                save_model(path, flat, *args)
+        elif grid.dp_rank == 0:
+            write_model_slices(path, flat, lo, total, grid.pp_comm, *args)
+    agree_write(grid.comm, "model.h5", path, loc.err)
 
 
 def _create_model(tmp: Path, total: int, cfg, obs_shape, obs_dtype, n_actions) -> int:
@@ -206,8 +227,9 @@ def load_model_stage(path: Path, pp: int, stage: int, device="cpu"):
     other stages is read or allocated."""
     with _open(path) as f:
         cfg, obs_shape, n_actions, layers, ds = _checked(f, path)
-        stages = plan_stages(layers, pp, cfg["network"].get("cuts"),
-                             cfg["network"].get("split_layers", True))
+        net_cfg = cfg["network"]
+        stages = stage_bounds(layers, pp, {"cuts": net_cfg.get("cuts"),
+                                           "split_layers": net_cfg.get("split_layers", True)})
         lo, hi = param_ranges(layers, stages)[stage]
         net = FlatModule(stage_modules(layers, *stages[stage]), device, grad=False)
         if net.numel != hi - lo:

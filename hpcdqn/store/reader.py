@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from hpcdqn import __version__
-from hpcdqn.store.agree import TRANSIENT_ERRNOS, Local, agree, describe, fault, os_errno
+from hpcdqn.parallel.agree import TRANSIENT_ERRNOS, Local, describe, os_errno
 from hpcdqn.store.bounds import check_meta, check_shapes, format_version
 from hpcdqn.store.codec import ATTRS_CRC, attrs_crc, crc
 from hpcdqn.store.errors import (CheckpointCorrupt, CheckpointError, CheckpointMismatch,
-                                 CheckpointTransient)
-from hpcdqn.store.storage import Dataset, H5Source
+                                 CheckpointTransient, agree)
 from hpcdqn.store.schema import (LEARNER_COUNTERS, PARAM_GROUPS, Spec, frame_stack, layer_parts, plan,
                                  replay_rows, replay_specs, rows_per_piece)
+from hpcdqn.store.storage import Dataset, H5Source
+from hpcdqn.testing import fault
 
 
 # ---------------------------------------------------------------------------------------------

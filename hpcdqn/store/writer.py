@@ -23,15 +23,15 @@ import h5py
 import numpy as np
 
 from hpcdqn import __version__
-from hpcdqn.store.agree import Local, agree, fault, set_steps
+from hpcdqn.parallel.agree import Local
 from hpcdqn.store.codec import attrs_crc, crc
-from hpcdqn.store.errors import CheckpointIOError
+from hpcdqn.store.errors import CheckpointIOError, agree
 from hpcdqn.store.mpiio import Writeback, close_or_keep, fsync_path, h5_image, io_mode, stripe_bytes
 from hpcdqn.store.reader import open_checkpoint
 from hpcdqn.store.rundir import checkpoint_dir, ckpt_name
 from hpcdqn.store.schema import FORMAT, LATEST, plan, rows_per_piece
+from hpcdqn.testing import checkpoint_sleep, fault, set_steps
 
-TEST_SLEEP_ENV = "HPCDQN_TEST_CKPT_SLEEP"  # test hook: "SECONDS[@ENV_STEPS]" sleep before the rename
 
 # Parallel writes go out in 32 MiB pieces, each one's writeback started as soon as it is written
 # (``Writeback``): on the test VM 32 MiB pieces with a 64 MiB window ran at 2.5-3 GB/s (~dd)
@@ -63,7 +63,7 @@ def write_checkpoint(run_dir, comm, layout: dict, env: dict, sizes: list[int], c
                 stale.unlink(missing_ok=True)
     agree(comm, "create", tmp, loc.err)
     nbytes = write_parts(storage, tmp, comm, layout, env, sizes, cfg, counters, mine, rank_json)
-    sleep = _test_sleep(int(counters["env_steps"]))
+    sleep = checkpoint_sleep(int(counters["env_steps"]))
     if sleep > 0:
         time.sleep(sleep)     # test hook: a window in which a kill -9 hits a half-done checkpoint
     with Local() as loc:      # every rank's data is in the (closed, fsynced) file
@@ -190,15 +190,6 @@ def _publish(d: Path, tmp: Path, final: Path, keep_last: int) -> None:
     for old in written[:-keep_last]:
         if old != final:
             old.unlink(missing_ok=True)
-
-
-def _test_sleep(env_steps: int) -> float:
-    """``HPCDQN_TEST_CKPT_SLEEP=SECONDS[@MIN_ENV_STEPS]`` (tests only)."""
-    v = os.environ.get(TEST_SLEEP_ENV, "")
-    if not v:
-        return 0.0
-    secs, _, at = v.partition("@")
-    return float(secs) if env_steps >= int(at or 0) else 0.0
 
 
 def dataset_attrs(spec, crcs: dict) -> dict:

@@ -15,7 +15,7 @@ import sys
 import h5py
 import pytest
 
-from tests.mpi_util import SCRIPTS, hpcdqn
+from tests.mpi_util import TESTS, hpcdqn
 from tests.netns_nodes import NetnsNodes, NetnsUnavailable, netns_nodes_fixture
 
 pytestmark = pytest.mark.netns
@@ -33,7 +33,7 @@ def nodes():
 
 def probe(nodes, map_by, nbytes=8 * MiB):
     before = nodes.iface_bytes("node1")
-    r = nodes.run_mpi(4, [SCRIPTS / "netns_probe.py", nbytes], map_by=map_by, timeout=120)
+    r = nodes.run_mpi(4, [TESTS / "cluster" / "netns_probe.py", nbytes], map_by=map_by, timeout=120)
     after = nodes.iface_bytes("node1")
     rows = [json.loads(l[6:]) for l in r.stdout.splitlines() if l.startswith("PROBE ")]
     moved = {k: after[k] - before[k] for k in before}
@@ -107,7 +107,7 @@ def test_train_across_nodes_checkpoints_on_shared_fs(nodes, tmp_path):
         "one rank per node", plan
     one = tmp_path / "one"
     hpcdqn(4, [*args, f"run_dir={one}"], timeout=300)
-    c = subprocess.run([sys.executable, SCRIPTS / "compare_runs.py", two, one], capture_output=True,
+    c = subprocess.run([sys.executable, TESTS / "cluster" / "compare_runs.py", two, one], capture_output=True,
                        text=True)
     assert c.returncode == 0 and "BITWISE-EQUAL" in c.stdout, c.stdout + c.stderr
 
@@ -123,7 +123,7 @@ def test_hierarchical_allreduce_matches_flat_across_nodes(nodes, ranks, slots):
     ranks per node (another sum order) and bitwise with one per node (the same sum). ``auto``
     picks hierarchical for 2 nodes x 2 ranks (the cost model's prediction, printed), flat for
     one rank per node."""
-    r = nodes.run_mpi(ranks, [SCRIPTS / "netns_hier.py"], slots=slots, timeout=120)
+    r = nodes.run_mpi(ranks, [TESTS / "parallel" / "netns_hier.py"], slots=slots, timeout=120)
     d = json.loads(next(l[5:] for l in r.stdout.splitlines() if l.startswith("HIER ")))
     print(d)
     assert d["nodes"] == 2 and d["ranks_per_node"] == slots and d["buckets"] > 1, d

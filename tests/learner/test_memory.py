@@ -14,7 +14,9 @@ import time
 import pytest
 
 from hpcdqn.config import ConfigError, load_config
-from hpcdqn.learner.budget import cap_per_rank, parse_bytes, plan_memory
+from hpcdqn.learner.budget import plan_memory
+from hpcdqn.parallel.layout import RunLayout
+from hpcdqn.sysinfo import cap_per_rank, parse_bytes
 from mpi_util import hpcdqn, mpi_env
 
 STATE = ["parameters", "target", "gradients", "optimizer"]
@@ -35,6 +37,12 @@ def _train(run, n, pp, extra, env=None, check=True, timeout=600):
     return r, summary
 
 
+def _memory_plan(cfg: dict, world: int) -> dict:
+    """The planner's figures for CartPole's spaces on ``world`` ranks."""
+    layout = RunLayout.resolve(cfg, world).place(cfg["network"], (4,), 2)
+    return plan_memory(layout, cfg, (4,), "float32")
+
+
 def _cap_between(pp_low: int, pp_high: int, base: int) -> int:
     """A per-rank cap the planner puts between the two layouts' largest ranks (geometric mean),
     from the plan and a training process's measured baseline ``base``: nothing allocated. (Not
@@ -42,7 +50,7 @@ def _cap_between(pp_low: int, pp_high: int, base: int) -> int:
     need = {}
     for pp in (pp_low, pp_high):
         cfg = load_config(overrides=[f"pp={pp}", *BIG, *MANY])
-        need[pp] = base + max(st["total"] for st in plan_memory(cfg, (4,), "float32", 2, pp)["stages"])
+        need[pp] = base + max(st["total"] for st in _memory_plan(cfg, pp)["stages"])
     return int(math.sqrt(need[pp_low] * need[pp_high]))
 
 
@@ -129,7 +137,7 @@ def small(tmp_path_factory):
 def test_planner_matches_what_the_stages_hold(small):
     _, s = small
     cfg = load_config(overrides=["pp=2", *SMALL])
-    plan = plan_memory(cfg, (4,), "float32", 2, 2)
+    plan = _memory_plan(cfg, 2)
     for st, r in zip(plan["stages"], s["memory_per_rank"]):
         for k in STATE + ["replay"]:
             assert st[k] == r[k], (k, st, r)

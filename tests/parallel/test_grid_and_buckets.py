@@ -53,9 +53,9 @@ def test_hierarchical_allreduce_on_one_node():
     import json
 
     from hpcdqn.parallel.allreduce import choose_algorithm
-    from tests.mpi_util import SCRIPTS, run_mpi
+    from tests.mpi_util import TESTS, run_mpi
 
-    r = run_mpi(4, [SCRIPTS / "netns_hier.py"], timeout=120)
+    r = run_mpi(4, [TESTS / "parallel" / "netns_hier.py"], timeout=120)
     d = json.loads(next(l[5:] for l in r.stdout.splitlines() if l.startswith("HIER ")))
     assert d["nodes"] == 1 and d["ranks_per_node"] == 4 and d["buckets"] > 1, d
     assert d["flat_same_on_all_ranks"] and d["hier_same_on_all_ranks"], d

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hpcdqn.parallel.grid import LayoutError, choose_device, span_warning, spanning_replicas
-from tests.mpi_util import SCRIPTS, run_mpi
+from tests.mpi_util import TESTS, run_mpi
 
 
 def test_spanning_replicas_block_vs_cyclic():
@@ -38,7 +38,7 @@ def test_choose_device():
 
 
 def grids(n, pp):
-    r = run_mpi(n, [SCRIPTS / "grid_nodes.py", pp], timeout=120)
+    r = run_mpi(n, [TESTS / "parallel" / "grid_nodes.py", pp], timeout=120)
     rows = [json.loads(line[5:]) for line in r.stdout.splitlines() if line.startswith("GRID ")]
     return {(d["case"], d["rank"]): d for d in rows}, r.stderr
 

@@ -45,9 +45,9 @@ def test_two_rank_config_error_is_one_line_and_status_2(args, line, tmp_path):
 def test_a_user_error_on_one_rank_is_agreed_by_all(failing):
     """A set-up error on one rank only: the other rank raises the same agreed error instead of
     going on into the next collective; one line (rank 0's), status 2, no abort."""
-    from mpi_util import SCRIPTS, run_mpi
+    from mpi_util import TESTS, run_mpi
 
-    r = run_mpi(2, [SCRIPTS / "agree_user_error.py", failing, "config"], timeout=60, check=False)
+    r = run_mpi(2, [TESTS / "parallel" / "agree_user_error.py", failing, "config"], timeout=60, check=False)
     assert r.returncode == 2, r.stderr
     assert r.stderr.splitlines()[0] == \
         f"hpcdqn train: config error: injected config error on rank {failing}", r.stderr
@@ -56,8 +56,8 @@ def test_a_user_error_on_one_rank_is_agreed_by_all(failing):
 
 
 def test_a_bug_in_set_up_still_aborts_with_its_traceback():
-    from mpi_util import SCRIPTS, run_mpi
+    from mpi_util import TESTS, run_mpi
 
-    r = run_mpi(2, [SCRIPTS / "agree_user_error.py", 1, "bug"], timeout=60, check=False)
+    r = run_mpi(2, [TESTS / "parallel" / "agree_user_error.py", 1, "bug"], timeout=60, check=False)
     assert r.returncode != 0 and "set-up passed" not in r.stdout
     assert "[hpcdqn rank 1/2]" in r.stderr and "ZeroDivisionError: injected bug" in r.stderr

@@ -73,3 +73,22 @@ def test_async_atari_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     assert xa.keys() == xb.keys() and any(k.startswith("replay/") for k in xa)
     for k in xa:
         assert np.array_equal(xa[k], xb[k]), k
+
+
+def test_periodic_eval_uses_the_runs_atari_settings(tmp_path):
+    """Periodic evaluation makes its envs as the run trained them (its ``[atari]`` section):
+    42x42 frames, two per observation. Evaluated under the default preprocessing (84x84, four
+    frames: the old drift) the network cannot even take the observations, and the run fails."""
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "hpcdqn.cli", "train", "env_id=ALE/Pong-v5",
+                        "num_envs=1", "total_steps=64", "dqn.learning_starts=32",
+                        "dqn.train_frequency=32", "dqn.buffer_size=256", "dqn.batch_size=8",
+                        "network.hidden=[16]", "atari.screen_size=42", "atari.frame_stack=2",
+                        "atari.max_frames=200", "eval.every=64", "eval.every_episodes=1",
+                        "eval.num_envs=1", "eval.episodes=0", "log.every=64",
+                        "log.progress=false", "log.tensorboard=false", "checkpoint=false",
+                        f"run_dir={run}"], capture_output=True, text=True, timeout=300,
+                       env=mpi_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = (run / "eval.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("64,"), rows

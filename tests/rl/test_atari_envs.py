@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from mpi_util import SCRIPTS, run_mpi
+from mpi_util import TESTS, run_mpi
 
 ale_py = pytest.importorskip("ale_py", reason="ale-py not installed (./quickstart.sh installs it)")
 
@@ -19,7 +19,7 @@ from hpcdqn.rl.envs import make_env, make_vector_env  # noqa: E402
 from hpcdqn.rl.envstate import capture_env, restore_env  # noqa: E402
 from hpcdqn.store.codec import env_state, restore_env_state  # noqa: E402
 
-sys.path.insert(0, str(SCRIPTS))
+sys.path.insert(0, str(TESTS / "rl"))
 from async_envs_mpi import trajectory  # noqa: E402
 
 STICKY = {"sticky_actions": 0.25}      # exercises the sticky-action generator and held action
@@ -77,7 +77,7 @@ def test_async_workers_come_from_forkserver():
 def test_async_envs_under_mpirun(tmp_path):
     """Real mpirun, MPI initialised before the envs: workers not forked from the rank, without
     the launcher's identity, MPI never loaded; state capture/restore exact across processes."""
-    r = run_mpi(2, [SCRIPTS / "async_envs_mpi.py", "ALE/Breakout-v5"], timeout=240)
+    r = run_mpi(2, [TESTS / "rl" / "async_envs_mpi.py", "ALE/Breakout-v5"], timeout=240)
     rows = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(rows) == 2
     for row in rows:

@@ -16,7 +16,8 @@ import pytest
 
 from mpi_util import hpcdqn, mpi_env, mpirun_cmd
 
-from hpcdqn.store import SERIAL_ENV, TEST_SLEEP_ENV, CheckpointError, read_meta, verify
+from hpcdqn.store import SERIAL_ENV, CheckpointError, read_meta, verify
+from hpcdqn.testing import CKPT_SLEEP_ENV
 from hpcdqn.store.reshard import reshard_plan, ring_rows
 from hpcdqn.store.schema import REPLAY_ROWS
 
@@ -126,7 +127,7 @@ def test_kill_9_during_checkpoint_write_resumes_from_previous(run_a, tmp_path):
     cmd = mpirun_cmd(2) + [sys.executable, "-m", "hpcdqn.cli", "train", *TINY, f"run_dir={run}"]
     # the checkpoint at 2000 steps sleeps 60 s after writing its data, before the rename
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=mpi_env({TEST_SLEEP_ENV: "60@2000"}), start_new_session=True)
+                         env=mpi_env({CKPT_SLEEP_ENV: "60@2000"}), start_new_session=True)
     d = run / "checkpoints"
     tmp = d / "ckpt-000000002000.h5.tmp"
     try:

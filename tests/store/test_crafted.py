@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mpi_util import SCRIPTS, hpcdqn, mpi_env
+from mpi_util import TESTS, hpcdqn, mpi_env
 
 from hpcdqn.store.codec import attrs_crc, crc
 
@@ -33,7 +33,7 @@ def base(tmp_path_factory):
 
 
 def check(mode, path):
-    r = subprocess.run([sys.executable, SCRIPTS / "crafted_check.py", mode, str(path)],
+    r = subprocess.run([sys.executable, TESTS / "store" / "crafted_check.py", mode, str(path)],
                        capture_output=True, text=True, env=mpi_env(), timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])

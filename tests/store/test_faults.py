@@ -8,19 +8,20 @@ import time
 
 import pytest
 
-from mpi_util import SCRIPTS, hpcdqn, run_mpi
+from mpi_util import TESTS, hpcdqn, run_mpi
 
-from hpcdqn.store import FAULT_ENV, SERIAL_ENV
+from hpcdqn.store import SERIAL_ENV
+from hpcdqn.testing import FAULT_ENV
 
 PHASES = ("create", "mid-data", "flush", "close", "rename")
 LIMIT_S = 30
 
 
 def _fault_cases(tmp_path, n, cases, serial=False):
-    """All ``cases`` (PHASE:RANK:ERRNO) in one MPI job (tests/scripts/ckpt_faults.py): each
+    """All ``cases`` (PHASE:RANK:ERRNO) in one MPI job (tests/store/ckpt_faults.py): each
     writes a fresh checkpoint that meets its fault; each must be agreed and reported."""
     t0 = time.time()
-    r = run_mpi(n, [SCRIPTS / "ckpt_faults.py", tmp_path / "run", "serial" if serial else "parallel",
+    r = run_mpi(n, [TESTS / "store" / "ckpt_faults.py", tmp_path / "run", "serial" if serial else "parallel",
                     ",".join(cases)], timeout=60 + 30 * len(cases),
                 env={SERIAL_ENV: "1" if serial else "0"})
     wall = time.time() - t0

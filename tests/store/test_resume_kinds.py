@@ -19,7 +19,8 @@ import pytest
 
 from mpi_util import hpcdqn, mpi_env, mpirun_cmd
 
-from hpcdqn.store import FAULT_ENV, verify
+from hpcdqn.store import verify
+from hpcdqn.testing import FAULT_ENV
 from hpcdqn.store.codec import attrs_crc, crc
 
 TINY = ["total_steps=3000", "dqn.learning_starts=500", "dqn.train_frequency=100",

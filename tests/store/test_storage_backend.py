@@ -15,9 +15,9 @@ from mpi4py import MPI
 from hpcdqn.config import load_config
 from hpcdqn.learner import build_learner
 from hpcdqn.parallel.grid import RankGrid
+from hpcdqn.parallel.layout import RunLayout
 from hpcdqn.rl.envs import frame_stack, make_vector_env
 from hpcdqn.rl.framereplay import make_replay
-from hpcdqn.rl.networks import meta_layers
 from hpcdqn.rl.rollout import Rollout
 from hpcdqn.store.checkpointer import Checkpointer
 from hpcdqn.store.errors import CheckpointCorrupt
@@ -90,9 +90,9 @@ def small_run(seed: int, storage, steps: int = 0, env_id: str = "CartPole-v1"):
     grid = RankGrid(MPI.COMM_WORLD, 1)
     env = make_vector_env(cfg["env_id"], cfg["num_envs"], seed, cfg["vector"], cfg["atari"])
     space, n_actions = env.single_observation_space, int(env.single_action_space.n)
-    layers = meta_layers(space.shape, n_actions, cfg["network"]["hidden"],
-                         cfg["network"]["dueling"], cfg["network"]["kind"])
-    learner = build_learner(grid, layers, cfg, "cpu", seed=seed)
+    layout = RunLayout.resolve(cfg, 1).place(cfg["network"], space.shape, n_actions)
+    layers = list(layout.layers)
+    learner = build_learner(layout, grid, cfg, "cpu", seed=seed)
     replay = make_replay(cfg["dqn"]["buffer_size"], cfg["num_envs"], space.shape, space.dtype,
                          frame_stack(env), n_step=cfg["dqn"]["n_step"], prioritized=True,
                          seed=seed + 7)

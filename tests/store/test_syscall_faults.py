@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from mpi_util import SCRIPTS, fault_env, faultshim_lib, hpcdqn, mpi_env, run_mpi
+from mpi_util import TESTS, fault_env, faultshim_lib, hpcdqn, mpi_env, run_mpi
 
 TRAIN = ["total_steps=2000", "dqn.learning_starts=300", "dqn.train_frequency=100",
          "dqn.gradient_steps=2", "network.hidden=[16, 16]", "eval.episodes=0", "eval.every=1000",
@@ -56,7 +56,7 @@ def test_checkpoint_faults_inside_the_system_calls(tmp_path, n):
     """Each case: the same agreed error on every rank, naming the cause, within seconds; the
     previous checkpoint stays ``latest`` and bitwise unchanged, never set aside; no .tmp left;
     the job itself exits 0 (no signal, no crash in HDF5 at exit)."""
-    r = run_mpi(n, [SCRIPTS / "syscall_faults.py", tmp_path / "run", ",".join(CASES[n])],
+    r = run_mpi(n, [TESTS / "store" / "syscall_faults.py", tmp_path / "run", ",".join(CASES[n])],
                 timeout=240, env={"LD_PRELOAD": str(faultshim_lib())})
     results = json.loads(r.stdout.strip().splitlines()[-1])
     assert [o["case"] for o in results] == CASES[n]
@@ -141,7 +141,7 @@ def test_real_full_disk_ends_cleanly_and_resumes(tmp_path):
         pytest.skip("cannot mount a tmpfs here (not root?)")
     subprocess.run(["umount", str(mnt)])
     out = tmp_path / "disk_full.json"
-    r = subprocess.run([sys.executable, str(SCRIPTS.parents[1] / "benchmarks" / "disk_full.py"),
+    r = subprocess.run([sys.executable, str(TESTS.parent / "benchmarks" / "disk_full.py"),
                         "--reps", "1", "--out", str(out)], capture_output=True, text=True,
                        env=mpi_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -7,7 +7,7 @@ from mpi4py import MPI
 
 from hpcdqn.config import ConfigError
 from hpcdqn.parallel.lifecycle import abort_on_exception, agree_user_errors
-from hpcdqn.store.agree import Local
+from hpcdqn.parallel.agree import Local
 
 
 def setup():

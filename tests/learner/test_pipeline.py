@@ -14,7 +14,7 @@ from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.parallel.partition import (PartitionError, balanced_cuts, boundary_offset, layer_offsets,
                               partition, plan_stages, stage_modules)
 from hpcdqn.parallel.pipeline import micro_splits, bubble_theory, schedule_ops
-from mpi_util import SCRIPTS, hpcdqn, run_mpi
+from mpi_util import TESTS, hpcdqn, run_mpi
 
 TOL = 1e-5
 
@@ -202,7 +202,7 @@ def equivalence(tmp_path_factory):
         if suite not in done:
             n, name, pp = SUITES[suite]
             out = tmp_path_factory.mktemp(suite)
-            run_mpi(n, [SCRIPTS / "pp_equivalence.py", out, name, pp], timeout=300)
+            run_mpi(n, [TESTS / "learner" / "pp_equivalence.py", out, name, pp], timeout=300)
             done[suite] = out
         return done[suite]
 
@@ -292,7 +292,7 @@ def test_bad_cut_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_exception_on_one_stage_ends_pp2_job(tmp_path, rank):
     t = time.time()
-    r = run_mpi(2, [SCRIPTS / "pp_fail_stage.py", tmp_path / "run", rank], timeout=90, check=False)
+    r = run_mpi(2, [TESTS / "learner" / "pp_fail_stage.py", tmp_path / "run", rank], timeout=90, check=False)
     took = time.time() - t
     assert r.returncode != 0
     assert took < 30, took

@@ -2,11 +2,11 @@
 # A short Pong run on the frame-stacked replay: checkpoints, a bitwise resume and a reshard
 # dp 2 -> 1 (issue 13). Not part of the CI suite (minutes of CPU); run it by hand:
 #
-#   tests/scripts/pong_replay_check.sh [STEPS] [OUT_DIR]      (default 20000, /tmp/pong-replay)
+#   tests/store/pong_replay_check.sh [STEPS] [OUT_DIR]      (default 20000, /tmp/pong-replay)
 #
 # A: 2 ranks, STEPS env steps uninterrupted. B: the same run stopped at STEPS/2 (off any
 # boundary), resumed: its final checkpoint and model must equal A's, bit for bit
-# (tests/scripts/compare_runs.py). Then B's last checkpoint is resumed on 1 rank (a reshard:
+# (tests/cluster/compare_runs.py). Then B's last checkpoint is resumed on 1 rank (a reshard:
 # both replay shards merged into one) for 8 more env steps. Prints checkpoint sizes.
 set -euo pipefail
 STEPS=${1:-20000}
@@ -23,7 +23,7 @@ mpirun -n 2 --oversubscribe --bind-to none hpcdqn train "${ARGS[@]}" "run_dir=$O
     "stop_after=$HALF" > /dev/null
 mpirun -n 2 --oversubscribe --bind-to none hpcdqn train --resume "$OUT/b" 2> "$OUT/b.err" > /dev/null
 grep -o "resumed exactly from .*" "$OUT/b.err"
-python "$HERE/tests/scripts/compare_runs.py" "$OUT/a" "$OUT/b"
+python "$HERE/tests/cluster/compare_runs.py" "$OUT/a" "$OUT/b"
 ls -l "$OUT"/a/checkpoints/*.h5
 mpirun -n 1 --oversubscribe --bind-to none hpcdqn train --resume "$OUT/b" \
     "stop_after=$((STEPS + 8))" "total_steps=$((STEPS + 8))" 2> "$OUT/c.err" > "$OUT/c.json"

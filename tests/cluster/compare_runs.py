@@ -2,7 +2,7 @@
 the newest checkpoint (online, target, Adam moments per layer; the replay shard). Exits 1 unless
 every array is bitwise equal (np.array_equal, same dtype and shape).
 
-    python tests/scripts/compare_runs.py RUN_A RUN_B
+    python tests/cluster/compare_runs.py RUN_A RUN_B
 """
 import sys
 from pathlib import Path

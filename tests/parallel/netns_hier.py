@@ -4,7 +4,7 @@ per-rank gradients with the flat and the hierarchical allreduce, several buckets
 relative to the largest |gradient|, whether they are bitwise equal, whether every rank holds the
 same bits (both algorithms), and what ``choose_algorithm('auto', ...)`` picks for this gradient.
 
-    python tests/scripts/netns_hier.py
+    python tests/parallel/netns_hier.py
 """
 import json
 

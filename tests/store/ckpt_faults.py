@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from hpcdqn.store import FAULT_ENV, CheckpointIOError, verify, write_checkpoint
+from hpcdqn.store import CheckpointIOError, verify, write_checkpoint
+from hpcdqn.testing import FAULT_ENV
 from hpcdqn.store.schema import plan
 
 comm = MPI.COMM_WORLD

@@ -3,7 +3,7 @@ grid's node detection (RankGrid: node_of, local_rank) for pp=2, and NBYTES bytes
 rank to the rank of the other parity and back (point-to-point between the nodes under cyclic
 placement). World rank 0 prints one JSON line per rank, gathered: ``PROBE {...}``.
 
-    python tests/scripts/netns_probe.py [NBYTES]
+    python tests/cluster/netns_probe.py [NBYTES]
 """
 import json
 import socket

@@ -1,0 +1,132 @@
+"""The run's layout, resolved once: who does what on which rank, and the figures that follow.
+
+``RunLayout.resolve(cfg, world, rank)`` validates, in this one place, everything the layout
+decides before a byte is allocated: the degrees (``world = dp x pp``), this rank's
+coordinates and its *role*, the env-step ``Schedule`` for ``dp`` replicas (``rl.schedule``),
+the replay each replica holds and the per-rank memory cap's override. ``place`` adds the
+network (``rl.networks`` on the meta device: nothing is allocated) and its pipeline stage
+bounds once the observation and action spaces are known. ``hpcdqn train`` builds one at set-up
+and hands it down (memory plan, learner, replay, model file); ``hpcdqn plan`` builds the same
+one for any world size and prints it. The checkpointer and the model-file loader size and cut
+through ``replay_per_replica`` and ``stage_bounds`` here.
+
+Roles: today every rank is ``env+learner`` (a replica's first stage steps its envs and holds
+its replay shard; every stage learns its share of the network). ``Role`` is where actor-only
+and learner-only ranks go; a layout names the role of every rank (``roles``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+from hpcdqn.parallel.grid import dp_degree
+from hpcdqn.parallel.partition import describe, layer_offsets, param_ranges, plan_stages
+from hpcdqn.rl.networks import meta_layers
+from hpcdqn.rl.schedule import Schedule
+from hpcdqn.sysinfo import parse_bytes
+
+
+class Role(str, enum.Enum):
+    """What a rank does in the run."""
+    ENV_LEARNER = "env+learner"     # steps its replica's envs (first stages), learns its stage
+
+
+def stage_bounds(layers, pp: int, network: dict) -> list:
+    """Stages as boundary pairs for ``pp`` stages of ``layers`` (``network``: the config's
+    ``[network]`` section: ``cuts``, ``split_layers``); ``PartitionError`` if it cannot split."""
+    if pp == 1:
+        return [((0, 0), (len(layers), 0))]
+    return plan_stages(layers, pp, network["cuts"], network["split_layers"])
+
+
+def replay_per_replica(cfg: dict, dp: int) -> int:
+    """Transitions each replica's replay shard holds (``dqn.buffer_size`` is the global capacity)."""
+    return cfg["dqn"]["buffer_size"] // dp
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """One run on ``world`` ranks, seen from ``rank`` (identical on every rank but for that)."""
+    world: int
+    dp: int
+    pp: int
+    rank: int
+    dp_rank: int
+    pp_rank: int
+    roles: tuple            # Role of every world rank
+    schedule: Schedule      # the env-step clock for dp replicas
+    replay_per_replica: int  # transitions in each replica's shard (on its first stage)
+    mem_per_rank: str | None = None   # --mem-per-rank (None: HPCDQN_MEM_PER_RANK, Slurm, MemTotal)
+    layers: tuple = ()      # the whole network on the meta device (``place``)
+    stages: tuple = ()      # per stage: (start boundary, stop boundary)
+    param_ranges: tuple = ()    # per stage: [lo, hi) of the flat parameter vector
+    stage_contents: tuple = ()  # per stage: what it holds, for people
+
+    @classmethod
+    def resolve(cls, cfg: dict, world: int, rank: int = 0,
+                mem_per_rank: str | None = None) -> "RunLayout":
+        """The layout of ``cfg`` on ``world`` ranks; ``LayoutError`` / ``ConfigError`` naming
+        the key and the fix where it cannot work."""
+        pp = cfg["pp"]
+        dp = dp_degree(world, pp)
+        if mem_per_rank:
+            parse_bytes(mem_per_rank)       # a bad size stops here, before anything is built
+        dp_rank, pp_rank = divmod(rank, pp)
+        return cls(world=world, dp=dp, pp=pp, rank=rank, dp_rank=dp_rank, pp_rank=pp_rank,
+                   roles=(Role.ENV_LEARNER,) * world, schedule=Schedule.resolve(cfg, dp),
+                   replay_per_replica=replay_per_replica(cfg, dp), mem_per_rank=mem_per_rank)
+
+    def place(self, network: dict, obs_shape: tuple, n_actions: int) -> "RunLayout":
+        """This layout with its network (``network``: the config's ``[network]`` section), built
+        by ``rl.networks`` on the meta device, and that network's pipeline stages;
+        ``PartitionError`` where the split cannot be made."""
+        layers = meta_layers(obs_shape, n_actions, network["hidden"], network["dueling"],
+                             network["kind"])
+        stages = stage_bounds(layers, self.pp, network)
+        if self.pp == 1:
+            ranges, contents = [(0, layer_offsets(layers)[-1])], [f"layers [0, {len(layers)})"]
+        else:
+            ranges, contents = param_ranges(layers, stages), describe(stages)
+        return replace(self, layers=tuple(layers), stages=tuple(stages),
+                       param_ranges=tuple(ranges), stage_contents=tuple(contents))
+
+    # -- questions about this rank ----------------------------------------------------------------
+    @property
+    def role(self) -> Role:
+        return self.roles[self.rank]
+
+    @property
+    def steps_envs(self) -> bool:
+        """Whether this rank steps envs and holds a replay shard (its replica's first stage)."""
+        return self.role is Role.ENV_LEARNER and self.pp_rank == 0
+
+    @property
+    def replay_here(self) -> int:
+        """Transitions of replay this rank holds."""
+        return self.replay_per_replica if self.steps_envs else 0
+
+    # -- for people -------------------------------------------------------------------------------
+    def describe_roles(self) -> str:
+        """The ranks of every role, e.g. ``roles: env+learner: ranks 0-3 (envs on 0, 2)``."""
+        parts = []
+        for role in dict.fromkeys(self.roles):
+            ranks = [r for r, x in enumerate(self.roles) if x is role]
+            envs = [r for r in ranks if r % self.pp == 0] if role is Role.ENV_LEARNER else []
+            span = f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"{ranks[0]}"
+            parts.append(f"{role.value}: ranks {span}" + (
+                f" (envs and replay on first stages {_short(envs)})" if self.pp > 1 else ""))
+        return "roles: " + "; ".join(parts)
+
+    def as_dict(self) -> dict:
+        """The layout's figures (``hpcdqn plan --json``)."""
+        return {"world": self.world, "dp": self.dp, "pp": self.pp,
+                "roles": [r.value for r in self.roles],
+                "replay_per_replica": self.replay_per_replica,
+                "stages": [list(map(list, s)) for s in self.stages],
+                "param_ranges": [list(r) for r in self.param_ranges]}
+
+
+def _short(ranks: list[int]) -> str:
+    shown = ", ".join(map(str, ranks[:8]))
+    return shown + (" ..." if len(ranks) > 8 else "")
