@@ -53,23 +53,35 @@ from hpcdqn.sysinfo import cap_per_rank, current_rss, peak_rss
 @dataclass
 class Window:
     """Sums since the last metrics row, on this rank (added over all ranks at each log point)."""
-    ret: float = 0.0      # returns of the episodes that ended
-    len: float = 0.0      # their lengths
-    n: int = 0            # how many ended
-    loss: float = 0.0     # losses of the updates (where this rank knows them)
-    q: float = 0.0        # their mean Q
-    nl: int = 0           # how many
+    return_sum: float = 0.0     # returns of the episodes that ended
+    length_sum: float = 0.0     # their lengths
+    episodes: int = 0           # how many ended
+    loss_sum: float = 0.0       # losses of the updates (where this rank knows them)
+    q_sum: float = 0.0          # their mean Q
+    updates: int = 0            # how many
+
+    # the names in checkpoints and in ``allreduce_window``'s result (the file format's)
+    KEYS = (("ret", "return_sum", float), ("len", "length_sum", float), ("n", "episodes", int),
+            ("loss", "loss_sum", float), ("q", "q_sum", float), ("nl", "updates", int))
+
+    def add_episode(self, ret: float, length: int) -> None:
+        self.return_sum += ret
+        self.length_sum += length
+        self.episodes += 1
+
+    def add_update(self, loss: float, q: float) -> None:
+        self.loss_sum += loss
+        self.q_sum += q
+        self.updates += 1
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Window":
         """From a checkpoint's JSON, each field in its own type (missing: 0)."""
         d = d or {}
-        return cls(**{f: tp(d.get(f, 0)) for f, tp in
-                      (("ret", float), ("len", float), ("n", int), ("loss", float), ("q", float),
-                       ("nl", int))})
+        return cls(**{attr: tp(d.get(key, 0)) for key, attr, tp in cls.KEYS})
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {key: getattr(self, attr) for key, attr, _ in self.KEYS}
 
 
 @dataclass
@@ -82,6 +94,22 @@ class LoopState:
     stopped_by: int = 0         # the signal all ranks agreed on at the last log point (0: none)
     shown_steps: int = 0        # env steps the progress bar has shown
     window: Window = field(default_factory=Window)
+
+    def state_dict(self, env_steps: int, wall_s: float) -> dict:
+        """What a checkpoint keeps of the loop: its counters (``env_steps`` and ``wall_s`` as of
+        now) and this rank's metric window."""
+        return {"counters": {"iteration_next": self.iteration, "env_steps": env_steps,
+                             "episodes": self.episodes, "epsilon": self.epsilon,
+                             "wall_s": wall_s},
+                "window": self.window.as_dict()}
+
+    def load_state_dict(self, st: dict, steps_per_iter: int, exact: bool) -> None:
+        """Continue from a checkpoint's ``counters`` and ``window``; on another layout
+        (``exact`` False) the iteration is the one at the same env step."""
+        c = st["counters"]
+        it = c["iteration_next"] if exact else round(c["env_steps"] / steps_per_iter)
+        self.iteration, self.episodes, self.wall_offset = it, int(c["episodes"]), float(c["wall_s"])
+        self.shown_steps, self.window = it * steps_per_iter, Window.from_dict(st["window"])
 
 
 def resolve_device(name: str, local_rank: int = 0) -> str:
@@ -277,12 +305,9 @@ class Trainer:
         learner, loop counters): bitwise on the same layout, resharded on another."""
         with watchdog.phase("resume"):
             st = self.ckpt.resume(run_dir)
-        c, steps_per_iter = st["counters"], self.clock.steps_per_iter
-        it = c["iteration_next"] if st["exact"] else round(c["env_steps"] / steps_per_iter)
-        self.state = LoopState(iteration=it, episodes=int(c["episodes"]),
-                               wall_offset=float(c["wall_s"]), epsilon=self.state.epsilon,
-                               shown_steps=it * steps_per_iter,
-                               window=Window.from_dict(st["window"]))
+        c = st["counters"]
+        self.state = LoopState(epsilon=self.state.epsilon)
+        self.state.load_state_dict(st, self.clock.steps_per_iter, st["exact"])
         self.resumed = True
         release_freed_memory()      # the arrays read from the checkpoint
         if self.root:
@@ -346,9 +371,7 @@ class Trainer:
             return
         w = self.state.window
         for ret, length in self.rollout.step(actions, self.replay):
-            w.ret += ret
-            w.len += length
-            w.n += 1
+            w.add_episode(ret, length)
 
     def sync_target(self) -> None:
         """Copy (or Polyak-average) the online network into the target, on every rank (each its
@@ -377,9 +400,7 @@ class Trainer:
             if per:
                 replay.update_priorities(batch.indices, out["td_abs"])
             if out.get("loss") is not None:
-                w.loss += out["loss"]
-                w.q += out["q"]
-                w.nl += 1
+                w.add_update(out["loss"], out["q"])
             if check_every and learner.updates % check_every == 0:
                 learner.check_consistency()
 
@@ -416,11 +437,9 @@ class Trainer:
     def checkpoint(self) -> None:
         """Collective over the world: everything needed to continue exactly from here."""
         s = self.state
-        counters = {"iteration_next": s.iteration, "env_steps": self.clock.env_steps(s.iteration),
-                    "episodes": s.episodes, "epsilon": s.epsilon,
-                    "wall_s": time.perf_counter() - self.t0}
+        loop = s.state_dict(self.clock.env_steps(s.iteration), time.perf_counter() - self.t0)
         with watchdog.phase("checkpoint"):
-            info = self.ckpt.save(counters, s.window.as_dict())
+            info = self.ckpt.save(loop["counters"], loop["window"])
         if self.root and not self.quiet:
             self.log.note(f"hpcdqn: checkpoint {info['path']} ({info['bytes'] / 1e6:.1f} MB) stalled "
                           f"training {info['seconds']:.3f} s")
