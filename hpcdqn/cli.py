@@ -205,6 +205,7 @@ def _whole_network_policy(path):
     import torch
 
     from hpcdqn.learner.budget import ENV_CAP, cap_per_rank, current_rss, fmt_bytes
+    from hpcdqn.rl.losses import greedy_actions, make_loss
     from hpcdqn.store.modelfile import load_model, model_size
 
     n, pp = model_size(path)
@@ -218,10 +219,11 @@ def _whole_network_policy(path):
           f"parameters ({fmt_bytes(4 * n)}), fits in {fmt_bytes(cap)} ({source})", file=sys.stderr)
     net, cfg, _, _ = load_model(path)
     torch.set_num_threads(max(1, cfg.get("threads", 1)))
+    loss = make_loss(cfg)
 
     @torch.no_grad()
     def policy(obs):
-        return net(torch.as_tensor(obs)).argmax(1).numpy()
+        return greedy_actions(net(torch.as_tensor(obs)), loss).numpy()
 
     return policy, cfg
 
@@ -249,6 +251,7 @@ def _eval_pipelined(args, run, path) -> int:
     from hpcdqn.learner.budget import fmt_bytes
     from hpcdqn.learner.pipelined import StagePolicy
     from hpcdqn.parallel.grid import RankGrid, mpi
+    from hpcdqn.rl.losses import make_loss
     from hpcdqn.store.agree import Local, agree
     from hpcdqn.store.modelfile import load_model_stage, model_size
 
@@ -274,7 +277,7 @@ def _eval_pipelined(args, run, path) -> int:
               f"(parameters per stage: {', '.join(f'{h} ({fmt_bytes(4 * h)})' for h in held)}; "
               f"{n} in all)", file=sys.stderr)
     grid = RankGrid(comm, pp)
-    res = StagePolicy(net, grid).evaluate(lambda greedy: _run_eval(greedy, cfg, args, run))
+    res = StagePolicy(net, grid, make_loss(cfg)).evaluate(lambda greedy: _run_eval(greedy, cfg, args, run))
     grid.free()
     if rank == 0:
         print(json.dumps(res))

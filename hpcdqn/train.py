@@ -39,7 +39,7 @@ from hpcdqn.parallel.memory import keep_freed_memory, release_freed_memory
 from hpcdqn.parallel import watchdog
 from hpcdqn.rl.envs import frame_stack, make_vector_env
 from hpcdqn.rl.evaluate import evaluate
-from hpcdqn.rl.networks import meta_layers, resolve_kind
+from hpcdqn.rl.networks import network_layers, resolve_kind
 from hpcdqn.rl.framereplay import make_replay, planned_episode_steps
 from hpcdqn.rl.rollout import Rollout
 from hpcdqn.rl.schedule import Schedule, linear_schedule
@@ -195,8 +195,7 @@ class Trainer:
         self.mem_plan = self.check_memory()     # stops here, on every rank, if it cannot fit
         # shapes only (meta device): each rank allocates just its own stage, with the values
         # the whole network would get from `seed` (networks.initial_flat)
-        layers = meta_layers(self.obs_space.shape, self.n_actions, cfg["network"]["hidden"],
-                             cfg["network"]["dueling"], cfg["network"]["kind"])
+        layers = network_layers(cfg["network"], self.obs_space.shape, self.n_actions)
         self.learner = build_learner(grid, layers, cfg, self.device, seed=cfg["seed"])
         # online + target + Adam moments held by each stage (replica 0's stages are world ranks 0..pp-1)
         self.stage_bytes = self.comm.allgather(self.learner.parameter_bytes())[:grid.pp]

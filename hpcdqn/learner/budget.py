@@ -22,7 +22,7 @@ peak by a few percent in all of these (tests/learner/test_memory.py checks 1.0-1
 optimizer imports (~70 MB, measured in the baseline) and a meta-device forward for shapes
 (imports torch's meta kernels, ~70 MB: shapes are computed by formula instead).
 
-Stage sizes come from the network built on the meta device (``networks.meta_layers``), cut
+Stage sizes come from the network built on the meta device (``networks.network_layers``), cut
 exactly as the pipeline learner will cut it, so the plan allocates nothing of the network.
 
 The cap per rank: ``--mem-per-rank`` / ``HPCDQN_MEM_PER_RANK`` (e.g. ``6G``), else under
@@ -44,7 +44,7 @@ from hpcdqn.config import ConfigError
 from hpcdqn.parallel.partition import (LinearPiece, describe, layer_offsets, param_ranges,
                                        plan_stages, stage_modules)
 from hpcdqn.rl.framereplay import planned_episode_steps, replay_nbytes
-from hpcdqn.rl.networks import DuelingHead, Scale, meta_layers, unroll
+from hpcdqn.rl.networks import DuelingHead, Scale, network_layers, unroll
 from hpcdqn.rl.schedule import Schedule
 
 CATEGORIES = ("parameters", "target", "gradients", "optimizer", "replay", "activations",
@@ -157,7 +157,7 @@ def _meminfo_kb(key: str) -> int | None:
 def stage_layout(cfg: dict, obs_shape: tuple, n_actions: int):
     """(meta layers, stages as boundaries, param ranges, contents) for ``cfg['pp']`` stages."""
     net = cfg["network"]
-    layers = meta_layers(obs_shape, n_actions, net["hidden"], net["dueling"], net["kind"])
+    layers = network_layers(net, obs_shape, n_actions)
     pp = cfg["pp"]
     if pp == 1:
         total = layer_offsets(layers)[-1]
@@ -175,7 +175,7 @@ def leaf_shape(leaf, in_shape: tuple) -> tuple:
     if isinstance(leaf, nn.Linear):
         return (leaf.out_features,)
     if isinstance(leaf, DuelingHead):
-        return (leaf.advantage.out_features,)
+        return (leaf.out_features,)
     if isinstance(leaf, (nn.ReLU, Scale)):
         return tuple(in_shape)
     if isinstance(leaf, nn.Flatten) and leaf.start_dim == 1 and leaf.end_dim == -1:

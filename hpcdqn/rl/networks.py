@@ -45,6 +45,10 @@ class DuelingHead(nn.Module):
         self.value = nn.Linear(in_features, 1)
         self.advantage = nn.Linear(in_features, n_actions)
 
+    @property
+    def out_features(self) -> int:
+        return self.advantage.out_features
+
     def forward(self, x):
         a = self.advantage(x)
         return self.value(x) + a - a.mean(dim=1, keepdim=True)
@@ -158,6 +162,16 @@ def meta_layers(obs_shape: tuple, n_actions: int, hidden: list[int],
     no random number is drawn. Stages are planned on these; ``initial_flat`` gives values."""
     with torch.device("meta"):
         return build_layers(obs_shape, n_actions, hidden, dueling, kind=kind)
+
+
+def network_layers(net: dict, obs_shape: tuple, n_actions: int, seed: int | None = None,
+                   meta: bool = True) -> list[nn.Module]:
+    """The layers a config's ``network`` section describes: on the meta device (shapes only),
+    or built with ``seed`` (``meta=False``). ValueError for a network the section cannot
+    describe (every caller reports it as the config's or file's error)."""
+    args = (tuple(obs_shape), int(n_actions), net["hidden"], net.get("dueling", False))
+    kind = net.get("kind", "auto")     # (model files from before network.kind: auto)
+    return meta_layers(*args, kind=kind) if meta else build_layers(*args, seed=seed, kind=kind)
 
 
 def is_meta(layers) -> bool:
