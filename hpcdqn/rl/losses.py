@@ -79,10 +79,57 @@ class TDLoss(Loss):
         return {"actions": actions, "weights": weights}, target
 
 
+class C51Loss(Loss):
+    """C51 (Bellemare et al. 2017): per action, the network outputs the logits of a
+    distribution over ``network.atoms`` returns evenly spaced on [``v_min``, ``v_max``]; the
+    target is the next state's distribution (greedy action by its mean: the target net's, or
+    the online net's with double) shifted by the n-step return and discount and projected back
+    onto the atoms; the loss is the importance-weighted cross-entropy to it, which is also the
+    priority (as Rainbow's)."""
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        net = cfg["network"]
+        self.atoms, self.v_min, self.v_max = int(net["atoms"]), float(net["v_min"]), float(net["v_max"])
+        self.support = torch.linspace(self.v_min, self.v_max, self.atoms)
+
+    def _logits(self, out):
+        return out.view(out.shape[0], -1, self.atoms)
+
+    def q_values(self, out):
+        return (torch.softmax(self._logits(out), -1) * self.support.to(out.device)).sum(-1)
+
+    def target(self, labels: dict, next_target, next_online=None):
+        z = self.support.to(next_target.device)
+        p = torch.softmax(self._logits(next_target), -1)
+        a = self.q_values(next_online if next_online is not None else next_target).argmax(1)
+        p_a = p[torch.arange(p.shape[0], device=p.device), a]
+        tz = labels["returns"].unsqueeze(1) + labels["discounts"].unsqueeze(1) * z
+        b = ((tz.clamp(self.v_min, self.v_max) - self.v_min) * ((self.atoms - 1) / (self.v_max - self.v_min))
+             ).clamp(0, self.atoms - 1)
+        lo, hi = b.floor().long(), b.ceil().long()
+        m = torch.zeros_like(p_a)
+        m.scatter_add_(1, lo, p_a * (hi - b + (lo == hi)))      # (lo == hi: all of it to lo)
+        return m.scatter_add_(1, hi, p_a * (b - lo))
+
+    def __call__(self, out, labels: dict, target):
+        logp = torch.log_softmax(self._logits(out), -1)
+        logp_a = logp[torch.arange(out.shape[0], device=out.device), labels["actions"]]
+        ce = -(target * logp_a).sum(-1)
+        q = (logp_a.detach().exp() * self.support.to(out.device)).sum(-1)
+        return (labels["weights"] * ce).mean(), ce.detach(), q
+
+    def example(self, rows, width, gen, device):
+        actions = torch.randint(0, width // self.atoms, (rows,), generator=gen).to(device)
+        target = torch.softmax(torch.randn(rows, self.atoms, generator=gen), -1).to(device)
+        weights = torch.rand(rows, generator=gen).to(device)
+        return {"actions": actions, "weights": weights}, target
+
+
 def make_loss(cfg: dict) -> Loss:
     """The loss the config's network head trains with (``network.head``)."""
     head = cfg["network"].get("head", "q")
-    losses = {"q": TDLoss}
+    losses = {"q": TDLoss, "c51": C51Loss}
     if head not in losses:
         raise ValueError(f"network.head={head!r} has no loss; one of {sorted(losses)}")
     return losses[head](cfg)
