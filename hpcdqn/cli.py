@@ -204,6 +204,7 @@ def _whole_network_policy(path):
     naming the way out if the whole network does not fit one rank."""
     import torch
 
+    from hpcdqn.rl.losses import greedy_actions, make_loss
     from hpcdqn.store.modelfile import load_model, model_size
     from hpcdqn.sysinfo import ENV_CAP, cap_per_rank, current_rss, fmt_bytes
 
@@ -218,10 +219,11 @@ def _whole_network_policy(path):
           f"parameters ({fmt_bytes(4 * n)}), fits in {fmt_bytes(cap)} ({source})", file=sys.stderr)
     net, cfg, _, _ = load_model(path)
     torch.set_num_threads(max(1, cfg.get("threads", 1)))
+    loss = make_loss(cfg)
 
     @torch.no_grad()
     def policy(obs):
-        return net(torch.as_tensor(obs)).argmax(1).numpy()
+        return greedy_actions(net(torch.as_tensor(obs)), loss).numpy()
 
     return policy, cfg
 
@@ -250,6 +252,7 @@ def _eval_pipelined(args, run, path) -> int:
     from hpcdqn.parallel.grid import RankGrid, mpi
     from hpcdqn.parallel.agree import Local
     from hpcdqn.store.errors import agree
+    from hpcdqn.rl.losses import make_loss
     from hpcdqn.store.modelfile import load_model_stage, model_size
     from hpcdqn.sysinfo import fmt_bytes
 
@@ -275,7 +278,7 @@ def _eval_pipelined(args, run, path) -> int:
               f"(parameters per stage: {', '.join(f'{h} ({fmt_bytes(4 * h)})' for h in held)}; "
               f"{n} in all)", file=sys.stderr)
     grid = RankGrid(comm, pp)
-    res = StagePolicy(net, grid).evaluate(lambda greedy: _run_eval(greedy, cfg, args, run))
+    res = StagePolicy(net, grid, make_loss(cfg)).evaluate(lambda greedy: _run_eval(greedy, cfg, args, run))
     grid.free()
     if rank == 0:
         print(json.dumps(res))

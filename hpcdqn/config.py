@@ -100,6 +100,14 @@ SCHEMA: dict[str, Any] = {
                     ("auto", "mlp", "nature", "minatar")),
         "hidden": Key([256, 256], list, "MLP hidden widths (also the CNN's dense layer)", _widths),
         "dueling": Key(False, bool, "dueling head: Q = V + A - mean(A)"),
+        "head": Key("q", str, "output head: q (one Q-value per action, the TD loss) or c51 "
+                              "(Bellemare et al. 2017: per action a distribution over network.atoms "
+                              "returns on [v_min, v_max], the projected cross-entropy loss)", None,
+                    ("q", "c51")),
+        "atoms": Key(51, int, "c51: atoms of each action's return distribution (2..1024)",
+                     lambda v: None if 2 <= v <= 1024 else "must be in 2..1024"),
+        "v_min": Key(-10.0, float, "c51: the lowest return of the support"),
+        "v_max": Key(10.0, float, "c51: the highest return of the support (> v_min)"),
         "cuts": Key([], list, "pipeline cut points (layer indices); empty: balance by params", _cuts),
         "split_layers": Key(True, bool, "balanced pipeline stages may cut inside a Linear layer (by "
                                         "output rows) when no layer boundary balances them"),
@@ -370,6 +378,10 @@ def validate(cfg: dict) -> None:
         raise ConfigError(
             f"eval.every_episodes={ev['every_episodes']} must be a multiple of eval.num_envs="
             f"{ev['num_envs']} (or at most it)")
+    net = cfg["network"]
+    if net["head"] == "c51" and (net["dueling"] or net["v_min"] >= net["v_max"]):
+        raise ConfigError(f"network.head='c51' needs network.v_min < network.v_max (they are "
+                          f"{net['v_min']}, {net['v_max']}) and network.dueling=false")
     dev = cfg["device"]
     if not (dev in ("cpu", "auto", "cuda") or dev.startswith("cuda:")):
         raise ConfigError(f"device={dev!r}: use cpu, cuda, cuda:N or auto")

@@ -206,3 +206,39 @@ def test_the_function_length_rule_flags_81_lines_and_passes_79(tmp_path, monkeyp
     assert longest_functions(1)[0][0] == 81
     with pytest.raises(AssertionError, match="longest functions"):
         test_functions_are_short()
+
+
+# the loss functions of ``rl.td``: the learners get a loss object (``rl.losses``) and call it
+LOSS_FUNCTIONS = {"td_loss", "td_target"}
+
+
+def loss_calls_outside_rl(pkg: Path = None) -> list[str]:
+    """Every call of (or import of) a loss function in a module outside ``hpcdqn.rl``."""
+    pkg = pkg or PKG
+    bad = []
+    for p in sorted(pkg.rglob("*.py")):
+        mod = ".".join(p.relative_to(pkg.parent).with_suffix("").parts)
+        if mod == "hpcdqn.rl" or mod.startswith("hpcdqn.rl."):
+            continue
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            name = None
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+            elif isinstance(node, ast.ImportFrom):
+                name = next((a.name for a in node.names if a.name in LOSS_FUNCTIONS), None)
+            if name in LOSS_FUNCTIONS:
+                bad.append(f"{mod}:{node.lineno} uses {name}")
+    return bad
+
+
+def test_only_rl_calls_the_loss_functions(tmp_path):
+    """The learners and the pipeline runtime call the loss they are handed, never ``td_loss``
+    / ``td_target`` themselves (so a new loss is ``rl/`` work); the check catches a call."""
+    assert not loss_calls_outside_rl(), "\n".join(loss_calls_outside_rl())
+    pkg = tmp_path / "hpcdqn"
+    (pkg / "learner").mkdir(parents=True)
+    (pkg / "rl").mkdir()
+    (pkg / "rl" / "td.py").write_text("def td_loss(*a):\n    return a\n")
+    (pkg / "learner" / "x.py").write_text("from hpcdqn.rl import td\ntd.td_loss(1)\n")
+    assert loss_calls_outside_rl(pkg) == ["hpcdqn.learner.x:2 uses td_loss"]

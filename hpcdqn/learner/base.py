@@ -19,6 +19,7 @@ import torch
 from hpcdqn.learner import plan as plan_mod
 from hpcdqn.parallel.allreduce import GradSync, broadcast_params, check_consistent
 from hpcdqn.parallel.flat import FlatModule
+from hpcdqn.rl.losses import make_loss
 from hpcdqn.rl.networks import initial_flat, is_meta
 from hpcdqn.rl.optim import make_optimizer, optimizer_state, optimizer_step, restore_optimizer
 
@@ -87,12 +88,14 @@ class StageLearner:
     target sync. ``pipeline``: whether ``modules`` are one stage of several (the plan differs)."""
 
     def __init__(self, modules, cfg: dict, dp_comm, device="cpu", pipeline: bool = False,
-                 init=None, stage_ends: tuple[bool, bool] = (True, True)):
+                 init=None, stage_ends: tuple[bool, bool] = (True, True), loss=None):
         """``modules`` real (their values are the start), or on the meta device: then ``init``
         = (the whole network's meta layers, lo, hi, seed) and this rank computes only its
         range [lo, hi) of the initial values (``networks.initial_flat``), allocating nothing
-        of any other stage."""
+        of any other stage. ``loss``: what the update minimises (``rl.losses``; None: the
+        config's, ``make_loss``)."""
         self.cfg, self.d, self.device = cfg, cfg["dqn"], torch.device(device)
+        self.loss = loss if loss is not None else make_loss(cfg)
         self.dp_comm = dp_comm
         meta = is_meta(modules)
         if meta and init is None:
@@ -108,7 +111,7 @@ class StageLearner:
         self.opt = make_optimizer(self.online.flat, self.d)
         buckets = GradSync.bucket_bounds(self.online, cfg["parallel"]["bucket_mb"])
         self.plan = plan_mod.decide(cfg, self.online, self.opt, dp_comm, pipeline, len(buckets),
-                                    stage_ends)
+                                    stage_ends, self.loss)
         self.sync = GradSync(self.online, dp_comm, cfg["parallel"]["bucket_mb"], self.plan.overlap,
                              self.plan.allreduce)
         if self.plan.gradient == "autograd-accumulate":

@@ -23,7 +23,7 @@ optimizer imports (~70 MB, measured in the baseline) and a meta-device forward f
 (imports torch's meta kernels, ~70 MB: shapes are computed by formula instead).
 
 Stage sizes come from the run's layout (``parallel.layout.RunLayout``): the network built on
-the meta device (``networks.meta_layers``), cut exactly as the pipeline learner cuts it, so the
+the meta device (``networks.network_layers``), cut exactly as the pipeline learner cuts it, so the
 plan allocates nothing of the network. The cap per rank and the RSS figures: ``hpcdqn.sysinfo``.
 """
 
@@ -73,7 +73,7 @@ def leaf_shape(leaf, in_shape: tuple) -> tuple:
     if isinstance(leaf, nn.Linear):
         return (leaf.out_features,)
     if isinstance(leaf, DuelingHead):
-        return (leaf.advantage.out_features,)
+        return (leaf.out_features,)
     if isinstance(leaf, (nn.ReLU, Scale)):
         return tuple(in_shape)
     if isinstance(leaf, nn.Flatten) and leaf.start_dim == 1 and leaf.end_dim == -1:

@@ -10,19 +10,21 @@ import torch
 
 from hpcdqn.learner.base import StageLearner
 from hpcdqn.rl.networks import is_meta, num_params
+from hpcdqn.rl.losses import greedy_actions
 from hpcdqn.rl.mlp import mlp_forward, mlp_layers, mlp_td_backward
 from hpcdqn.rl.replay import Batch
-from hpcdqn.rl.td import td_loss, td_target, to_tensors
+from hpcdqn.rl.td import to_tensors
 
 
 class DataParallelLearner(StageLearner):
     """One replica's online + target network, optimizer and update, on one rank."""
 
-    def __init__(self, layers, cfg: dict, dp_comm, device="cpu", seed: int | None = None):
+    def __init__(self, layers, cfg: dict, dp_comm, device="cpu", seed: int | None = None,
+                 loss=None):
         """``layers``: real, or on the meta device with ``seed`` (their initial values are then
-        those ``build_layers(seed=seed)`` gives)."""
+        those ``build_layers(seed=seed)`` gives); ``loss``: ``rl.losses`` (None: the config's)."""
         init = (layers, 0, sum(num_params(m) for m in layers), seed) if is_meta(layers) else None
-        super().__init__(layers, cfg, dp_comm, device, pipeline=False, init=init)
+        super().__init__(layers, cfg, dp_comm, device, pipeline=False, init=init, loss=loss)
         self.param_ranges = [(0, self.online.numel)]     # one stage: the whole network
         self.stage_contents = [f"layers [0, {len(layers)})"]
         # the plan chose the hand-written MLP update: act and learn on plain tensors
@@ -32,7 +34,7 @@ class DataParallelLearner(StageLearner):
     @torch.no_grad()
     def q_values(self, obs: np.ndarray) -> np.ndarray:
         """Collective over the replica's stages (here: this rank alone)."""
-        return self.online(torch.as_tensor(obs, device=self.device)).cpu().numpy()
+        return self.loss.q_values(self.online(torch.as_tensor(obs, device=self.device))).cpu().numpy()
 
     def greedy(self, obs, needed: bool = True):
         """Collective over the replica's stages (here: this rank alone): greedy actions; None
@@ -40,10 +42,9 @@ class DataParallelLearner(StageLearner):
         if not needed:
             return None
         x = torch.as_tensor(obs, device=self.device)
-        if self.mlp is not None:
-            return mlp_forward(self.mlp, x)[0].argmax(1).cpu().numpy()
         with torch.no_grad():
-            return self.online(x).argmax(1).cpu().numpy()
+            out = mlp_forward(self.mlp, x)[0] if self.mlp is not None else self.online(x)
+            return greedy_actions(out, self.loss).cpu().numpy()
 
     def evaluate(self, run):
         """Collective over the replica's stages: ``run(policy)`` on replica 0 (None elsewhere)."""
@@ -66,22 +67,20 @@ class DataParallelLearner(StageLearner):
     def update(self, batch: Batch, q_next_target=None) -> dict:
         """Collective over dp_comm: one gradient update on ``batch``."""
         t_start = time.perf_counter()
-        d = self.d
-        b = to_tensors(batch, self.device)
+        b, loss_fn = to_tensors(batch, self.device), self.loss
+        lab = {k: b[k] for k in loss_fn.labels}
         with torch.no_grad():
             q_next_t = self.target(b["next_obs"]) if q_next_target is None else q_next_target
-            q_next_o = self.online(b["next_obs"]) if d["double"] else None
-            y = td_target(b["returns"], b["discounts"], q_next_t, q_next_o)
+            q_next_o = self.online(b["next_obs"]) if loss_fn.double else None
+            y = loss_fn.target(lab, q_next_t, q_next_o)
         if self.mlp is None:
             self.online.zero_grad_()
-            loss, td, q = td_loss(self.online(b["obs"]), b["actions"], y, b["weights"],
-                                  d["huber_delta"])
+            loss, td, q = loss_fn(self.online(b["obs"]), lab, y)
             loss.backward()
         else:   # the same forward and gradients, written out (every gradient is overwritten)
             q_all, inputs = mlp_forward(self.mlp, b["obs"])
-            loss, td, q = td_loss(q_all, b["actions"], y, b["weights"], d["huber_delta"])
-            mlp_td_backward(self.mlp, inputs, q_all, q, b["actions"], y, b["weights"],
-                            d["huber_delta"])
+            loss, td, q = loss_fn(q_all, lab, y)
+            mlp_td_backward(self.mlp, inputs, loss_fn.output_grad(q_all, lab, y, 1.0))
         self.step_optimizer()
         td_abs = td.abs().cpu().numpy() if self.cfg["replay"]["prioritized"] else None
         self.update_seconds += time.perf_counter() - t_start

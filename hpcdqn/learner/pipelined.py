@@ -5,6 +5,11 @@ the protocol: header, micro-batches, schedules, tags) over ``grid.pp_comm``; eac
 gradients are averaged over ``grid.dp_comm`` by the shared ``StageLearner`` step. Every public
 operation here is a collective over the replica's stages: the first stage passes data, the
 others pass ``None`` and learn what to do from the header.
+
+As torch's ``distributed.pipelining``: the op list (``schedule_ops``) is the plan; a stage
+runs one forward chunk (``forward_one_chunk``) or one backward chunk (``backward_one_chunk``)
+over its links (the MPI tags stay here and in ``parallel.pipeline``); the last stage calls the
+loss it was handed (``rl.losses``), so a new loss never touches this runtime.
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ from hpcdqn.parallel.pipeline import (OP_GREEDY, OP_QVALUES, OP_STOP, OP_UPDATE,
                                       TAG_DBL, TAG_GRAD, TAG_INFER, TAG_INFER_OUT, TAG_LABELS,
                                       TAG_RESULT, TAG_TGT, StageLink, as_np, micro_splits,
                                       schedule_ops)
-from hpcdqn.rl.td import td_loss, td_target, to_tensors
+from hpcdqn.rl.losses import batch_labels, greedy_actions
+from hpcdqn.rl.td import to_tensors
 
 
 class StageInference:
     """The forward passes of one pipeline stage for acting and evaluation (collectives over the
     replica's stages). Needs ``online`` (this stage's FlatModule), ``link``, ``grid``, ``P``,
-    ``stage``, ``first``, ``last``, ``device`` and an ``_out_shapes`` dict."""
+    ``stage``, ``first``, ``last``, ``device``, ``loss`` (``rl.losses``: Q-values and greedy
+    actions from the last stage's output) and an ``_out_shapes`` dict."""
 
     @torch.no_grad()
     def _out_shape(self, in_shape: tuple, dtype) -> tuple:
@@ -85,9 +92,9 @@ class StageInference:
         if not self.last:
             link.isend(as_np(y), self.stage + 1, TAG_INFER)
         elif op == OP_GREEDY:
-            link.isend(y.argmax(1).cpu().numpy().astype(np.int64), 0, TAG_INFER_OUT)
+            link.isend(greedy_actions(y, self.loss).cpu().numpy().astype(np.int64), 0, TAG_INFER_OUT)
         else:
-            link.isend(as_np(y), 0, TAG_INFER_OUT)
+            link.isend(as_np(self.loss.q_values(y)), 0, TAG_INFER_OUT)
         link.finish_sends()
 
     def evaluate(self, run):
@@ -114,12 +121,14 @@ class StageInference:
 class StagePolicy(StageInference):
     """One stage of a trained network for greedy evaluation with the run's own pp (``mpirun -n
     P hpcdqn eval RUN``): this stage's online parameters only, no target, gradients or
-    optimizer state. ``online``: the stage's FlatModule (``store.modelfile.load_model_stage``)."""
+    optimizer state. ``online``: the stage's FlatModule (``store.modelfile.load_model_stage``);
+    ``loss``: the run's (``rl.losses.make_loss``): the last stage's Q-values come from it."""
 
-    def __init__(self, online: FlatModule, grid, device="cpu"):
+    def __init__(self, online: FlatModule, grid, loss, device="cpu"):
         if grid.pp < 2:
             raise ValueError("StagePolicy needs pp >= 2: on one rank, use the whole network")
         self.online, self.grid, self.device = online, grid, torch.device(device)
+        self.loss = loss
         self.P, self.stage = grid.pp, grid.pp_rank
         self.first, self.last = grid.is_first_stage, grid.is_last_stage
         self.link = StageLink(grid.pp_comm, self.stage, self.P)
@@ -130,10 +139,11 @@ class PipelineLearner(StageInference, StageLearner):
     """One pipeline stage of one data-parallel replica (``grid.pp_rank`` of ``grid.pp``)."""
 
     def __init__(self, layers, cfg: dict, grid, device="cpu", seed: int | None = None,
-                 stages=None):
+                 stages=None, loss=None):
         """``layers``: the whole network, real or (with ``seed``) on the meta device; this rank
         materialises only its stage (rows of a cut layer included). ``stages``: the run
-        layout's stage bounds (``parallel.layout``; None: cut here by the same rule)."""
+        layout's stage bounds (``parallel.layout``; None: cut here by the same rule). ``loss``:
+        ``rl.losses`` (None: the config's), called by the last stage only."""
         if grid.pp < 2:
             raise ValueError("PipelineLearner needs pp >= 2; use DataParallelLearner for pp=1")
         self.grid = grid
@@ -146,7 +156,7 @@ class PipelineLearner(StageInference, StageLearner):
         lo, hi = self.param_ranges[self.stage]
         super().__init__(stage_modules(layers, *self.stages[self.stage]), cfg, grid.dp_comm,
                          device, pipeline=True, init=(layers, lo, hi, seed),
-                         stage_ends=(self.first, self.last))
+                         stage_ends=(self.first, self.last), loss=loss)
         if self.online.numel != self.stage_sizes[self.stage]:
             raise RuntimeError(f"stage {self.stage} holds {self.online.numel} parameters, its "
                                f"range {self.param_ranges[self.stage]} says {self.stage_sizes[self.stage]}")
@@ -198,7 +208,6 @@ class PipelineLearner(StageInference, StageLearner):
         """Collective over the replica's stages, then dp_comm: ``batch`` on the first stage,
         None on the others (``q_next_target`` is unused: the target forwards are pipelined)."""
         t_start, w_start = time.perf_counter(), self.link.wait_seconds
-        P = self.P
         b = None
         if self.first:
             b = to_tensors(batch, self.device)
@@ -210,15 +219,7 @@ class PipelineLearner(StageInference, StageLearner):
         splits = micro_splits(n, micro)
         out_shape = None if self.last else self._out_shape(in_shape, in_dtype)
         self.link.send_header(OP_UPDATE, n, len(splits), out_shape)
-        if self.first:
-            labels = np.stack([batch.actions.astype(np.float32), batch.returns, batch.discounts,
-                               batch.weights]).astype(np.float32)
-            self.link.isend(labels, P - 1, TAG_LABELS)
-        lab = None
-        if self.last:
-            raw = self._to_dev(self.link.recv((4, n), 0, TAG_LABELS))
-            lab = {"actions": raw[0].long(), "returns": raw[1], "discounts": raw[2],
-                   "weights": raw[3]}
+        lab = self._labels(batch, n)
         self.online.zero_grad_()
         t_sched, w_sched = time.perf_counter(), self.link.wait_seconds
         loss_sum, td_parts, q_parts = self._run_schedule(b, lab, splits, in_shape, out_shape, n)
@@ -231,29 +232,40 @@ class PipelineLearner(StageInference, StageLearner):
         self.update_seconds += time.perf_counter() - t_start
         return out
 
+    def _labels(self, batch, n: int) -> dict | None:
+        """The loss's named label arrays, first stage -> last stage (one message each, in the
+        loss's order); on the last stage: {name: tensor}, None elsewhere."""
+        if self.first:
+            for arr in batch_labels(batch, self.loss).values():
+                self.link.isend(arr, self.P - 1, TAG_LABELS)
+        if not self.last:
+            return None
+        return {k: self._to_dev(self.link.recv(n, 0, TAG_LABELS, dt))
+                for k, dt in self.loss.labels.items()}
+
     def _run_schedule(self, b, lab, splits, in_shape, out_shape, n):
-        """This stage's forward / backward (/ weight-gradient) steps of one update, in the
-        schedule's order."""
+        """This stage's forward / backward (/ weight-gradient) chunks of one update, in the
+        schedule's order (``schedule_ops``: the plan)."""
         st = {"loss": 0.0, "td": {}, "q": {}, "saved": {}, "work": {}}
         ctx = (b, lab, splits, in_shape, out_shape, n)
         for kind, m in schedule_ops(self.schedule, self.stage, self.P, len(splits)):
             self.link.progress()
             if kind == "F":
-                self._forward_step(m, ctx, st)
+                self.forward_one_chunk(m, ctx, st)
             elif kind == "B":
-                self._backward_step(m, ctx, st)
+                self.backward_one_chunk(m, ctx, st)
                 if self.schedule != "zbh1":        # no separate weight-gradient step
                     self._weight_step(m, st)
             else:
                 self._weight_step(m, st)
         return st["loss"], st["td"], st["q"]
 
-    def _forward_step(self, m, ctx, st) -> None:
-        """F(m): the online forward (kept for the backward) and the TD-target forwards, each
-        sent on as soon as it is computed, so the next stage starts its online forward while
-        this one runs the target forwards."""
+    def forward_one_chunk(self, m, ctx, st) -> None:
+        """F(m): the online forward (kept for the backward) and the target forwards the loss
+        bootstraps from, each sent on as soon as it is computed, so the next stage starts its
+        online forward while this one runs the target forwards; the last stage calls the loss."""
         b, lab, splits, in_shape, _, n = ctx
-        d, s, link = self.d, self.stage, self.link
+        s, link = self.stage, self.link
         lo, hi = splits[m]
         k = hi - lo
 
@@ -262,6 +274,12 @@ class PipelineLearner(StageInference, StageLearner):
                 return b["obs"][lo:hi] if tag == TAG_ACT else b["next_obs"][lo:hi]
             t = self._to_dev(link.recv((k, *in_shape), s - 1, tag))
             return t.requires_grad_() if grad and self.mlp is None else t
+
+        def forward(module, tag):
+            y = module(arrive(tag))
+            if not self.last:
+                link.isend(as_np(y), s + 1, tag)
+            return y
 
         x = arrive(TAG_ACT, grad=True)
         if self.mlp is not None:
@@ -272,28 +290,28 @@ class PipelineLearner(StageInference, StageLearner):
         if not self.last:
             link.isend(as_np(y), s + 1, TAG_ACT)
         with torch.no_grad():
-            yt = self.target(arrive(TAG_TGT))
-            if not self.last:
-                link.isend(as_np(yt), s + 1, TAG_TGT)
-            yd = self.online(arrive(TAG_DBL)) if d["double"] else None
-            if d["double"] and not self.last:
-                link.isend(as_np(yd), s + 1, TAG_DBL)
+            yt = forward(self.target, TAG_TGT)
+            yd = forward(self.online, TAG_DBL) if self.loss.double else None
         if not self.last:
             st["saved"][m] = (x, y, keep, None)
             return
-        with torch.no_grad():
-            target = td_target(lab["returns"][lo:hi], lab["discounts"][lo:hi], yt, yd)
-        loss, td, q = td_loss(y, lab["actions"][lo:hi], target, lab["weights"][lo:hi],
-                              d["huber_delta"])
-        st["loss"] += float(loss.detach()) * k / n
-        st["td"][m], st["q"][m] = td, q
-        if self.mlp is not None:       # what the loss gradient needs (``stage_mlp.td_output_grad``)
-            st["saved"][m] = (x, y, keep, (q, lab["actions"][lo:hi], target,
-                                           lab["weights"][lo:hi], k / n))
-        else:
-            st["saved"][m] = (x, loss * (k / n), None, None)
+        self._loss_chunk(m, x, y, keep, yt, yd, {key: v[lo:hi] for key, v in lab.items()},
+                         k / n, st)
 
-    def _backward_step(self, m, ctx, st) -> None:
+    def _loss_chunk(self, m, x, y, keep, yt, yd, lab_m: dict, share: float, st) -> None:
+        """The last stage: the loss handed in, on micro-batch ``m`` (its ``share`` of the batch
+        mean), and what the backward chunk needs."""
+        with torch.no_grad():
+            target = self.loss.target(lab_m, yt, yd)
+        loss, td, q = self.loss(y, lab_m, target)
+        st["loss"] += float(loss.detach()) * share
+        st["td"][m], st["q"][m] = td, q
+        if self.mlp is not None:       # the hand-written backward starts from ``output_grad``
+            st["saved"][m] = (x, y, keep, (lab_m, target, share))
+        else:
+            st["saved"][m] = (x, loss * share, None, None)
+
+    def backward_one_chunk(self, m, ctx, st) -> None:
         """B(m): the gradient w.r.t. this stage's input, sent to the previous stage (on the
         hand-written path the weight gradients are left to ``_weight_step``; autograd does all)."""
         _, _, splits, _, out_shape, _ = ctx
@@ -301,7 +319,7 @@ class PipelineLearner(StageInference, StageLearner):
         lo, hi = splits[m]
         x, y, keep, loss_args = st["saved"].pop(m)
         if self.last and self.mlp is not None:
-            g = stage_mlp.td_output_grad(y, *loss_args[:4], self.d["huber_delta"], loss_args[4])
+            g = self.loss.output_grad(y, *loss_args)
         elif not self.last:
             g = self._to_dev(link.recv((hi - lo, *out_shape), s + 1, TAG_GRAD))
         if self.mlp is not None:

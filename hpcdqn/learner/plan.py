@@ -78,9 +78,10 @@ class ExecutionPlan:
 
 
 def decide(cfg: dict, online: FlatModule, opt, dp_comm, pipeline: bool, buckets: int,
-           stage_ends: tuple[bool, bool] = (True, True)) -> ExecutionPlan:
+           stage_ends: tuple[bool, bool], loss) -> ExecutionPlan:
     """The plan for a learner holding ``online`` (one stage, or the whole network);
-    ``stage_ends``: (first, last) stage of a pipeline."""
+    ``stage_ends``: (first, last) stage of a pipeline; ``loss``: the learner's (``rl.losses``),
+    whose gradient the hand-written backward is checked with."""
     par = cfg["parallel"]
     one_backward = not pipeline or cfg["micro_batches"] == 1
     overlap = par["overlap"] and one_backward and can_overlap(online, dp_comm)
@@ -104,14 +105,13 @@ def decide(cfg: dict, online: FlatModule, opt, dp_comm, pipeline: bool, buckets:
                   bucket_mb=float(par["bucket_mb"]), optimizer=optimizer, allreduce_choice=choice,
                   allreduce=choice["algorithm"] if choice else "flat")
     if pipeline:
-        return _stage_plan(cfg, online, overlap, stage_ends, notes, common)
+        return _stage_plan(cfg, online, overlap, stage_ends, loss, notes, common)
     layers = mlp.mlp_layers(online.net)
     if overlap or layers is None or not par["manual_backward"] or not mlp.kernels_available():
         if layers is not None and par["manual_backward"] and not overlap:
             notes.append("hand-written MLP backward unavailable in this torch: autograd")
         return ExecutionPlan(gradient="autograd", notes=tuple(notes), **common)
-    diff = mlp.check_against_autograd(online, layers, online.flat.grad, layers[0].w.shape[1],
-                                      layers[-1].w.shape[0], cfg["dqn"]["huber_delta"])
+    diff = mlp.check_against_autograd(online, layers, online.flat.grad, layers[0].w.shape[1], loss)
     if not diff <= MANUAL_TOLERANCE:
         msg = (f"the hand-written MLP backward differs from autograd by {diff:.3g} on this network: "
                "falling back to autograd (set parallel.manual_backward=false to skip the check)")
@@ -121,7 +121,7 @@ def decide(cfg: dict, online: FlatModule, opt, dp_comm, pipeline: bool, buckets:
     return ExecutionPlan(gradient="mlp-manual", manual_check=diff, notes=tuple(notes), **common)
 
 
-def _stage_plan(cfg, online, overlap, stage_ends, notes, common) -> ExecutionPlan:
+def _stage_plan(cfg, online, overlap, stage_ends, loss, notes, common) -> ExecutionPlan:
     """A pipeline stage: the hand-written MLP backward (``parallel.stage_mlp``, guarded as on
     one rank: plain Linear/ReLU leaves, the aten kernels, ``manual_backward``, no overlap, and
     agreement with autograd on the real stage at start-up), else autograd."""
@@ -131,7 +131,7 @@ def _stage_plan(cfg, online, overlap, stage_ends, notes, common) -> ExecutionPla
         return ExecutionPlan(gradient=fallback, notes=tuple(notes), **common)
     first, last = stage_ends
     diff = stage_mlp.check_against_autograd(online, ops, stage_mlp.input_width(ops), last,
-                                            not first, cfg["dqn"]["huber_delta"])
+                                            not first, loss)
     if not diff <= MANUAL_TOLERANCE:
         warnings.warn(f"the hand-written MLP backward differs from autograd by {diff:.3g} on this "
                       "pipeline stage: falling back to autograd (set parallel.manual_backward="

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from hpcdqn.parallel.grid import dp_degree
 from hpcdqn.parallel.partition import describe, layer_offsets, param_ranges, plan_stages
-from hpcdqn.rl.networks import meta_layers
+from hpcdqn.rl.networks import network_layers
 from hpcdqn.rl.schedule import Schedule
 from hpcdqn.sysinfo import parse_bytes
 
@@ -81,8 +81,7 @@ class RunLayout:
         """This layout with its network (``network``: the config's ``[network]`` section), built
         by ``rl.networks`` on the meta device, and that network's pipeline stages;
         ``PartitionError`` where the split cannot be made."""
-        layers = meta_layers(obs_shape, n_actions, network["hidden"], network["dueling"],
-                             network["kind"])
+        layers = network_layers(network, obs_shape, n_actions)
         stages = stage_bounds(layers, self.pp, network)
         if self.pp == 1:
             ranges, contents = [(0, layer_offsets(layers)[-1])], [f"layers [0, {len(layers)})"]

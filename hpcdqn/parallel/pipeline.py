@@ -12,13 +12,14 @@ its gradients are averaged exactly as in the data-parallel learner.
 One update (``update(batch)``; the batch lives on the first stage):
 
 1. The first stage sends a small control header down the pipeline (operation, batch size,
-   micro-batches, activation shape), and the labels (actions, returns, discounts, importance
-   weights) straight to the last stage.
+   micro-batches, activation shape), and the loss's named label arrays (``Loss.labels``: for
+   DQN actions, returns, discounts, importance weights; one message each) straight to the last
+   stage.
 2. The batch is split into ``M`` micro-batches. A *forward step* ``F(m)`` runs, on each stage,
    the online net on ``obs_m`` (with autograd) and, without grad, the target net on
    ``next_obs_m`` (and the online net on ``next_obs_m`` for double DQN), so the TD-target
-   forwards ride in the same pipeline slots. The last stage turns them into the TD target and the
-   loss with ``dqn.td_target`` / ``dqn.td_loss``, scaled by ``|m| / B`` so the accumulated
+   forwards ride in the same pipeline slots. The last stage turns them into the target and the
+   loss with the loss it was handed (``rl.losses``), scaled by ``|m| / B`` so the accumulated
    gradient is the full-batch mean loss's. A *backward step* ``B(m)`` backpropagates and sends
    the gradient w.r.t. the stage's input to the previous stage.
 3. Schedules: ``gpipe`` (all ``F`` then all ``B``), ``1f1b`` (stage ``s`` warms up with
@@ -62,7 +63,7 @@ TAG_ACT = 101         # forward: online-net activation on obs (training, with au
 TAG_GRAD = 102        # backward: gradient w.r.t. the receiver's output
 TAG_TGT = 103         # forward: target-net activation on next_obs (TD target, no grad)
 TAG_DBL = 104         # forward: online-net activation on next_obs (double DQN, no grad)
-TAG_LABELS = 105      # first -> last: actions, returns, discounts, importance weights
+TAG_LABELS = 105      # first -> last: the loss's label arrays, one message each, in its order
 TAG_RESULT = 106      # last -> first: |TD errors| (prioritized replay)
 TAG_INFER = 107       # forward: acting / evaluation activation (no grad)
 TAG_INFER_OUT = 108   # last -> first: greedy actions or Q-values

@@ -10,7 +10,7 @@ Parallelism"):
 A stage holds whole ``nn.Linear`` / ``nn.ReLU`` leaves and, where a boundary falls inside a
 Linear layer, ``partition.LinearPiece`` leaves (rows of the layer; the input passes through, see
 its docstring). The ops are the ones autograd runs for those modules (``addmm``, ``mm``,
-``threshold_backward``, ``huber_loss_backward``), so the gradients equal autograd's up to the
+``threshold_backward``; the last stage starts from the loss's ``output_grad``), so the gradients equal autograd's up to the
 order of floating-point accumulation; ``hpcdqn.learner.plan`` checks them against autograd on
 the real stage at start-up (``check_against_autograd``) before taking this path.
 """
@@ -25,7 +25,6 @@ from torch import nn
 from hpcdqn.parallel.partition import LinearPiece
 from hpcdqn.rl.mlp import kernels_available
 from hpcdqn.rl.networks import unroll
-from hpcdqn.rl.td import td_loss
 
 
 @dataclass
@@ -138,19 +137,12 @@ def backward_weights(work: list) -> None:
             db.add_(gb.sum(0))
 
 
-def td_output_grad(q_all, q, actions, target, weights, huber_delta: float, scale: float):
-    """dL/dQ for ``scale * td_loss`` (the last stage's micro-batch share of the mean loss): the
-    ops autograd runs for it (``rl.mlp.mlp_td_backward`` with the scale)."""
-    g = torch.full_like(q, scale) / q.numel() * weights
-    g = torch.ops.aten.huber_loss_backward(g, q, target, 0, huber_delta)
-    return torch.zeros_like(q_all).scatter_add_(1, actions.unsqueeze(1), g.unsqueeze(1))
-
-
 def check_against_autograd(online, ops: list[StageOp], in_width: int, last: bool,
-                           need_input: bool, huber_delta: float, rows: int = 16) -> float:
+                           need_input: bool, loss, rows: int = 16) -> float:
     """The largest |hand-written - autograd| over the stage's parameter gradients and its input
     gradient, relative to the largest autograd value, on a synthetic micro-batch (its own
-    generator; leaves the gradient buffer zeroed)."""
+    generator; leaves the gradient buffer zeroed). ``loss`` (``rl.losses``): the last stage's;
+    its ``output_grad`` starts the hand-written backward there."""
     gen = torch.Generator(device="cpu").manual_seed(12345)
     dev, grad = online.flat.device, online.flat.grad
     x = torch.randn(rows, in_width, generator=gen).to(dev)
@@ -158,11 +150,8 @@ def check_against_autograd(online, ops: list[StageOp], in_width: int, last: bool
     xa = x.clone().requires_grad_(need_input)
     y = online(xa)
     if last:
-        actions = torch.randint(0, y.shape[1], (rows,), generator=gen).to(dev)
-        target = (torch.randn(rows, generator=gen) * 2).to(dev)
-        weights = torch.rand(rows, generator=gen).to(dev)
-        loss, _, _ = td_loss(y, actions, target, weights, huber_delta)
-        (loss * 0.5).backward()
+        labels, target = loss.example(rows, y.shape[1], gen, dev)
+        (loss(y, labels, target)[0] * 0.5).backward()
     else:
         gy = torch.randn(y.shape, generator=gen).to(dev)
         y.backward(gy)
@@ -171,8 +160,7 @@ def check_against_autograd(online, ops: list[StageOp], in_width: int, last: bool
     with torch.no_grad():
         out, saved = forward(ops, x)
         if last:
-            _, _, q = td_loss(out, actions, target, weights, huber_delta)
-            gy = td_output_grad(out, q, actions, target, weights, huber_delta, 0.5)
+            gy = loss.output_grad(out, labels, target, 0.5)
         gx, work = backward_input(ops, saved, gy, need_input)
         backward_weights(work)
     pairs = [(grad.detach(), auto)] + ([(gx, auto_x)] if need_input else [])

@@ -1,4 +1,4 @@
-"""A plain MLP Q-network's update written out: forward and the TD loss's backward on plain
+"""A plain MLP Q-network's update written out: forward and the loss's backward on plain
 tensors, op for op what autograd runs, minus autograd's per-node bookkeeping (~70 us of a
 ~470 us CartPole update) and nn.Module's per-call overhead.
 
@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from hpcdqn.rl.networks import unroll
-from hpcdqn.rl.td import td_loss
 
 
 @dataclass
@@ -64,20 +63,14 @@ def mlp_forward(layers: list[Dense], x: torch.Tensor):
     return x, inputs
 
 
-def mlp_td_backward(layers: list[Dense], inputs: list, q_all, q, actions, target, weights,
-                    huber_delta: float) -> None:
-    """The gradient of ``td_loss`` w.r.t. every MLP parameter, written into the gradient buffers
-    (every one overwritten): op for op the ones autograd runs for ``td_loss(mlp(obs)).backward()``
-    so the result is bitwise the same (tests/learner/test_update_math.py).
-    ``q_all, inputs = mlp_forward(...)``; ``q``: Q(s_i, a_i).
+def mlp_td_backward(layers: list[Dense], inputs: list, g: torch.Tensor) -> None:
+    """The gradient of the loss w.r.t. every MLP parameter, written into the gradient buffers
+    (every one overwritten), from ``g`` = dL/dQ (the loss's ``output_grad``): op for op the
+    ones autograd runs for ``loss(mlp(obs)).backward()`` so the result is bitwise the same
+    (tests/learner/test_update_math.py). ``inputs``: from ``mlp_forward``.
 
-    dL/dq_i = w_i / B * clip(q_i - y_i, -delta, delta)   (mean, weights, Huber)
-    dL/dW   = g^T x,  dL/db = sum_i g_i,  g_in = (g W) * [x > 0]   (Linear, ReLU)
+    dL/dW = g^T x,  dL/db = sum_i g_i,  g_in = (g W) * [x > 0]   (Linear, ReLU)
     """
-    g = (torch.ones_like(q) / q.numel()) * weights
-    # Huber's derivative by aten's own kernel (reduction 0: none): clip(...) * g rounds differently
-    g = torch.ops.aten.huber_loss_backward(g, q, target, 0, huber_delta)
-    g = torch.zeros_like(q_all).scatter_add_(1, actions.unsqueeze(1), g.unsqueeze(1))
     for i in range(len(layers) - 1, -1, -1):
         layer, x = layers[i], inputs[i]
         torch.sum(g, 0, out=layer.db)
@@ -87,27 +80,22 @@ def mlp_td_backward(layers: list[Dense], inputs: list, q_all, q, actions, target
 
 
 def check_against_autograd(net: nn.Module, layers: list[Dense], grad: torch.Tensor,
-                           in_features: int, n_actions: int, huber_delta: float,
-                           rows: int = 16) -> float:
-    """The largest |difference| between the hand-written and autograd gradients of the TD loss
-    on ``net`` (whose parameters' gradients are views into ``grad``) for a synthetic batch,
-    relative to the largest |gradient| (0: bitwise equal).
+                           in_features: int, loss, rows: int = 16) -> float:
+    """The largest |difference| between the hand-written and autograd gradients of ``loss``
+    (``rl.losses``) on ``net`` (whose parameters' gradients are views into ``grad``) for a
+    synthetic batch, relative to the largest |gradient| (0: bitwise equal).
     Uses its own random generator (the global RNG streams are untouched) and leaves ``grad``
     zeroed; parameters are not changed."""
     gen = torch.Generator(device="cpu").manual_seed(12345)
     dev = layers[0].w.device
     obs = torch.randn(rows, in_features, generator=gen).to(dev)
-    actions = torch.randint(0, n_actions, (rows,), generator=gen).to(dev)
-    target = (torch.randn(rows, generator=gen) * 2).to(dev)
-    weights = torch.rand(rows, generator=gen).to(dev)
+    labels, target = loss.example(rows, layers[-1].w.shape[0], gen, dev)
     grad.zero_()
-    loss, _, _ = td_loss(net(obs), actions, target, weights, huber_delta)
-    loss.backward()
+    loss(net(obs), labels, target)[0].backward()
     auto = grad.detach().clone()
     with torch.no_grad():
         q_all, inputs = mlp_forward(layers, obs)
-        _, _, q = td_loss(q_all, actions, target, weights, huber_delta)
-        mlp_td_backward(layers, inputs, q_all, q, actions, target, weights, huber_delta)
+        mlp_td_backward(layers, inputs, loss.output_grad(q_all, labels, target, 1.0))
     diff = scale = 0.0
     g, chunk = grad.detach(), 1 << 20      # compared a chunk at a time: no full-size temporaries
     for i in range(0, g.numel(), chunk):

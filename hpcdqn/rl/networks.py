@@ -12,7 +12,9 @@ by output rows (``partition.LinearPiece``).
   ``[Scale(1), Conv 16x3x3/1+ReLU, Flatten, Linear 128+ReLU]`` then the head (16*8*8 = 1024
   features into the dense layer).
 - ``network.kind`` picks one: ``auto`` = the Nature CNN for image observations, else the MLP.
-- Head: ``Linear(n_actions)``, or the dueling head Q = V + A - mean(A) (Wang et al. 2016).
+- Head: ``Linear(n_actions)``, or the dueling head Q = V + A - mean(A) (Wang et al. 2016), or
+  (``network.head = "c51"``) ``Linear(n_actions * atoms)``: each action's return distribution
+  as logits (``head_width``; its loss: ``rl.losses.C51Loss``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class DuelingHead(nn.Module):
         super().__init__()
         self.value = nn.Linear(in_features, 1)
         self.advantage = nn.Linear(in_features, n_actions)
+
+    @property
+    def out_features(self) -> int:
+        return self.advantage.out_features
 
     def forward(self, x):
         a = self.advantage(x)
@@ -158,6 +164,34 @@ def meta_layers(obs_shape: tuple, n_actions: int, hidden: list[int],
     no random number is drawn. Stages are planned on these; ``initial_flat`` gives values."""
     with torch.device("meta"):
         return build_layers(obs_shape, n_actions, hidden, dueling, kind=kind)
+
+
+HEADS, MAX_ATOMS = ("q", "c51"), 1024
+
+
+def head_width(net: dict, n_actions: int) -> int:
+    """The network's outputs per sample for ``network.head``: ``q``, one Q-value per action;
+    ``c51``, ``network.atoms`` logits per action (a return distribution, ``rl.losses.C51Loss``)."""
+    head = net.get("head", "q")
+    if head not in HEADS:
+        raise ValueError(f"network.head={head!r} is not one of {HEADS}")
+    if head == "q":
+        return n_actions
+    atoms = net.get("atoms")
+    if type(atoms) is not int or not 2 <= atoms <= MAX_ATOMS or net.get("dueling", False):
+        raise ValueError(f"network.head='c51' needs 2 <= network.atoms <= {MAX_ATOMS} (it is "
+                         f"{atoms!r}) and no dueling head")
+    return n_actions * atoms
+
+
+def network_layers(net: dict, obs_shape: tuple, n_actions: int, seed: int | None = None,
+                   meta: bool = True) -> list[nn.Module]:
+    """The layers a config's ``network`` section describes: on the meta device (shapes only),
+    or built with ``seed`` (``meta=False``). ValueError for a network the section cannot
+    describe (every caller reports it as the config's or file's error)."""
+    args = (tuple(obs_shape), head_width(net, int(n_actions)), net["hidden"], net.get("dueling", False))
+    kind = net.get("kind", "auto")     # (model files from before network.kind: auto)
+    return meta_layers(*args, kind=kind) if meta else build_layers(*args, seed=seed, kind=kind)
 
 
 def is_meta(layers) -> bool:

@@ -11,7 +11,7 @@ then: gradients averaged over data-parallel replicas -> clip global norm -> Adam
 the target network is synced every ``target_update_every`` global env steps (hard copy, or
 Polyak tau), by the training loop, between training phases.
 The learners (``hpcdqn.learner``) run exactly these functions, on one rank or split over
-pipeline stages.
+pipeline stages, through the loss object they are handed (``rl.losses.TDLoss``).
 """
 
 from __future__ import annotations

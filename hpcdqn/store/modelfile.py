@@ -20,7 +20,7 @@ from hpcdqn import __version__
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.parallel.layout import stage_bounds
 from hpcdqn.parallel.partition import param_ranges, stage_modules
-from hpcdqn.rl.networks import KINDS, meta_layers, num_params
+from hpcdqn.rl.networks import KINDS, network_layers, num_params
 from hpcdqn.store.mpiio import h5_image
 
 FORMAT = "hpcdqn-model-1"
@@ -168,9 +168,9 @@ def _checked(f, path) -> tuple:
     (computed without allocating) against the stored dataset's shape and its bytes on disk."""
     if f.attrs.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not an hpcdqn model file (format={f.attrs.get('format')!r})")
-    cfg, obs_shape, n_actions, hidden, dueling, kind = _declared(f, path)
+    cfg, obs_shape, n_actions, *_ = _declared(f, path)      # (bounded: network_layers reads them)
     try:
-        layers = meta_layers(obs_shape, n_actions, hidden, dueling, kind)
+        layers = network_layers(cfg["network"], obs_shape, n_actions)
     except ValueError as e:
         raise ValueError(f"'{path}': declared network: {e}") from None
     n = sum(num_params(m) for m in layers)
