@@ -302,6 +302,7 @@ def test_exception_on_one_stage_ends_pp2_job(tmp_path, rank):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1260)  # the run's own limit is 1200 s (a loaded machine: ~600 s)
 def test_pp2_learns_cartpole(tmp_path):
     r = hpcdqn(2, ["train", "pp=2", "micro_batches=4", f"run_dir={tmp_path / 'run'}",
                    "log.progress=false"], timeout=1200)
