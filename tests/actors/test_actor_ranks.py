@@ -1,0 +1,80 @@
+"""Actor ranks and learner ranks (``hpcdqn.actors``) under real ``mpirun``: the layout's
+refusals, a run that ends cleanly with every rank's role and time split, and lockstep runs that
+repeat bitwise."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcdqn.config import ConfigError, load_config
+from hpcdqn.parallel.grid import LayoutError
+from hpcdqn.parallel.layout import Role, RunLayout
+from mpi_util import hpcdqn
+
+TINY = ["total_steps=2400", "dqn.learning_starts=400", "dqn.train_frequency=100",
+        "dqn.gradient_steps=20", "network.hidden=[32, 32]", "eval.episodes=10",
+        "log.progress=false", "log.tensorboard=false", "actor.publish_every=20"]
+
+
+def test_layout_gives_roles_and_refuses_what_cannot_work():
+    cfg = load_config(overrides=["actors=3"])
+    lay = RunLayout.resolve(cfg, world=5, rank=4)
+    assert lay.roles == (Role.LEARNER,) * 2 + (Role.ACTOR,) * 3 and lay.role is Role.ACTOR
+    assert (lay.dp, lay.actor_index, lay.dp_rank) == (2, 2, 0)       # actor 2 feeds replica 0
+    assert lay.actors_of(0) == [2, 4] and lay.actors_of(1) == [3]
+    assert lay.schedule.steps_per_iter == 3 and lay.replay_here == 0
+    assert RunLayout.resolve(cfg, world=5, rank=1).replay_here == 50_000
+    assert "learner: ranks 0-1; actor: ranks 2-4" in lay.describe_roles()
+    assert RunLayout.resolve(load_config(), world=2).roles == (Role.ENV_LEARNER,) * 2
+    with pytest.raises(LayoutError, match=r"world has 3 ranks: launch mpirun -n 4"):
+        RunLayout.resolve(cfg, world=3)
+    with pytest.raises(ConfigError, match="pp=1"):
+        RunLayout.resolve(load_config(overrides=["actors=1", "pp=2"]), world=5)
+    with pytest.raises(ConfigError, match="not supported yet"):
+        RunLayout.resolve(load_config(overrides=["actors=1", "checkpoint_every=1000"]), world=2)
+
+
+def test_too_few_ranks_stop_the_job_with_one_clear_error(tmp_path):
+    r = hpcdqn(2, ["train", "actors=2", f"run_dir={tmp_path}", *TINY], timeout=120, check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.count("actors=2 needs at least one learner rank") == 1, r.stderr[-2000:]
+    assert "world = actors + dp x pp" in r.stderr
+
+
+def summary(r):
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_two_learners_two_actors_end_cleanly_with_every_ranks_role(tmp_path):
+    """Asynchronous mode: 2 learner replicas (allreduce among themselves) fed by 2 actors."""
+    r = hpcdqn(4, ["train", "actors=2", f"run_dir={tmp_path}", *TINY], timeout=240)
+    s = summary(r)
+    assert s["roles"] == ["learner", "learner", "actor", "actor"] and s["dp"] == 2
+    assert s["env_steps"] == 2400 and s["updates"] > 0 and s["eval_episodes"] == 10
+    actors = [x for x in s["ranks"] if x["role"] == "actor"]
+    learners = [x for x in s["ranks"] if x["role"] == "learner"]
+    assert [a["learner"] for a in actors] == [0, 1]
+    for a in actors:      # every env step made, its transitions sent (but the last n-1), a DONE
+        assert a["env_steps"] == 1200 and a["transitions_sent"] == 1200 - 2
+        assert a["weights_received"] >= 2
+        assert all(a[k] >= 0 for k in ("env_s", "inference_s", "send_s", "wait_s"))
+    for x in learners:
+        assert x["inserted"] == 1198 and x["allreduce_s"] > 0 and x["sampled"] > 0
+        assert all(k in x for k in ("receive_insert_s", "wait_data_s", "sample_s", "compute_s"))
+    assert json.loads((tmp_path / "summary.json").read_text())["ranks"] == s["ranks"]
+    assert (tmp_path / "model.h5").is_file()
+
+
+def test_lockstep_runs_repeat_bitwise(tmp_path):
+    """1 learner + 2 actors in lockstep twice: the same final parameters, bit for bit; another
+    seed differs (the test can fail)."""
+    params = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        r = hpcdqn(3, ["train", "actors=2", "actor.lockstep=true", "actor.send_every=3",
+                       f"seed={seed}", f"run_dir={tmp_path / name}", *TINY], timeout=240)
+        assert summary(r)["lockstep"] is True
+        with h5py.File(tmp_path / name / "model.h5") as f:
+            params.append(f["online"][...])
+    assert np.array_equal(params[0], params[1])
+    assert not np.array_equal(params[0], params[2])
