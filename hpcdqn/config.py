@@ -240,14 +240,15 @@ SCHEMA: dict[str, Any] = {
                                      "actors wait for the weights at fixed update counts"),
         "publish_every": Key(64, int, "actors > 0: learner updates between weight publications "
                                       "to the actors (non-blocking sends)", _pos),
-        "max_ahead": Key(64, int, "actors > 0, not lockstep: env steps an actor may run ahead "
-                                  "of its learner's loop (the replay-ratio band: between "
-                                  "the configured ratio and ratio x t/(t + max_ahead) at "
-                                  "iteration t)", _pos),
-        "send_every": Key(8, int, "actors > 0, not lockstep: env steps of transitions per "
-                                  "message an actor sends", _pos),
-        "timeout_s": Key(600.0, float, "actors > 0: seconds an actor or learner waits for the "
-                                       "other side before it stops the job with an error", _pos),
+        "max_ahead": Key(64, int, "actors > 0: iterations (env steps of each actor) an actor "
+                                  "may run ahead of its learner's loop; the replay ratio stays "
+                                  "between the configured one and that x t/(t + max_ahead) at "
+                                  "iteration t", _pos),
+        "send_every": Key(8, int, "actors > 0: env steps of transitions per message an actor "
+                                  "sends (sooner where it has to wait)", _pos),
+        "timeout_s": Key(600.0, float, "actors > 0: seconds a learner waits for an actor's data "
+                                       "before it stops the job naming that actor (actors wait "
+                                       "1.5x as long for their learner)", _pos),
     },
     "log": {
         "every": Key(2_000, int, "global env steps between metric rows", _pos),

@@ -24,6 +24,7 @@ from hpcdqn.rl.envs import frame_stack, make_vector_env
 from hpcdqn.rl.losses import greedy_actions, make_loss
 from hpcdqn.rl.networks import network_layers
 from hpcdqn.rl.rollout import Rollout
+from hpcdqn.testing import stall
 
 
 class _Sink:
@@ -66,7 +67,8 @@ class Actor:
         self.sink = _Sink(NStepWindow(cfg["dqn"]["n_step"], cfg["dqn"]["gamma"]))
         self.wire = Layout(space.shape, space.dtype, cfg["num_envs"], self.ac["send_every"])
         self.out = Outbox(comm, MPI)
-        self.inbox = Inbox(comm, MPI, max_ctrl_bytes(self.net.numel), self.ac["timeout_s"])
+        # 1.5x the learner's patience: a learner waiting for a silent actor names it first
+        self.inbox = Inbox(comm, MPI, max_ctrl_bytes(self.net.numel), 1.5 * self.ac["timeout_s"])
         self.version, self.progress, self.stopped = -1, 0, False
         self.stats = {k: 0.0 for k in ("env_s", "inference_s", "send_s", "wait_s", "env_steps",
                                        "transitions_sent", "messages_sent", "weights_received",
@@ -109,6 +111,7 @@ class Actor:
     def step(self, it: int) -> None:
         """One vector-env step at iteration ``it``; its finished transitions join the batch."""
         r, st = self.rollout, self.stats
+        stall("actor", self.layout.rank, it + 1)        # HPCDQN_TEST_STALL=actor:RANK@STEP
         eps = self.clock.epsilon(self.cfg, it, self.idx, self.layout.actors)
         t0 = time.perf_counter()
         explore, random_actions = r.explore(eps)

@@ -167,7 +167,7 @@ class FedTrainer(Trainer):
         learners = [r for r in self.roles if r["role"] == Role.LEARNER.value]
         inserted, sampled = sum(r["inserted"] for r in learners), sum(r["sampled"] for r in learners)
         return {"roles": [Role(r["role"]).value for r in self.roles], "ranks": self.roles,
-                "actors": self.layout.actors, "lockstep": self.ac["lockstep"],
+                "job_ranks": self.layout.world, "actors": self.layout.actors, "lockstep": self.ac["lockstep"],
                 "replay_ratio_achieved": round(sampled / max(1, inserted), 4),
                 "replay_ratio_configured": round(self.clock.replay_ratio, 4)}
 

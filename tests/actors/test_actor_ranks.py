@@ -10,7 +10,7 @@ import pytest
 from hpcdqn.config import ConfigError, load_config
 from hpcdqn.parallel.grid import LayoutError
 from hpcdqn.parallel.layout import Role, RunLayout
-from mpi_util import hpcdqn
+from mpi_util import hpcdqn, run_mpi
 
 TINY = ["total_steps=2400", "dqn.learning_starts=400", "dqn.train_frequency=100",
         "dqn.gradient_steps=20", "network.hidden=[32, 32]", "eval.episodes=10",
@@ -42,6 +42,22 @@ def test_too_few_ranks_stop_the_job_with_one_clear_error(tmp_path):
     assert "world = actors + dp x pp" in r.stderr
 
 
+def test_plan_shows_the_roles():
+    r = run_mpi(1, ["-m", "hpcdqn.cli", "plan", "--ranks", "5", "actors=3"], timeout=120)
+    assert "world=5 = 3 actors + dp 2 x pp 1" in r.stdout
+    assert "roles: learner: ranks 0-1; actor: ranks 2-4 (actor i feeds learner replica i mod 2)" in r.stdout
+    assert "actor ranks: parameters 264.01 KiB" in r.stdout
+
+
+def test_a_stalled_actor_ends_the_job_with_its_name(tmp_path):
+    """Actor rank 2 stops itself (SIGSTOP) at its 300th env step: its learner, waiting for its
+    data, names it after actor.timeout_s and the whole job ends (no hang)."""
+    r = hpcdqn(3, ["train", "actors=2", "actor.timeout_s=4", f"run_dir={tmp_path}", *TINY],
+               env={"HPCDQN_TEST_STALL": "actor:2@300"}, timeout=120, check=False)
+    assert r.returncode != 0
+    assert "no message from actor 2 (rank 2) for 4 s" in r.stderr, r.stderr[-3000:]
+
+
 def summary(r):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -51,6 +67,7 @@ def test_two_learners_two_actors_end_cleanly_with_every_ranks_role(tmp_path):
     r = hpcdqn(4, ["train", "actors=2", f"run_dir={tmp_path}", *TINY], timeout=240)
     s = summary(r)
     assert s["roles"] == ["learner", "learner", "actor", "actor"] and s["dp"] == 2
+    assert s["job_ranks"] == 4 and s["world"] == 2      # the grid's world: the learners
     assert s["env_steps"] == 2400 and s["updates"] > 0 and s["eval_episodes"] == 10
     actors = [x for x in s["ranks"] if x["role"] == "actor"]
     learners = [x for x in s["ranks"] if x["role"] == "learner"]
