@@ -36,6 +36,18 @@ def test_layout_gives_roles_and_refuses_what_cannot_work():
         RunLayout.resolve(load_config(overrides=["actors=1", "checkpoint_every=1000"]), world=2)
 
 
+def test_actors_explore_with_a_fixed_schedule_or_the_apex_ladder():
+    """Actor i of N: the run's epsilon schedule, or (dqn.epsilon_ladder) Ape-X's
+    eps^(1 + 7 i / (N - 1)) with a fixed eps = 0.4 (epsilon_start = epsilon_end)."""
+    fixed = ["actors=3", "dqn.uniform_warmup=false", "dqn.epsilon_start=0.4", "dqn.epsilon_end=0.4"]
+    cfg = load_config(overrides=fixed + ["dqn.epsilon_ladder=true"])
+    clock = RunLayout.resolve(cfg, world=4).schedule
+    got = [clock.epsilon(cfg, 10, i, 3) for i in range(3)]
+    assert np.allclose(got, [0.4, 0.4 ** 4.5, 0.4 ** 8])
+    flat = load_config(overrides=fixed)
+    assert [RunLayout.resolve(flat, world=4).schedule.epsilon(flat, 10, i, 3) for i in range(3)] == [0.4] * 3
+
+
 def test_too_few_ranks_stop_the_job_with_one_clear_error(tmp_path):
     r = hpcdqn(2, ["train", "actors=2", f"run_dir={tmp_path}", *TINY], timeout=120, check=False)
     assert r.returncode == 2, r.stderr[-2000:]
