@@ -1,6 +1,6 @@
 """Actor ranks and learner ranks (Ape-X style): ``actors=N`` adds N actor ranks to the dp
-learner replicas (``parallel.layout.RunLayout``: learners are world ranks ``0 .. dp-1``, actors
-the rest; actor ``i`` feeds replica ``i mod dp``).
+learner replicas (``parallel.layout.RunLayout``: learners are world ranks ``0 .. dp*pp-1``, actors
+the rest; actor ``i`` feeds replica ``i mod dp``, i.e. that replica's first pipeline stage).
 
 - ``nstep``: the actor's n-step window (transitions leave the actor with their n-step return
   and discount) and ``TransitionReplay``, the learner's shard of such transitions;

@@ -55,7 +55,7 @@ class Actor:
     def __init__(self, cfg: dict, layout, comm):
         MPI = mpi()
         self.cfg, self.layout, self.comm, self.clock = cfg, layout, comm, layout.schedule
-        self.idx, self.learner = layout.actor_index, layout.dp_rank   # pp=1: replica = world rank
+        self.idx, self.learner = layout.actor_index, layout.feeds
         self.ac = cfg["actor"]
         env, seed = actor_env(cfg, self.idx)
         space = env.single_observation_space

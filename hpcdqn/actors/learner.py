@@ -18,6 +18,8 @@ import sys
 import time
 from collections import deque
 
+import numpy as np
+
 from hpcdqn.actors.actor import Actor
 from hpcdqn.actors.channel import Inbox, Outbox
 from hpcdqn.actors.nstep import TransitionReplay
@@ -55,11 +57,11 @@ class FedTrainer(Trainer):
                               "yet; use actors=0")
         MPI, ac, lay = mpi(), cfg["actor"], self.layout
         self.world, self.ac = world, ac
-        self.replay = TimedReplay(
+        self.replay = None if lay.pp_rank else TimedReplay(
             lay.replay_per_replica, self.obs_space.shape, self.obs_space.dtype,
             prioritized=cfg["replay"]["prioritized"], alpha=cfg["replay"]["alpha"],
             priority_eps=cfg["replay"]["priority_eps"], seed=cfg["seed"] + 1000 * lay.dp_rank + 7)
-        self.feeders = lay.actors_of(lay.dp_rank)
+        self.feeders = [] if lay.pp_rank else lay.actors_of(lay.dp_rank)   # first stages
         self.wire = Layout(self.obs_space.shape, self.obs_space.dtype, cfg["num_envs"],
                            ac["send_every"])
         self.inbox = Inbox(world, MPI, self.wire.max_bytes, ac["timeout_s"])
@@ -71,9 +73,28 @@ class FedTrainer(Trainer):
         self.roles = {}
 
     # -- the actors' side of the loop ---------------------------------------------------------------
+    def online_params(self):
+        """Collective over the replica's stages: the whole online network on its first stage
+        (layer order; None on the other stages)."""
+        mine = self.learner.online.numpy_data()
+        if self.layout.pp == 1:
+            return mine
+        MPI = mpi()
+        sizes = [hi - lo for lo, hi in self.layout.param_ranges]
+        displs = [lo for lo, _ in self.layout.param_ranges]
+        full = np.empty(self.layout.param_ranges[-1][1], np.float32) if not self.layout.pp_rank else None
+        self.grid.pp_comm.Gatherv([np.ascontiguousarray(mine, np.float32), MPI.FLOAT],
+                                  [full, (sizes, displs), MPI.FLOAT] if full is not None else None,
+                                  root=0)
+        return full
+
     def publish(self) -> None:
-        """Send the online network to every actor of this replica (non-blocking)."""
-        buf = pack_ctrl(WEIGHTS, self.learner.updates, self.learner.online.numpy_data())
+        """Collective over the replica's stages: the online network to every actor of this
+        replica (non-blocking sends from its first stage)."""
+        params = self.online_params()
+        if not self.feeders:
+            return
+        buf = pack_ctrl(WEIGHTS, self.learner.updates, params)
         for a in self.feeders:
             self.out.send(buf, a, TAG_CTRL)
 
@@ -105,7 +126,10 @@ class FedTrainer(Trainer):
         return tr, episodes
 
     def act(self, eps: float):
-        """This iteration's env step of every actor feeding this replica, in actor order."""
+        """This iteration's env step of every actor feeding this replica, in actor order (on
+        its first stage; None on the others)."""
+        if self.replay is None:
+            return None
         t, wait0 = time.perf_counter(), self.times["wait_data_s"]
         steps = [self.next_step(a) for a in self.feeders]
         self.times["receive_insert_s"] += time.perf_counter() - t - (self.times["wait_data_s"] - wait0)
@@ -113,6 +137,8 @@ class FedTrainer(Trainer):
 
     def store(self, steps) -> None:
         """Insert the actors' transitions into the replay shard; tell them how far we are."""
+        if steps is None:
+            return
         t, w = time.perf_counter(), self.state.window
         for tr, episodes in steps:
             self.replay.add_transitions(tr)
@@ -152,9 +178,10 @@ class FedTrainer(Trainer):
 
     def finish(self) -> dict:
         actors = self.stop_actors()
+        rep = self.replay
         mine = {"rank": self.layout.rank, "role": Role.LEARNER.value, **self.times,
-                "sample_s": self.replay.sample_s, "inserted": self.replay.inserted,
-                "sampled": self.learner.updates * self.clock.batch_per_replica,
+                "sample_s": rep.sample_s if rep else 0.0, "inserted": rep.inserted if rep else 0,
+                "sampled": self.learner.updates * self.clock.batch_per_replica if rep else 0,
                 **{f"{k}_s": v for k, v in self.learner.time_split_seconds().items()}}
         rows = [mine] + [{"rank": a, "role": Role.ACTOR.value, "learner": self.layout.rank,
                           **{k: round(v, 4) for k, v in s.items()}} for a, s in actors.items()]

@@ -13,7 +13,8 @@ through ``replay_per_replica`` and ``stage_bounds`` here.
 Roles: with ``actors=0`` every rank is ``env+learner`` (a replica's first stage steps its envs
 and holds its replay shard; every stage learns its share of the network). With ``actors=N`` the
 world is ``dp x pp`` learner ranks (world ranks ``0 .. dp*pp - 1``: rank 0 stays the one that
-writes files) and then N ``actor`` ranks; actor ``i`` feeds replica ``i mod dp``
+writes files) and then N ``actor`` ranks; actor ``i`` feeds replica ``i mod dp`` (its first
+stage, which holds the replica's replay shard)
 (``hpcdqn.actors``). A layout names the role of every rank (``roles``).
 """
 
@@ -48,9 +49,10 @@ def check_actors(cfg: dict, world: int) -> int:
         raise LayoutError(f"actors={n} needs at least one learner rank besides the actors, but "
                           f"the world has {world} ranks: launch mpirun -n {n + pp} or more "
                           f"(world = actors + dp x pp) or lower actors")
-    if pp > 1:
-        raise ConfigError(f"actors={n} with pp={pp}: actor ranks feed data-parallel learners "
-                          "only so far; use pp=1 (or actors=0 for pipelined learners)")
+    if learners % pp:
+        raise LayoutError(f"actors={n} on {world} ranks leaves {learners} learner ranks, not a "
+                          f"multiple of pp={pp}: launch mpirun -n {n + pp * max(1, learners // pp)} "
+                          f"(world = actors + dp x pp)")
     if cfg["checkpoint_every"] or cfg["stop_after"]:
         raise ConfigError("checkpoint_every / stop_after with actors > 0: checkpoint and resume "
                           "with actor ranks are not supported yet; set them to 0 (the run "
@@ -147,6 +149,11 @@ class RunLayout:
         """This actor's index ``i`` (0 .. actors - 1); it feeds replica ``i mod dp``."""
         return self.rank - self.learners
 
+    @property
+    def feeds(self) -> int:
+        """An actor's learner: the world rank of its replica's first stage."""
+        return self.dp_rank * self.pp
+
     def actors_of(self, dp_rank: int) -> list[int]:
         """World ranks of the actors that feed replica ``dp_rank``, in the fixed order a
         learner inserts their transitions (lockstep)."""
@@ -158,10 +165,11 @@ class RunLayout:
         parts = []
         for role in dict.fromkeys(self.roles):
             ranks = [r for r, x in enumerate(self.roles) if x is role]
-            envs = [r for r in ranks if r % self.pp == 0] if role is Role.ENV_LEARNER else []
+            firsts = [r for r in ranks if r % self.pp == 0] if role is not Role.ACTOR else []
+            what = "envs and replay" if role is Role.ENV_LEARNER else "replay"
             span = f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"{ranks[0]}"
             parts.append(f"{role.value}: ranks {span}" + (
-                f" (envs and replay on first stages {_short(envs)})" if self.pp > 1 else "")
+                f" ({what} on first stages {_short(firsts)})" if self.pp > 1 and firsts else "")
                 + (f" (actor i feeds learner replica i mod {self.dp})" if role is Role.ACTOR else ""))
         return "roles: " + "; ".join(parts)
 

@@ -30,8 +30,11 @@ def test_layout_gives_roles_and_refuses_what_cannot_work():
     assert RunLayout.resolve(load_config(), world=2).roles == (Role.ENV_LEARNER,) * 2
     with pytest.raises(LayoutError, match=r"world has 3 ranks: launch mpirun -n 4"):
         RunLayout.resolve(cfg, world=3)
-    with pytest.raises(ConfigError, match="pp=1"):
-        RunLayout.resolve(load_config(overrides=["actors=1", "pp=2"]), world=5)
+    pp = RunLayout.resolve(load_config(overrides=["actors=3", "pp=2"]), world=7, rank=6)
+    assert (pp.dp, pp.dp_rank, pp.feeds) == (2, 0, 0) and pp.actors_of(1) == [5]
+    assert "learner: ranks 0-3 (replay on first stages 0, 2); actor: ranks 4-6" in pp.describe_roles()
+    with pytest.raises(LayoutError, match="not a multiple of pp=2: launch mpirun -n 3"):
+        RunLayout.resolve(load_config(overrides=["actors=1", "pp=2"]), world=4)
     with pytest.raises(ConfigError, match="not supported yet"):
         RunLayout.resolve(load_config(overrides=["actors=1", "checkpoint_every=1000"]), world=2)
 
@@ -63,12 +66,12 @@ def test_plan_shows_the_roles():
 
 
 def test_a_stalled_actor_ends_the_job_with_its_name(tmp_path):
-    """Actor rank 2 stops itself (SIGSTOP) at its 300th env step: its learner, waiting for its
+    """Actor rank 2 stops itself (SIGSTOP) at its 100th env step: its learner, waiting for its
     data, names it after actor.timeout_s and the whole job ends (no hang)."""
-    r = hpcdqn(3, ["train", "actors=2", "actor.timeout_s=4", f"run_dir={tmp_path}", *TINY],
-               env={"HPCDQN_TEST_STALL": "actor:2@300"}, timeout=120, check=False)
+    r = hpcdqn(3, ["train", "actors=2", "actor.timeout_s=2", f"run_dir={tmp_path}", *TINY],
+               env={"HPCDQN_TEST_STALL": "actor:2@100"}, timeout=120, check=False)
     assert r.returncode != 0
-    assert "no message from actor 2 (rank 2) for 4 s" in r.stderr, r.stderr[-3000:]
+    assert "no message from actor 2 (rank 2) for 2 s" in r.stderr, r.stderr[-3000:]
 
 
 def summary(r):
@@ -96,17 +99,23 @@ def test_two_learners_two_actors_end_cleanly_with_every_ranks_role(tmp_path):
     assert (tmp_path / "model.h5").is_file()
 
 
-def test_lockstep_runs_repeat_bitwise(tmp_path):
+def test_lockstep_runs_repeat_bitwise_and_pipelined_learners_act_alike(tmp_path):
     """1 learner + 2 actors in lockstep twice: the same final parameters, bit for bit, and not
-    the initial ones (the test can fail)."""
+    the initial ones (the test can fail). A pp=2 learner (its first stage holds the replay and
+    talks to the actors; the weights are gathered over its stages before they are sent) ends
+    within float rounding of it: its actors acted alike."""
     params = []
-    for name in ("a", "b"):
-        r = hpcdqn(3, ["train", "actors=2", "actor.lockstep=true", "actor.send_every=3", "seed=3",
-                       f"run_dir={tmp_path / name}", *TINY], timeout=240)
-        assert summary(r)["lockstep"] is True
+    for name, extra in (("a", []), ("b", []), ("pp2", ["pp=2"])):
+        r = hpcdqn(3 + len(extra), ["train", "actors=2", "actor.lockstep=true", "actor.send_every=3",
+                                    "seed=3", f"run_dir={tmp_path / name}", *TINY, *extra], timeout=240)
+        s = summary(r)
+        assert s["lockstep"] is True
         with h5py.File(tmp_path / name / "model.h5") as f:
             params.append(f["online"][...])
     assert np.array_equal(params[0], params[1])
     cfg = load_config(overrides=["seed=3", "network.hidden=[32, 32]"])
     start = initial_flat(network_layers(cfg["network"], (4,), 2), 3)
     assert params[0].shape == start.shape and np.abs(params[0] - start.numpy()).max() > 1e-3
+    assert s["roles"] == ["learner", "learner", "actor", "actor"] and (s["dp"], s["pp"]) == (1, 2)
+    assert [x["inserted"] for x in s["ranks"][:2]] == [2 * (1200 - 2), 0]
+    assert np.abs(params[2] - params[0]).max() < 1e-5
