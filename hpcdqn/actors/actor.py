@@ -80,21 +80,29 @@ class Actor:
         return {"first": first, "counts": [], "transitions": [], "episodes": []}
 
     # -- messages from the learner ----------------------------------------------------------------
-    def take(self, buf) -> None:
+    def take(self, buf, load: bool = True):
+        """Act on one learner message; weights are loaded (``load``) or returned for later."""
         kind, value, params = unpack_ctrl(buf, self.net.numel)
         if kind == WEIGHTS:
+            self.stats["weights_received"] += 1
+            if not load:
+                return value, params
             self.net.load_flat_(torch.from_numpy(params.copy()))
             self.version = value
-            self.stats["weights_received"] += 1
         elif kind == PROGRESS:
             self.progress = max(self.progress, value)
         elif kind == STOP:
             self.stopped = True
+        return None
 
     def poll(self) -> None:
-        """Take every learner message waiting (non-blocking; weights: each in turn, in order)."""
+        """Take every learner message waiting (non-blocking), loading only the newest weights."""
+        newest = None
         while not self.stopped and (buf := self.inbox.poll(self.learner, TAG_CTRL)) is not None:
-            self.take(buf)
+            newest = self.take(buf, load=False) or newest
+        if newest is not None:
+            self.version = newest[0]
+            self.net.load_flat_(torch.from_numpy(newest[1].copy()))
 
     def block(self) -> None:
         """Send what is buffered, then wait for the learner's next message (counted as wait)."""
