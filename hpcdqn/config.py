@@ -240,10 +240,12 @@ SCHEMA: dict[str, Any] = {
                                      "actors wait for the weights at fixed update counts"),
         "publish_every": Key(64, int, "actors > 0: learner updates between weight publications "
                                       "to the actors (non-blocking sends)", _pos),
-        "max_ahead": Key(64, int, "actors > 0: iterations (env steps of each actor) an actor "
-                                  "may run ahead of its learner's loop; the replay ratio stays "
-                                  "between the configured one and that x t/(t + max_ahead) at "
-                                  "iteration t", _pos),
+        "max_ahead": Key(0, int, "actors > 0: iterations (env steps of each actor) an actor "
+                                 "may run ahead of its learner's loop (0: one training phase, "
+                                 "so actors fill the next phase's data while the learner "
+                                 "updates); per env step the actors made, the replay ratio "
+                                 "stays between the configured one and that x t/(t + "
+                                 "max_ahead) at iteration t", _nonneg),
         "send_every": Key(8, int, "actors > 0: env steps of transitions per message an actor "
                                   "sends (sooner where it has to wait)", _pos),
         "timeout_s": Key(600.0, float, "actors > 0: seconds a learner waits for an actor's data "

@@ -27,6 +27,12 @@ from hpcdqn.rl.rollout import Rollout
 from hpcdqn.testing import stall
 
 
+def max_ahead(cfg: dict, clock) -> int:
+    """Iterations an actor may run ahead of its learner: ``actor.max_ahead``, or (0) one
+    training phase."""
+    return cfg["actor"]["max_ahead"] or clock.train_every
+
+
 class _Sink:
     """What ``Rollout.step`` stores into: the actor's n-step window."""
 
@@ -153,12 +159,12 @@ class Actor:
     def run(self) -> dict:
         """Act until the learner says stop; returns this actor's figures (``DONE``'s)."""
         t0, clock, ac = time.perf_counter(), self.clock, self.ac
-        k, updates, needed = ac["publish_every"], 0, 0
+        k, updates, needed, ahead = ac["publish_every"], 0, 0, max_ahead(self.cfg, clock)
         while self.version < 0 and not self.stopped:    # the learner's initial weights
             self.block()
         for it in range(clock.n_iters):
             self.poll()
-            while not self.stopped and (it >= self.progress + ac["max_ahead"]
+            while not self.stopped and (it >= self.progress + ahead
                                         or (ac["lockstep"] and self.version < needed)):
                 self.block()
             if self.stopped:

@@ -6,7 +6,8 @@ actors instead of its own envs: ``act`` takes this iteration's env step of every
 fixed actor order, waiting for it: *learners wait for data*), ``store`` inserts the n-step
 transitions into the replay shard, ``learn`` is the sync learner's and then publishes the
 weights every ``actor.publish_every`` updates (non-blocking sends); ``PROGRESS`` messages let
-the actors run ahead by at most ``actor.max_ahead`` iterations (*actors wait for learners*).
+the actors run ahead by at most ``actor.max_ahead`` iterations (default: one training phase;
+*actors wait for learners*).
 At the end it tells its actors to stop, drains their last messages and their time splits, and
 ``summary.json`` says every rank's role and time split.
 """
@@ -20,7 +21,7 @@ from collections import deque
 
 import numpy as np
 
-from hpcdqn.actors.actor import Actor
+from hpcdqn.actors.actor import Actor, max_ahead
 from hpcdqn.actors.channel import Inbox, Outbox
 from hpcdqn.actors.nstep import TransitionReplay
 from hpcdqn.actors.wire import (DATA, DONE, PROGRESS, STOP, TAG_CTRL, TAG_DATA, WEIGHTS, Layout,
@@ -69,7 +70,7 @@ class FedTrainer(Trainer):
         self.queues = {a: deque() for a in self.feeders}
         self.expect = {a: 0 for a in self.feeders}      # the next iteration each actor sends
         self.times = {"receive_insert_s": 0.0, "wait_data_s": 0.0}
-        self.progress_every = max(1, ac["max_ahead"] // 2)
+        self.progress_every = max(1, max_ahead(cfg, self.clock) // 2)
         self.roles = {}
 
     # -- the actors' side of the loop ---------------------------------------------------------------
