@@ -97,9 +97,21 @@ def _cmd_train(args) -> int:
         else:
             cfg = load_config(args.config, args.overrides)
             _array_seed(cfg, args)
-        from hpcdqn.train import train
+        if cfg["actors"]:
+            if args.resume:
+                from hpcdqn.config import ConfigError
 
-        summary = abort_on_exception(train, cfg, resume=args.resume, mem_per_rank=args.mem_per_rank)
+                raise ConfigError("--resume with actors > 0: checkpoint and resume with actor "
+                                  "ranks are not supported yet; resume with actors=0 and the "
+                                  "run's own layout")
+            from hpcdqn.actors import train_with_actors
+
+            summary = abort_on_exception(train_with_actors, cfg, mem_per_rank=args.mem_per_rank)
+        else:
+            from hpcdqn.train import train
+
+            summary = abort_on_exception(train, cfg, resume=args.resume,
+                                         mem_per_rank=args.mem_per_rank)
     except Exception as e:   # one process: a user error is a message, anything else a traceback
         if not is_user_error(e):
             raise

@@ -80,6 +80,9 @@ SCHEMA: dict[str, Any] = {
     "micro_batches": Key(1, int, "micro-batches per pipelined minibatch", _pos),
     "schedule": Key("1f1b", str, "pipeline schedule (zbh1: zero bubble, ZB-H1)", None,
                     ("gpipe", "1f1b", "zbh1")),
+    "actors": Key(0, int, "actor ranks (Ape-X style): world = actors + dp x pp learner ranks; "
+                          "actors step envs and send transitions, learners only learn (0: every "
+                          "rank steps envs and learns, in lockstep)", _nonneg),
     # checkpoints
     "checkpoint_every": Key(0, int, "global env steps between checkpoints (0: only at the end)",
                             _nonneg),
@@ -151,7 +154,7 @@ SCHEMA: dict[str, Any] = {
                                          "exploration_fraction * total_steps)", _nonneg),
         "exploration_after_warmup": Key(False, bool, "the anneal starts at learning_starts "
                                                      "(the MinAtar paper) instead of step 0"),
-        "epsilon_ladder": Key(False, bool, "Ape-X ladder: rank i explores with eps^(1+7i/(N-1))"),
+        "epsilon_ladder": Key(False, bool, "Ape-X ladder: replica (or, with actors, actor) i of N explores with eps^(1+7i/(N-1))"),
     },
     "replay": {
         "prioritized": Key(False, bool, "proportional prioritized replay (sum tree)"),
@@ -230,6 +233,24 @@ SCHEMA: dict[str, Any] = {
                                       "MB a rank writes, model file 300 s, gradient sync 900 s, "
                                       "eval 1800 s, each at least 20x the longest that phase "
                                       "took so far); < 0: off"),
+    },
+    "actor": {
+        "lockstep": Key(False, bool, "actors > 0: reproducible mode: each learner iteration takes "
+                                     "one env step of every actor, in a fixed actor order, and "
+                                     "actors wait for the weights at fixed update counts"),
+        "publish_every": Key(64, int, "actors > 0: learner updates between weight publications "
+                                      "to the actors (non-blocking sends)", _pos),
+        "max_ahead": Key(0, int, "actors > 0: iterations (env steps of each actor) an actor "
+                                 "may run ahead of its learner's loop (0: one training phase, "
+                                 "so actors fill the next phase's data while the learner "
+                                 "updates); per env step the actors made, the replay ratio "
+                                 "stays between the configured one and that x t/(t + "
+                                 "max_ahead) at iteration t", _nonneg),
+        "send_every": Key(8, int, "actors > 0: env steps of transitions per message an actor "
+                                  "sends (sooner where it has to wait)", _pos),
+        "timeout_s": Key(600.0, float, "actors > 0: seconds a learner waits for an actor's data "
+                                       "before it stops the job naming that actor (actors wait "
+                                       "1.5x as long for their learner)", _pos),
     },
     "log": {
         "every": Key(2_000, int, "global env steps between metric rows", _pos),

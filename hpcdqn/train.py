@@ -172,14 +172,16 @@ class Trainer:
     """One training run on this rank: set-up here, then ``resume`` (optional) and ``run``."""
 
     def __init__(self, cfg: dict, comm=None, quiet: bool = False, resume: str | None = None,
-                 mem_per_rank: str | None = None):
+                 mem_per_rank: str | None = None, layout: RunLayout | None = None):
         """``mem_per_rank``: the per-rank memory cap (``--mem-per-rank``; None: the
-        ``HPCDQN_MEM_PER_RANK`` environment variable, the Slurm allocation or ``MemTotal``)."""
+        ``HPCDQN_MEM_PER_RANK`` environment variable, the Slurm allocation or ``MemTotal``).
+        ``layout``: resolved by the caller over a larger world (actor ranks, ``hpcdqn.actors``:
+        ``comm`` is then the learners' communicator); None: resolved here over ``comm``."""
         self.cfg, self.quiet = cfg, quiet
         self.comm = comm if comm is not None else mpi().COMM_WORLD
         with Local() as loc:    # the same on every rank, or the same error: agreed, exit 2
-            self.layout = RunLayout.resolve(cfg, self.comm.Get_size(), self.comm.Get_rank(),
-                                            mem_per_rank)
+            self.layout = layout or RunLayout.resolve(cfg, self.comm.Get_size(),
+                                                      self.comm.Get_rank(), mem_per_rank)
             self.grid = grid = RankGrid(self.comm, cfg["pp"])
             self.clock = self.layout.schedule     # the env-step schedule (rl.schedule)
         agree_user_errors(self.comm, loc.err)
@@ -467,6 +469,7 @@ class Trainer:
                    "execution_plan": learner.plan.as_dict(),
                    "schedule": self.clock.as_dict(), "eval_s": round(self.eval_seconds, 3)}
         summary.update(self.ckpt.summary(), checkpoint_io=self.ckpt.mode)
+        summary.update(self.role_summary())
         if s.stopped_by:
             summary["stopped_by_signal"] = int(s.stopped_by)
         elif stopped_early:
@@ -490,6 +493,11 @@ class Trainer:
         watchdog.install(None)
         grid.free()
         return summary
+
+    def role_summary(self) -> dict:
+        """``summary.json``'s figures of the ranks' roles (none here: every rank is
+        ``env+learner``; ``hpcdqn.actors`` adds its own)."""
+        return {}
 
     def save_model(self) -> None:
         """Collective over the world: ``model.h5`` (``store.modelfile.write_run_model``)."""

@@ -21,8 +21,11 @@ ALLOWED = {
     "plots": set(),
     "cluster": {"config", "rl", "parallel", "store", "metrics", "plots"},
     "train": {"config", "rl", "parallel", "learner", "store", "metrics", "plots", "sysinfo"},
+    "actors": {"config", "rl", "parallel", "learner", "store", "metrics", "sysinfo", "train",
+               "testing"},
     "info": {"config", "rl", "parallel", "store"},
-    "cli": {"config", "rl", "parallel", "learner", "store", "cluster", "train", "info", "sysinfo"},
+    "cli": {"config", "rl", "parallel", "learner", "store", "cluster", "train", "info", "sysinfo",
+            "actors"},
 }
 MAX_FUNCTION_LINES = 80
 

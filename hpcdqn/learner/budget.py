@@ -129,6 +129,7 @@ def plan_memory(layout, cfg: dict, obs_shape: tuple, obs_dtype, frame_stack: int
                           **cats, "total": sum(cats.values())})
     res = sched.as_dict()
     return {"world": layout.world, "dp": layout.dp, "pp": pp, "stages": per_stage,
+            "actors": layout.actors, "actor_parameters_bytes": 4 * layout.param_ranges[-1][1],
             "roles": [r.value for r in layout.roles], "roles_text": layout.describe_roles(),
             "global_batch": sched.global_batch, "replay_ratio": res["replay_ratio"],
             "updates_per_env_step": res["updates_per_env_step"],
@@ -158,7 +159,9 @@ def check_fits(plan: dict, cap: int, source: str, baseline: int, ranks_per_stage
 def describe_memory_plan(plan: dict, cap: int | None = None, source: str = "",
                          baseline: int = 0) -> str:
     """The plan as lines for people."""
-    lines = [f"layout: world={plan['world']} = dp {plan['dp']} x pp {plan['pp']}; global batch "
+    actors = plan.get("actors", 0)
+    lines = [f"layout: world={plan['world']} = "
+             + (f"{actors} actors + " if actors else "") + f"dp {plan['dp']} x pp {plan['pp']}; global batch "
              f"{plan['global_batch']}; replay ratio {plan['replay_ratio']} (sampled transitions per "
              f"env step); {plan['total_updates']} updates over {plan['env_steps']} env steps; "
              f"warm-up {100 * plan['warmup_share']:.1f}% of the run"]
@@ -166,6 +169,10 @@ def describe_memory_plan(plan: dict, cap: int | None = None, source: str = "",
         lines.append(plan["roles_text"])
     if "schedule_text" in plan:
         lines += plan["schedule_text"].splitlines()
+    if actors:
+        lines.append(f"actor ranks: parameters {fmt_bytes(plan['actor_parameters_bytes'])} (a local "
+                     f"copy of the online network), no replay, target or optimizer + baseline "
+                     f"{fmt_bytes(baseline)}; the stages below are the learner ranks'")
     for st in plan["stages"]:
         cats = ", ".join(f"{k} {fmt_bytes(st[k])}" for k in CATEGORIES)
         lines.append(f"stage {st['stage']} ({st['holds']}; {st['parameters_count']} parameters): "

@@ -110,9 +110,10 @@ class Schedule:
     total_updates: int
     warmup_share: float     # share of the run's env steps in warm-up
     n_step: int = 1         # the warm-up is at least n_step - 1 iterations (warmup_iterations)
+    actors: int = 0         # actor ranks (> 0: one iteration is one env step of every actor)
 
     @classmethod
-    def resolve(cls, cfg: dict, dp: int) -> "Schedule":
+    def resolve(cls, cfg: dict, dp: int, actors: int = 0) -> "Schedule":
         """The schedule of ``cfg`` on ``dp`` replicas; ``ConfigError`` naming the key and the
         fix where this layout cannot keep the configured replay ratio.
 
@@ -121,9 +122,11 @@ class Schedule:
         ``dp``. ``sqrt_lr`` and ``linear_lr`` keep ``batch_size`` per replica (global batch
         ``dp x batch_size``), make ``1/dp`` of the updates (the replay ratio is kept) and scale
         ``dqn.lr`` by ``sqrt(dp)``, or by ``dp`` after a linear ramp over
-        ``scaling.lr_warmup_fraction`` of the updates."""
+        ``scaling.lr_warmup_fraction`` of the updates. ``actors`` > 0: the envs are the
+        actors' (one iteration = one vector-env step of every actor), the batch rule the
+        ``dp`` learners'."""
         d, sc, E = cfg["dqn"], cfg["scaling"], cfg["num_envs"]
-        rule, steps_per_iter = sc["rule"], E * dp
+        rule, steps_per_iter = sc["rule"], E * (actors or dp)
         batch, per_replica = d["batch_size"], d["batch_size"]
         if rule == "global_batch":
             if batch % dp:
@@ -161,7 +164,8 @@ class Schedule:
                    replay_ratio=k * global_batch / spacing,
                    exploration_steps=exploration_span(d, cfg["total_steps"]),
                    total_updates=updates,
-                   warmup_share=min(learn_start, n_iters) / n_iters, n_step=d["n_step"])
+                   warmup_share=min(learn_start, n_iters) / n_iters, n_step=d["n_step"],
+                   actors=actors)
 
     # -- the clock --------------------------------------------------------------------------------
     def env_steps(self, iterations: int) -> int:
@@ -186,12 +190,13 @@ class Schedule:
     def evaluates_after(self, it: int) -> bool:
         return bool(self.eval_every) and (it + 1) % self.eval_every == 0
 
-    def epsilon(self, cfg: dict, it: int, dp_rank: int) -> float:
-        """This replica's exploration at iteration ``it`` (1 during a uniform warm-up)."""
+    def epsilon(self, cfg: dict, it: int, dp_rank: int, ranks: int | None = None) -> float:
+        """This replica's (or actor's: ``dp_rank`` its index of ``ranks``) exploration at
+        iteration ``it`` (1 during a uniform warm-up)."""
         d = cfg["dqn"]
         if d["uniform_warmup"] and self.warming_up(it):
             return 1.0
-        return epsilon_at(d, cfg["total_steps"], self.env_steps(it), dp_rank, self.dp,
+        return epsilon_at(d, cfg["total_steps"], self.env_steps(it), dp_rank, ranks or self.dp,
                           d["epsilon_ladder"])
 
     def progress(self, updates: int) -> float:
@@ -229,7 +234,9 @@ class Schedule:
             target += " (once per phase, before it)"
         elif self.target_every % steps_per_iter:
             target += " (on average: syncs fall on iteration ends)"
-        return (f"schedule (dp {self.dp}, {self.num_envs} envs per replica; 1 iteration = "
+        envs = (f"{self.num_envs} envs on each of {self.actors} actors" if self.actors
+                else f"{self.num_envs} envs per replica")
+        return (f"schedule (dp {self.dp}, {envs}; 1 iteration = "
                 f"{steps_per_iter} global env steps): {self.n_iters} iterations; warm-up {self.learn_start} "
                 f"iterations ({100 * self.warmup_share:.2f}% of the run"
                 + (f"; the floor for n_step {self.n_step}: {self.n_step} steps per env before "

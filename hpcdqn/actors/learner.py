@@ -1,0 +1,227 @@
+"""The learner side of an actor-learner run, and the entry point that gives each rank its role.
+
+``FedTrainer`` is ``train.Trainer`` on the learners' own communicator (every learner collective:
+gradient allreduce, agreement, metrics, model file, watchdog) whose replica is fed by its
+actors instead of its own envs: ``act`` takes this iteration's env step of every actor (in the
+fixed actor order, waiting for it: *learners wait for data*), ``store`` inserts the n-step
+transitions into the replay shard, ``learn`` is the sync learner's and then publishes the
+weights every ``actor.publish_every`` updates (non-blocking sends); ``PROGRESS`` messages let
+the actors run ahead by at most ``actor.max_ahead`` iterations (default: one training phase;
+*actors wait for learners*).
+At the end it tells its actors to stop, drains their last messages and their time splits, and
+``summary.json`` says every rank's role and time split.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections import deque
+
+import numpy as np
+
+from hpcdqn.actors.actor import Actor, max_ahead
+from hpcdqn.actors.channel import Inbox, Outbox
+from hpcdqn.actors.nstep import TransitionReplay
+from hpcdqn.actors.wire import (DATA, DONE, PROGRESS, STOP, TAG_CTRL, TAG_DATA, WEIGHTS, Layout,
+                                WireError, pack_ctrl)
+from hpcdqn.config import ConfigError
+from hpcdqn.parallel.agree import Local
+from hpcdqn.parallel.grid import mpi
+from hpcdqn.parallel.layout import Role, RunLayout
+from hpcdqn.parallel.lifecycle import agree_user_errors
+from hpcdqn.train import Trainer, configure_process
+
+KEYS = ("obs", "actions", "returns", "next_obs", "discounts")
+
+
+class TimedReplay(TransitionReplay):
+    """``TransitionReplay`` that counts the seconds spent sampling (the learner's time split)."""
+    sample_s = 0.0
+
+    def sample(self, batch_size: int, beta: float = 0.4):
+        t = time.perf_counter()
+        out = super().sample(batch_size, beta)
+        self.sample_s += time.perf_counter() - t
+        return out
+
+
+class FedTrainer(Trainer):
+    """A learner rank: ``Trainer``'s loop on ``comm`` (the learners), fed by its actors over
+    ``world``."""
+
+    def __init__(self, cfg: dict, comm, world, layout, quiet=False, mem_per_rank=None):
+        super().__init__(cfg, comm, quiet, None, mem_per_rank, layout=layout)
+        if self.frame_stack:
+            raise ConfigError(f"actors={cfg['actors']} with a frame-stacked env: not supported "
+                              "yet; use actors=0")
+        MPI, ac, lay = mpi(), cfg["actor"], self.layout
+        self.world, self.ac = world, ac
+        self.replay = None if lay.pp_rank else TimedReplay(
+            lay.replay_per_replica, self.obs_space.shape, self.obs_space.dtype,
+            prioritized=cfg["replay"]["prioritized"], alpha=cfg["replay"]["alpha"],
+            priority_eps=cfg["replay"]["priority_eps"], seed=cfg["seed"] + 1000 * lay.dp_rank + 7)
+        self.feeders = [] if lay.pp_rank else lay.actors_of(lay.dp_rank)   # first stages
+        self.wire = Layout(self.obs_space.shape, self.obs_space.dtype, cfg["num_envs"],
+                           ac["send_every"])
+        self.inbox = Inbox(world, MPI, self.wire.max_bytes, ac["timeout_s"])
+        self.out = Outbox(world, MPI)
+        self.queues = {a: deque() for a in self.feeders}
+        self.expect = {a: 0 for a in self.feeders}      # the next iteration each actor sends
+        self.times = {"receive_insert_s": 0.0, "wait_data_s": 0.0}
+        self.progress_every = max(1, max_ahead(cfg, self.clock) // 2)
+        self.roles = {}
+
+    # -- the actors' side of the loop ---------------------------------------------------------------
+    def online_params(self):
+        """Collective over the replica's stages: the whole online network on its first stage
+        (layer order; None on the other stages)."""
+        mine = self.learner.online.numpy_data()
+        if self.layout.pp == 1:
+            return mine
+        MPI = mpi()
+        sizes = [hi - lo for lo, hi in self.layout.param_ranges]
+        displs = [lo for lo, _ in self.layout.param_ranges]
+        full = np.empty(self.layout.param_ranges[-1][1], np.float32) if not self.layout.pp_rank else None
+        self.grid.pp_comm.Gatherv([np.ascontiguousarray(mine, np.float32), MPI.FLOAT],
+                                  [full, (sizes, displs), MPI.FLOAT] if full is not None else None,
+                                  root=0)
+        return full
+
+    def publish(self) -> None:
+        """Collective over the replica's stages: the online network to every actor of this
+        replica (non-blocking sends from its first stage)."""
+        params = self.online_params()
+        if not self.feeders:
+            return
+        buf = pack_ctrl(WEIGHTS, self.learner.updates, params)
+        for a in self.feeders:
+            self.out.send(buf, a, TAG_CTRL)
+
+    def receive(self, a: int) -> None:
+        """Wait for actor ``a``'s next message and queue its steps."""
+        t = time.perf_counter()
+        buf = self.inbox.wait(a, TAG_DATA, f"actor {a}")
+        self.times["wait_data_s"] += time.perf_counter() - t
+        msg = self.wire.unpack(buf)
+        if msg["kind"] != DATA or msg["first"] != self.expect[a]:
+            raise WireError(f"actor {a} sent kind {msg['kind']} from iteration "
+                            f"{msg.get('first')} where iteration {self.expect[a]} was due")
+        self.expect[a] += len(msg["counts"])
+        self.queues[a].append([msg, 0, 0])
+
+    def next_step(self, a: int) -> tuple[dict, list]:
+        """Actor ``a``'s transitions of its next env step, and the episodes its message ended."""
+        q = self.queues[a]
+        if not q:
+            self.receive(a)
+        entry = q[0]
+        msg, k, off = entry
+        n = int(msg["counts"][k])
+        tr = {key: msg[key][off:off + n] for key in KEYS}
+        episodes = msg["episodes"] if k == 0 else ()
+        entry[1], entry[2] = k + 1, off + n
+        if k + 1 == len(msg["counts"]):
+            q.popleft()
+        return tr, episodes
+
+    def act(self, eps: float):
+        """This iteration's env step of every actor feeding this replica, in actor order (on
+        its first stage; None on the others)."""
+        if self.replay is None:
+            return None
+        t, wait0 = time.perf_counter(), self.times["wait_data_s"]
+        steps = [self.next_step(a) for a in self.feeders]
+        self.times["receive_insert_s"] += time.perf_counter() - t - (self.times["wait_data_s"] - wait0)
+        return steps
+
+    def store(self, steps) -> None:
+        """Insert the actors' transitions into the replay shard; tell them how far we are."""
+        if steps is None:
+            return
+        t, w = time.perf_counter(), self.state.window
+        for tr, episodes in steps:
+            self.replay.add_transitions(tr)
+            for ret, length in episodes:
+                w.add_episode(float(ret), int(length))
+        it = self.state.iteration
+        if it % self.progress_every == 0:
+            for a in self.feeders:
+                self.out.send(pack_ctrl(PROGRESS, it), a, TAG_CTRL)
+        self.times["receive_insert_s"] += time.perf_counter() - t
+
+    def learn(self) -> None:
+        """The sync learner's phase, then the weights to the actors every ``publish_every``."""
+        before = self.learner.updates
+        super().learn()
+        k = self.ac["publish_every"]
+        if self.learner.updates // k > before // k:
+            self.publish()
+
+    def run(self) -> dict:
+        self.publish()          # the initial weights (update 0)
+        return super().run()
+
+    # -- the end ------------------------------------------------------------------------------------
+    def stop_actors(self) -> dict:
+        """Tell this replica's actors to stop, drain their messages up to ``DONE``; their figures."""
+        for a in self.feeders:
+            self.out.send(pack_ctrl(STOP, self.state.iteration), a, TAG_CTRL)
+        stats = {}
+        for a in self.feeders:
+            while a not in stats:
+                msg = self.wire.unpack(self.inbox.wait(a, TAG_DATA, f"actor {a}"))
+                if msg["kind"] == DONE:
+                    stats[a] = msg["stats"]
+        self.out.wait_all(self.ac["timeout_s"], "the actors")
+        return stats
+
+    def finish(self) -> dict:
+        actors = self.stop_actors()
+        rep = self.replay
+        mine = {"rank": self.layout.rank, "role": Role.LEARNER.value, **self.times,
+                "sample_s": rep.sample_s if rep else 0.0, "inserted": rep.inserted if rep else 0,
+                "sampled": self.learner.updates * self.clock.batch_per_replica if rep else 0,
+                **{f"{k}_s": v for k, v in self.learner.time_split_seconds().items()}}
+        rows = [mine] + [{"rank": a, "role": Role.ACTOR.value, "learner": self.layout.rank,
+                          **{k: round(v, 4) for k, v in s.items()}} for a, s in actors.items()]
+        every = self.comm.allgather(rows)
+        self.roles = sorted((r for rs in every for r in rs), key=lambda r: r["rank"])
+        return super().finish()
+
+    def role_summary(self) -> dict:
+        """``summary.json``'s role figures: every rank's role and time split."""
+        learners = [r for r in self.roles if r["role"] == Role.LEARNER.value]
+        inserted, sampled = sum(r["inserted"] for r in learners), sum(r["sampled"] for r in learners)
+        return {"roles": [Role(r["role"]).value for r in self.roles], "ranks": self.roles,
+                "job_ranks": self.layout.world, "actors": self.layout.actors, "lockstep": self.ac["lockstep"],
+                "replay_ratio_achieved": round(sampled / max(1, inserted), 4),
+                "replay_ratio_configured": round(self.clock.replay_ratio, 4)}
+
+
+def run_role(cfg: dict, quiet: bool = False, mem_per_rank: str | None = None) -> dict:
+    """Collective over the world: resolve the layout (errors agreed by every rank), split the
+    learners off into their own communicator and run this rank's role."""
+    MPI = mpi()
+    world = MPI.COMM_WORLD
+    cfg = copy.deepcopy(cfg)
+    cfg["checkpoint"] = False       # checkpoints with actors: not yet (refused where asked for)
+    with Local() as loc:
+        layout = RunLayout.resolve(cfg, world.Get_size(), world.Get_rank(), mem_per_rank)
+    agree_user_errors(world, loc.err)
+    learner = layout.role is Role.LEARNER
+    comm = world.Split(color=0 if learner else 1, key=world.Get_rank())
+    if not learner:
+        configure_process({**cfg, "device": "cpu"})
+        return Actor(cfg, layout, world).run()
+    try:
+        return FedTrainer(cfg, comm, world, layout, quiet, mem_per_rank).run()
+    except Exception as e:
+        if not getattr(e, "agreed", False):
+            raise               # abort_on_exception: its traceback, then MPI_Abort of the world
+        if world.Get_rank() == 0:   # every learner raised it: once, then the whole job ends
+            for m in getattr(e, "messages", None) or [str(e)]:
+                print(f"hpcdqn train: {getattr(e, 'kind', None) or 'error'} error: {m}",
+                      file=sys.stderr, flush=True)
+        world.Abort(2)
