@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from hpcdqn.config import LearnerConfig
 from hpcdqn.learner.base import StageLearner
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.parallel import stage_mlp
@@ -128,7 +129,7 @@ class StagePolicy(StageInference):
 class PipelineLearner(StageInference, StageLearner):
     """One pipeline stage of one data-parallel replica (``grid.pp_rank`` of ``grid.pp``)."""
 
-    def __init__(self, layers, cfg: dict, grid, device="cpu", seed: int | None = None,
+    def __init__(self, layers, cfg: LearnerConfig, grid, device="cpu", seed: int | None = None,
                  stages=None, loss=None):
         """``layers``: the whole network, real or (with ``seed``) on the meta device; this rank
         materialises only its stage (rows of a cut layer included). ``stages``: the run
@@ -139,7 +140,7 @@ class PipelineLearner(StageInference, StageLearner):
         self.grid = grid
         self.P, self.stage = grid.pp, grid.pp_rank
         self.first, self.last = grid.is_first_stage, grid.is_last_stage
-        self.stages = list(stages or stage_bounds(layers, grid.pp, cfg["network"]))
+        self.stages = list(stages or stage_bounds(layers, grid.pp, cfg.network))
         self.param_ranges = param_ranges(layers, self.stages)
         self.stage_sizes = [b - a for a, b in self.param_ranges]
         self.stage_contents = describe(self.stages)
@@ -151,8 +152,8 @@ class PipelineLearner(StageInference, StageLearner):
             raise RuntimeError(f"stage {self.stage} holds {self.online.numel} parameters, its "
                                f"range {self.param_ranges[self.stage]} says {self.stage_sizes[self.stage]}")
         self.pp_comm = grid.pp_comm
-        self.micro = cfg["micro_batches"]
-        self.schedule = cfg["schedule"]
+        self.micro = cfg.micro_batches
+        self.schedule = cfg.schedule
         self.plan = self._plan_per_stage()
         # the hand-written stage backward where the plan took it (``parallel.stage_mlp``)
         self.mlp = stage_mlp.stage_ops(self.online.net) if self.plan.gradient == "mlp-manual" else None
@@ -268,7 +269,7 @@ class PipelineLearner(StageInference, StageLearner):
     def _report(self, loss_sum, td_parts, q_parts, n_micro: int, n: int) -> dict:
         """Loss and mean Q from the last stage; |TD| back to the first stage only where
         prioritized replay needs it (as the data-parallel learner)."""
-        need_td = self.cfg["replay"]["prioritized"]
+        need_td = self.cfg.prioritized
         out = {"loss": None, "q": None, "td_abs": None}
         if self.last:
             q = torch.cat([q_parts[m] for m in range(n_micro)])

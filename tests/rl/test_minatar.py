@@ -14,7 +14,7 @@ from mpi4py import MPI
 
 from mpi_util import ROOT, hpcdqn
 
-from hpcdqn.config import load_config
+from hpcdqn.config import learner_config, load_config
 from hpcdqn.learner import DataParallelLearner
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.parallel.partition import boundary_offset, layer_offsets, plan_stages, stage_modules
@@ -105,7 +105,8 @@ def test_minatar_cnn_layers_and_stage_only_construction():
 
 def _learner(opt="rmsprop"):
     cfg = load_config(CONFIG, {"dqn.optimizer": opt})
-    return DataParallelLearner(build_layers((4, 10, 10), 6, [128], kind="minatar", seed=3), cfg,
+    return DataParallelLearner(build_layers((4, 10, 10), 6, [128], kind="minatar", seed=3),
+                               learner_config(cfg),
                                MPI.COMM_SELF), cfg
 
 
