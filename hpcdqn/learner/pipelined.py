@@ -9,7 +9,7 @@ others pass ``None`` and learn what to do from the header.
 As torch's ``distributed.pipelining``: a ``parallel.stage.PipelineStage`` (which knows nothing
 of DQN) owns this stage's slice of the layers and its link, runs one forward, backward or
 weight-gradient chunk and keeps the activations between them; ``parallel.stage.run_schedule``
-drives it in the op list's order (the plan); the last stage calls the loss handed to it
+drives it in the op list's order (``schedule_ops``); the last stage calls the loss handed to it
 (``rl.losses``), so a new loss never touches the point-to-point runtime. What stays here is
 the learner: the batch and its labels, the optimizer step, the gradient allreduce over dp
 (``StageLearner``) and the greedy forwards for acting and evaluation.
@@ -41,9 +41,9 @@ from hpcdqn.rl.td import to_tensors
 class StageInference:
     """The forward passes of one pipeline stage for acting and evaluation (collectives over the
     replica's stages). Needs ``online`` (this stage's FlatModule), ``pp_stage`` (its
-    ``parallel.stage.PipelineStage``) and its ``link``, ``grid``, ``P``, ``stage``, ``first``,
-    ``last``, ``device`` and ``loss`` (``rl.losses``: Q-values and greedy actions from the last
-    stage's output)."""
+    ``parallel.stage.PipelineStage``) and its ``link``, ``grid``, ``n_stages``, ``stage``,
+    ``first``, ``last``, ``device`` and ``loss`` (``rl.losses``: Q-values and greedy actions
+    from the last stage's output)."""
 
     # -- acting -----------------------------------------------------------------------------------
     def greedy(self, obs, needed: bool = True):
@@ -67,9 +67,9 @@ class StageInference:
         link.send_header(op, batch, 1, self.pp_stage.output_shape(tuple(x.shape[1:]), x.dtype))
         link.isend(as_np(self.online(x)), self.stage + 1, TAG_INFER)
         if op == OP_GREEDY:
-            out = link.recv(batch, self.P - 1, TAG_INFER_OUT, np.int64)
+            out = link.recv(batch, self.n_stages - 1, TAG_INFER_OUT, np.int64)
         else:
-            out = link.recv_floats_of_unknown_width(batch, self.P - 1, TAG_INFER_OUT)
+            out = link.recv_floats_of_unknown_width(batch, self.n_stages - 1, TAG_INFER_OUT)
         link.finish_sends()
         return out
 
@@ -110,8 +110,8 @@ class StageInference:
 
 
 class StagePolicy(StageInference):
-    """One stage of a trained network for greedy evaluation with the run's own pp (``mpirun -n
-    P hpcdqn eval RUN``): this stage's online parameters only, no target, gradients or
+    """One stage of a trained network for greedy evaluation with the run's own pp (``mpirun
+    -n <pp> hpcdqn eval RUN``): this stage's online parameters only, no target, gradients or
     optimizer state. ``online``: the stage's FlatModule (``store.modelfile.load_model_stage``);
     ``loss``: the run's (``rl.losses.make_loss``): the last stage's Q-values come from it."""
 
@@ -120,9 +120,9 @@ class StagePolicy(StageInference):
             raise ValueError("StagePolicy needs pp >= 2: on one rank, use the whole network")
         self.online, self.grid, self.device = online, grid, torch.device(device)
         self.loss = loss
-        self.P, self.stage = grid.pp, grid.pp_rank
+        self.n_stages, self.stage = grid.pp, grid.pp_rank
         self.first, self.last = grid.is_first_stage, grid.is_last_stage
-        self.pp_stage = PipelineStage(grid.pp_comm, self.stage, self.P, online, self.device)
+        self.pp_stage = PipelineStage(grid.pp_comm, self.stage, self.n_stages, online, self.device)
         self.link = self.pp_stage.link
 
 
@@ -138,7 +138,7 @@ class PipelineLearner(StageInference, StageLearner):
         if grid.pp < 2:
             raise ValueError("PipelineLearner needs pp >= 2; use DataParallelLearner for pp=1")
         self.grid = grid
-        self.P, self.stage = grid.pp, grid.pp_rank
+        self.n_stages, self.stage = grid.pp, grid.pp_rank
         self.first, self.last = grid.is_first_stage, grid.is_last_stage
         self.stages = list(stages or stage_bounds(layers, grid.pp, cfg.network))
         self.param_ranges = param_ranges(layers, self.stages)
@@ -158,8 +158,8 @@ class PipelineLearner(StageInference, StageLearner):
         # the hand-written stage backward where the plan took it (``parallel.stage_mlp``)
         self.mlp = stage_mlp.stage_ops(self.online.net) if self.plan.gradient == "mlp-manual" else None
         # this stage's chunk runtime (its link, chunks, kept activations; ``parallel.stage``)
-        self.pp_stage = PipelineStage(grid.pp_comm, self.stage, self.P, self.online, self.device,
-                                      self.mlp)
+        self.pp_stage = PipelineStage(grid.pp_comm, self.stage, self.n_stages, self.online,
+                                      self.device, self.mlp)
         self.link = self.pp_stage.link
         # timing (seconds): blocked inside the F/B schedule, inside it; blocked on the other
         # stages anywhere in an update (receives, send completion, the norm over pp_comm);
@@ -177,7 +177,7 @@ class PipelineLearner(StageInference, StageLearner):
         stays on autograd, as the CNN does on one rank)."""
         paths = ("mlp-manual", "autograd-accumulate", "autograd")
         mine = np.array([paths.index(self.plan.gradient)], dtype=np.int64)
-        every = np.empty(self.P, dtype=np.int64)
+        every = np.empty(self.n_stages, dtype=np.int64)
         self.pp_comm.Allgather([mine, mpi().INT64_T], [every, mpi().INT64_T])
         plan, notes = self.plan, list(self.plan.notes)
         if (every != 0).any():           # (every rank sees the same ``every``)
@@ -230,7 +230,7 @@ class PipelineLearner(StageInference, StageLearner):
         loss's order); on the last stage: {name: tensor}, None elsewhere."""
         if self.first:
             for arr in batch_labels(batch, self.loss).values():
-                self.link.isend(arr, self.P - 1, TAG_LABELS)
+                self.link.isend(arr, self.n_stages - 1, TAG_LABELS)
         if not self.last:
             return None
         return {k: self.pp_stage.to_device(self.link.recv(n, 0, TAG_LABELS, dt))
@@ -278,7 +278,7 @@ class PipelineLearner(StageInference, StageLearner):
                 td_abs = torch.cat([td_parts[m] for m in range(n_micro)]).abs()
                 self.link.isend(as_np(td_abs), 0, TAG_RESULT)
         elif self.first and need_td:
-            out["td_abs"] = self.link.recv(n, self.P - 1, TAG_RESULT)
+            out["td_abs"] = self.link.recv(n, self.n_stages - 1, TAG_RESULT)
         return out
 
     def grad_norm(self) -> torch.Tensor:

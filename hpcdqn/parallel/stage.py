@@ -1,9 +1,9 @@
 """One pipeline stage's chunk runtime, as torch's ``distributed.pipelining.PipelineStage``: the
-stage's link to its neighbours, its forward and backward of one micro-batch chunk, the
-activations it keeps between them, and the MPI tags they travel under. It knows nothing of
+stage's slice of the layers, its link to its neighbours, its forward and backward of one
+micro-batch chunk, the activations it keeps between them, and the MPI tags they travel under. It knows nothing of
 the model's loss: the last stage calls the ``loss_fn`` it was handed. ``run_schedule`` drives
-the chunks in the order of the op list (``pipeline.schedule_ops``: the plan), as a torch
-``pipelining`` schedule drives its stage.
+the chunks in the order of the op list (``pipeline.schedule_ops``), as a torch ``pipelining``
+schedule drives its stage.
 
 A forward chunk ``F(m)`` runs the trained forward (kept for the backward, with autograd or on
 the hand-written MLP path) and then each *side* forward (no gradient: e.g. a target network on
