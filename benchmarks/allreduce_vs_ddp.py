@@ -121,7 +121,7 @@ def build_sides(spec, layers, cfg, comm, data):
             with ddp.no_sync():
                 autograd_step(ddp, list(ddp.parameters()), opt_d, lambda: None)
 
-    learner = DataParallelLearner(copy.deepcopy(layers), cfg, comm)
+    learner = DataParallelLearner(copy.deepcopy(layers), learner_config(cfg), comm)
     batch = Batch(obs, act, ret, nxt, disc, np.ones(len(act), np.float32), np.arange(len(act)))
     real_sync = learner.sync
 
@@ -175,7 +175,7 @@ def worker(model, rounds, iters, port):
     import torch.distributed as dist
     from mpi4py import MPI
 
-    from hpcdqn.config import load_config
+    from hpcdqn.config import learner_config, load_config
     from hpcdqn.rl.networks import build_layers
 
     comm = MPI.COMM_WORLD

@@ -40,7 +40,7 @@ def _setup(a):
     import torch
     from mpi4py import MPI
 
-    from hpcdqn.config import load_config
+    from hpcdqn.config import learner_config, load_config
     from hpcdqn.learner import DataParallelLearner, PipelineLearner
     from hpcdqn.learner.budget import process_baseline
     from hpcdqn.parallel.grid import RankGrid
@@ -60,8 +60,8 @@ def _setup(a):
                                  "threads": a.threads})
     base = process_baseline()
     layers = meta_layers((OBS,), ACTIONS, a.hidden)
-    learner = (DataParallelLearner(layers, cfg, grid.dp_comm, "cpu", seed=1) if pp == 1 else
-               PipelineLearner(layers, cfg, grid, "cpu", seed=1))
+    learner = (DataParallelLearner(layers, learner_config(cfg), grid.dp_comm, "cpu", seed=1) if pp == 1 else
+               PipelineLearner(layers, learner_config(cfg), grid, "cpu", seed=1))
     release_freed_memory()       # as ``hpcdqn train`` does once the learner is built
     batch = None
     if grid.is_first_stage:

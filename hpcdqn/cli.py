@@ -231,7 +231,7 @@ def _whole_network_policy(path):
           f"parameters ({fmt_bytes(4 * n)}), fits in {fmt_bytes(cap)} ({source})", file=sys.stderr)
     net, cfg, _, _ = load_model(path)
     torch.set_num_threads(max(1, cfg.get("threads", 1)))
-    loss = make_loss(cfg)
+    loss = make_loss(cfg["dqn"], cfg["network"])
 
     @torch.no_grad()
     def policy(obs):
@@ -290,7 +290,8 @@ def _eval_pipelined(args, run, path) -> int:
               f"(parameters per stage: {', '.join(f'{h} ({fmt_bytes(4 * h)})' for h in held)}; "
               f"{n} in all)", file=sys.stderr)
     grid = RankGrid(comm, pp)
-    res = StagePolicy(net, grid, make_loss(cfg)).evaluate(lambda greedy: _run_eval(greedy, cfg, args, run))
+    loss = make_loss(cfg["dqn"], cfg["network"])
+    res = StagePolicy(net, grid, loss).evaluate(lambda greedy: _run_eval(greedy, cfg, args, run))
     grid.free()
     if rank == 0:
         print(json.dumps(res))

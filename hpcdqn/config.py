@@ -260,6 +260,31 @@ SCHEMA: dict[str, Any] = {
 }
 
 
+# the [dqn] keys a learner reads: its optimizer, clipping, target sync and loss (the batch,
+# replay and exploration keys are the env-step schedule's: ``rl.schedule``)
+LEARNER_DQN_KEYS = ("optimizer", "lr", "adam_eps", "rmsprop_alpha", "rmsprop_eps",
+                    "rmsprop_centered", "max_grad_norm", "tau", "double", "huber_delta")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The part of a run's config a learner reads (``learner_config(cfg)``), not the run's
+    envs, batch, replay, files, logging or evaluation."""
+    dqn: dict               # the ``LEARNER_DQN_KEYS`` of [dqn]
+    network: dict           # [network]: the head (its loss), the stage cuts
+    parallel: dict          # [parallel]: gradient buckets, allreduce, overlap, hand-written backward
+    prioritized: bool       # replay.prioritized: an update returns |TD| for the priorities
+    micro_batches: int = 1  # a pipelined minibatch's micro-batches
+    schedule: str = "1f1b"  # the pipeline's op order
+
+
+def learner_config(cfg: dict) -> LearnerConfig:
+    """A learner's part of the whole config ``cfg``."""
+    return LearnerConfig(dqn={k: cfg["dqn"][k] for k in LEARNER_DQN_KEYS}, network=cfg["network"],
+                         parallel=cfg["parallel"], prioritized=bool(cfg["replay"]["prioritized"]),
+                         micro_batches=cfg["micro_batches"], schedule=cfg["schedule"])
+
+
 def defaults(schema=SCHEMA) -> dict:
     out = {}
     for k, v in schema.items():

@@ -228,7 +228,8 @@ class Trainer:
         # shapes only (meta device, the layout's): each rank allocates just its own stage, with
         # the values the whole network would get from `seed` (networks.initial_flat)
         layers = list(self.layout.layers)
-        self.learner = build_learner(self.layout, grid, cfg, self.device, seed=cfg["seed"])
+        self.learner = build_learner(self.layout, grid, config_mod.learner_config(cfg), self.device,
+                                     seed=cfg["seed"])
         # online + target + Adam moments held by each stage (replica 0's stages are world ranks 0..pp-1)
         self.stage_bytes = self.comm.allgather(self.learner.parameter_bytes())[:grid.pp]
         self.replay = self.rollout = None

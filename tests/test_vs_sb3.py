@@ -80,7 +80,7 @@ def test_update_matches_sb3():
     from stable_baselines3.common.logger import configure
     from stable_baselines3.common.type_aliases import ReplayBufferSamples
 
-    from hpcdqn.config import load_config
+    from hpcdqn.config import learner_config, load_config
     from hpcdqn.learner import DataParallelLearner
     from hpcdqn.parallel.grid import mpi
     from hpcdqn.rl.networks import build_layers
@@ -97,7 +97,7 @@ def test_update_matches_sb3():
         for a, b in zip(our_linears, sb3_linears, strict=True):
             a.weight.copy_(b.weight)
             a.bias.copy_(b.bias)
-    learner = DataParallelLearner(layers, cfg, mpi().COMM_SELF)
+    learner = DataParallelLearner(layers, learner_config(cfg), mpi().COMM_SELF)
     start = learner.gather_online()
 
     data = _transitions(2000, seed=3)

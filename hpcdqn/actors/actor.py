@@ -67,7 +67,7 @@ class Actor:
         space = env.single_observation_space
         layers = network_layers(cfg["network"], space.shape, env.single_action_space.n,
                                 seed=cfg["seed"], meta=False)
-        self.net, self.loss = FlatModule(layers), make_loss(cfg)
+        self.net, self.loss = FlatModule(layers), make_loss(cfg["dqn"], cfg["network"])
         self.rollout = Rollout(env, np.random.default_rng([cfg["seed"], self.idx, 29]),
                                env.reset(seed=seed)[0])
         self.sink = _Sink(NStepWindow(cfg["dqn"]["n_step"], cfg["dqn"]["gamma"]))

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from hpcdqn.config import LearnerConfig
 from hpcdqn.learner.base import COLLECTIVES, Learner, StageLearner
 from hpcdqn.learner.data_parallel import DataParallelLearner
 from hpcdqn.learner.pipelined import PipelineLearner
@@ -18,10 +19,11 @@ __all__ = ["COLLECTIVES", "DataParallelLearner", "ExecutionPlan", "Learner", "Pi
            "StageLearner", "build_learner"]
 
 
-def build_learner(layout, grid, cfg: dict, device: str, seed: int | None = None) -> Learner:
+def build_learner(layout, grid, cfg: LearnerConfig, device: str, seed: int | None = None) -> Learner:
     """The learner for this rank's place in ``layout`` (a placed ``parallel.layout.RunLayout``;
     ``grid``: its communicators): data-parallel for pp=1, else its stage. The layout's layers
-    are on the meta device; with ``seed`` only this rank's stage is ever allocated."""
+    are on the meta device; with ``seed`` only this rank's stage is ever allocated. ``cfg``: the
+    learner's part of the config (``config.learner_config``)."""
     layers = list(layout.layers)
     if layout.pp == 1:
         return DataParallelLearner(layers, cfg, grid.dp_comm, device, seed=seed)

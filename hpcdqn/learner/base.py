@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from hpcdqn.config import LearnerConfig
 from hpcdqn.learner import plan as plan_mod
 from hpcdqn.parallel.allreduce import GradSync, broadcast_params, check_consistent
 from hpcdqn.parallel.flat import FlatModule
@@ -87,15 +88,16 @@ class StageLearner:
     pipeline stage), and the optimizer step: allreduce-average, clip by the global norm, Adam,
     target sync. ``pipeline``: whether ``modules`` are one stage of several (the plan differs)."""
 
-    def __init__(self, modules, cfg: dict, dp_comm, device="cpu", pipeline: bool = False,
+    def __init__(self, modules, cfg: LearnerConfig, dp_comm, device="cpu", pipeline: bool = False,
                  init=None, stage_ends: tuple[bool, bool] = (True, True), loss=None):
         """``modules`` real (their values are the start), or on the meta device: then ``init``
         = (the whole network's meta layers, lo, hi, seed) and this rank computes only its
         range [lo, hi) of the initial values (``networks.initial_flat``), allocating nothing
         of any other stage. ``loss``: what the update minimises (``rl.losses``; None: the
-        config's, ``make_loss``)."""
-        self.cfg, self.d, self.device = cfg, cfg["dqn"], torch.device(device)
-        self.loss = loss if loss is not None else make_loss(cfg)
+        config's, ``make_loss``). ``cfg``: the learner's part of the config
+        (``config.learner_config``)."""
+        self.cfg, self.d, self.device = cfg, cfg.dqn, torch.device(device)
+        self.loss = loss if loss is not None else make_loss(cfg.dqn, cfg.network)
         self.dp_comm = dp_comm
         meta = is_meta(modules)
         if meta and init is None:
@@ -109,10 +111,10 @@ class StageLearner:
         broadcast_params(self.online, dp_comm)    # every replica starts from replica 0's values
         self.target.load_flat_(self.online.flat.data)
         self.opt = make_optimizer(self.online.flat, self.d)
-        buckets = GradSync.bucket_bounds(self.online, cfg["parallel"]["bucket_mb"])
+        buckets = GradSync.bucket_bounds(self.online, cfg.parallel["bucket_mb"])
         self.plan = plan_mod.decide(cfg, self.online, self.opt, dp_comm, pipeline, len(buckets),
                                     stage_ends, self.loss)
-        self.sync = GradSync(self.online, dp_comm, cfg["parallel"]["bucket_mb"], self.plan.overlap,
+        self.sync = GradSync(self.online, dp_comm, cfg.parallel["bucket_mb"], self.plan.overlap,
                              self.plan.allreduce)
         if self.plan.gradient == "autograd-accumulate":
             self.online.accumulate_grads_in_place()

@@ -96,12 +96,14 @@ def stage_widths(modules, in_shape: tuple) -> tuple[list[int], tuple]:
     return widths, shape
 
 
-def activation_bytes(widths: list[int], cfg: dict, stage: int, pp: int) -> int:
-    """Estimated bytes one update keeps alive on a stage whose leaves produce ``widths``."""
-    batch, micro = cfg["dqn"]["batch_size"], max(1, cfg["micro_batches"]) if pp > 1 else 1
+def activation_bytes(widths: list[int], batch: int, micro: int, schedule: str, stage: int,
+                     pp: int) -> int:
+    """Estimated bytes one update of ``batch`` rows (per replica) in ``micro`` micro-batches
+    keeps alive on a stage whose leaves produce ``widths``."""
+    micro = max(1, micro) if pp > 1 else 1
     rows = -(-batch // micro)
-    in_flight = micro if cfg["schedule"] == "gpipe" or pp == 1 else \
-        min(micro, pp if cfg["schedule"] == "zbh1" else pp - stage)   # zbh1: 1F1B's peak, any stage
+    in_flight = micro if schedule == "gpipe" or pp == 1 else \
+        min(micro, pp if schedule == "zbh1" else pp - stage)   # zbh1: 1F1B's peak, any stage
     saved = in_flight * rows * sum(widths) * 4          # autograd's saved inputs and outputs
     transient = 4 * rows * max(widths) * 4              # target and double forwards, grads in/out
     return int(saved + transient)
@@ -122,7 +124,8 @@ def plan_memory(layout, cfg: dict, obs_shape: tuple, obs_dtype, frame_stack: int
         widths, in_shape = stage_widths(stage_modules(layout.layers, a, b), in_shape)
         cats = {"parameters": 4 * n, "target": 4 * n, "gradients": 4 * n, "optimizer": 8 * n,
                 "replay": replay if s == 0 else 0,
-                "activations": activation_bytes(widths, cfg, s, pp)}
+                "activations": activation_bytes(widths, sched.batch_per_replica,
+                                                cfg["micro_batches"], cfg["schedule"], s, pp)}
         cats["transient"] = (RUNTIME + (threads - 1) * THREAD + cats["activations"]
                              + int(SLACK * sum(cats.values())))
         per_stage.append({"stage": s, "holds": layout.stage_contents[s], "parameters_count": n,

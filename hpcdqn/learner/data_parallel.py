@@ -8,6 +8,7 @@ import time
 import numpy as np
 import torch
 
+from hpcdqn.config import LearnerConfig
 from hpcdqn.learner.base import StageLearner
 from hpcdqn.rl.networks import is_meta, num_params
 from hpcdqn.rl.losses import greedy_actions
@@ -19,7 +20,7 @@ from hpcdqn.rl.td import to_tensors
 class DataParallelLearner(StageLearner):
     """One replica's online + target network, optimizer and update, on one rank."""
 
-    def __init__(self, layers, cfg: dict, dp_comm, device="cpu", seed: int | None = None,
+    def __init__(self, layers, cfg: LearnerConfig, dp_comm, device="cpu", seed: int | None = None,
                  loss=None):
         """``layers``: real, or on the meta device with ``seed`` (their initial values are then
         those ``build_layers(seed=seed)`` gives); ``loss``: ``rl.losses`` (None: the config's)."""
@@ -82,7 +83,7 @@ class DataParallelLearner(StageLearner):
             loss, td, q = loss_fn(q_all, lab, y)
             mlp_td_backward(self.mlp, inputs, loss_fn.output_grad(q_all, lab, y, 1.0))
         self.step_optimizer()
-        td_abs = td.abs().cpu().numpy() if self.cfg["replay"]["prioritized"] else None
+        td_abs = td.abs().cpu().numpy() if self.cfg.prioritized else None
         self.update_seconds += time.perf_counter() - t_start
         return {"loss": float(loss.detach()), "q": float(q.mean()), "td_abs": td_abs}
 

@@ -6,10 +6,13 @@ gradients are averaged over ``grid.dp_comm`` by the shared ``StageLearner`` step
 operation here is a collective over the replica's stages: the first stage passes data, the
 others pass ``None`` and learn what to do from the header.
 
-As torch's ``distributed.pipelining``: the op list (``schedule_ops``) is the plan; a stage
-runs one forward chunk (``forward_one_chunk``) or one backward chunk (``backward_one_chunk``)
-over its links (the MPI tags stay here and in ``parallel.pipeline``); the last stage calls the
-loss it was handed (``rl.losses``), so a new loss never touches this runtime.
+As torch's ``distributed.pipelining``: a ``parallel.stage.PipelineStage`` (which knows nothing
+of DQN) owns this stage's slice of the layers and its link, runs one forward, backward or
+weight-gradient chunk and keeps the activations between them; ``parallel.stage.run_schedule``
+drives it in the op list's order (``schedule_ops``); the last stage calls the loss handed to it
+(``rl.losses``), so a new loss never touches the point-to-point runtime. What stays here is
+the learner: the batch and its labels, the optimizer step, the gradient allreduce over dp
+(``StageLearner``) and the greedy forwards for acting and evaluation.
 """
 
 from __future__ import annotations
@@ -21,38 +24,26 @@ import time
 import numpy as np
 import torch
 
+from hpcdqn.config import LearnerConfig
 from hpcdqn.learner.base import StageLearner
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.parallel import stage_mlp
 from hpcdqn.parallel.grid import mpi
 from hpcdqn.parallel.layout import stage_bounds
 from hpcdqn.parallel.partition import describe, param_ranges, stage_modules
-from hpcdqn.parallel.pipeline import (OP_GREEDY, OP_QVALUES, OP_STOP, OP_UPDATE, TAG_ACT,
-                                      TAG_DBL, TAG_GRAD, TAG_INFER, TAG_INFER_OUT, TAG_LABELS,
-                                      TAG_RESULT, TAG_TGT, StageLink, as_np, micro_splits,
-                                      schedule_ops)
+from hpcdqn.parallel.pipeline import (OP_GREEDY, OP_QVALUES, OP_STOP, OP_UPDATE, TAG_INFER,
+                                      TAG_INFER_OUT, TAG_LABELS, TAG_RESULT, as_np, micro_splits)
+from hpcdqn.parallel.stage import PipelineStage, run_schedule
 from hpcdqn.rl.losses import batch_labels, greedy_actions
 from hpcdqn.rl.td import to_tensors
 
 
 class StageInference:
     """The forward passes of one pipeline stage for acting and evaluation (collectives over the
-    replica's stages). Needs ``online`` (this stage's FlatModule), ``link``, ``grid``, ``P``,
-    ``stage``, ``first``, ``last``, ``device``, ``loss`` (``rl.losses``: Q-values and greedy
-    actions from the last stage's output) and an ``_out_shapes`` dict."""
-
-    @torch.no_grad()
-    def _out_shape(self, in_shape: tuple, dtype) -> tuple:
-        """Per-sample shape of this stage's output for a per-sample input shape (cached)."""
-        key = (tuple(in_shape), str(dtype))
-        if key not in self._out_shapes:
-            y = self.online(torch.zeros((1, *in_shape), dtype=dtype, device=self.device))
-            self._out_shapes[key] = tuple(y.shape[1:])
-        return self._out_shapes[key]
-
-    def _to_dev(self, arr: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(arr)
-        return t.to(self.device) if self.device.type != "cpu" else t
+    replica's stages). Needs ``online`` (this stage's FlatModule), ``pp_stage`` (its
+    ``parallel.stage.PipelineStage``) and its ``link``, ``grid``, ``n_stages``, ``stage``,
+    ``first``, ``last``, ``device`` and ``loss`` (``rl.losses``: Q-values and greedy actions
+    from the last stage's output)."""
 
     # -- acting -----------------------------------------------------------------------------------
     def greedy(self, obs, needed: bool = True):
@@ -73,21 +64,21 @@ class StageInference:
             return None
         x = torch.as_tensor(obs, device=self.device)
         batch = x.shape[0]
-        link.send_header(op, batch, 1, self._out_shape(tuple(x.shape[1:]), x.dtype))
+        link.send_header(op, batch, 1, self.pp_stage.output_shape(tuple(x.shape[1:]), x.dtype))
         link.isend(as_np(self.online(x)), self.stage + 1, TAG_INFER)
         if op == OP_GREEDY:
-            out = link.recv(batch, self.P - 1, TAG_INFER_OUT, np.int64)
+            out = link.recv(batch, self.n_stages - 1, TAG_INFER_OUT, np.int64)
         else:
-            out = link.recv_floats_of_unknown_width(batch, self.P - 1, TAG_INFER_OUT)
+            out = link.recv_floats_of_unknown_width(batch, self.n_stages - 1, TAG_INFER_OUT)
         link.finish_sends()
         return out
 
     @torch.no_grad()
     def _serve_infer(self, op: int, batch: int, in_shape: tuple) -> None:
         link = self.link
-        x = self._to_dev(link.recv((batch, *in_shape), self.stage - 1, TAG_INFER))
+        x = self.pp_stage.to_device(link.recv((batch, *in_shape), self.stage - 1, TAG_INFER))
         if not self.last:
-            link.send_header(op, batch, 1, self._out_shape(in_shape, x.dtype))
+            link.send_header(op, batch, 1, self.pp_stage.output_shape(in_shape, x.dtype))
         y = self.online(x)
         if not self.last:
             link.isend(as_np(y), self.stage + 1, TAG_INFER)
@@ -119,8 +110,8 @@ class StageInference:
 
 
 class StagePolicy(StageInference):
-    """One stage of a trained network for greedy evaluation with the run's own pp (``mpirun -n
-    P hpcdqn eval RUN``): this stage's online parameters only, no target, gradients or
+    """One stage of a trained network for greedy evaluation with the run's own pp (``mpirun
+    -n <pp> hpcdqn eval RUN``): this stage's online parameters only, no target, gradients or
     optimizer state. ``online``: the stage's FlatModule (``store.modelfile.load_model_stage``);
     ``loss``: the run's (``rl.losses.make_loss``): the last stage's Q-values come from it."""
 
@@ -129,16 +120,16 @@ class StagePolicy(StageInference):
             raise ValueError("StagePolicy needs pp >= 2: on one rank, use the whole network")
         self.online, self.grid, self.device = online, grid, torch.device(device)
         self.loss = loss
-        self.P, self.stage = grid.pp, grid.pp_rank
+        self.n_stages, self.stage = grid.pp, grid.pp_rank
         self.first, self.last = grid.is_first_stage, grid.is_last_stage
-        self.link = StageLink(grid.pp_comm, self.stage, self.P)
-        self._out_shapes: dict = {}
+        self.pp_stage = PipelineStage(grid.pp_comm, self.stage, self.n_stages, online, self.device)
+        self.link = self.pp_stage.link
 
 
 class PipelineLearner(StageInference, StageLearner):
     """One pipeline stage of one data-parallel replica (``grid.pp_rank`` of ``grid.pp``)."""
 
-    def __init__(self, layers, cfg: dict, grid, device="cpu", seed: int | None = None,
+    def __init__(self, layers, cfg: LearnerConfig, grid, device="cpu", seed: int | None = None,
                  stages=None, loss=None):
         """``layers``: the whole network, real or (with ``seed``) on the meta device; this rank
         materialises only its stage (rows of a cut layer included). ``stages``: the run
@@ -147,9 +138,9 @@ class PipelineLearner(StageInference, StageLearner):
         if grid.pp < 2:
             raise ValueError("PipelineLearner needs pp >= 2; use DataParallelLearner for pp=1")
         self.grid = grid
-        self.P, self.stage = grid.pp, grid.pp_rank
+        self.n_stages, self.stage = grid.pp, grid.pp_rank
         self.first, self.last = grid.is_first_stage, grid.is_last_stage
-        self.stages = list(stages or stage_bounds(layers, grid.pp, cfg["network"]))
+        self.stages = list(stages or stage_bounds(layers, grid.pp, cfg.network))
         self.param_ranges = param_ranges(layers, self.stages)
         self.stage_sizes = [b - a for a, b in self.param_ranges]
         self.stage_contents = describe(self.stages)
@@ -161,13 +152,15 @@ class PipelineLearner(StageInference, StageLearner):
             raise RuntimeError(f"stage {self.stage} holds {self.online.numel} parameters, its "
                                f"range {self.param_ranges[self.stage]} says {self.stage_sizes[self.stage]}")
         self.pp_comm = grid.pp_comm
-        self.link = StageLink(grid.pp_comm, self.stage, self.P)
-        self.micro = cfg["micro_batches"]
-        self.schedule = cfg["schedule"]
+        self.micro = cfg.micro_batches
+        self.schedule = cfg.schedule
         self.plan = self._plan_per_stage()
         # the hand-written stage backward where the plan took it (``parallel.stage_mlp``)
         self.mlp = stage_mlp.stage_ops(self.online.net) if self.plan.gradient == "mlp-manual" else None
-        self._out_shapes: dict = {}
+        # this stage's chunk runtime (its link, chunks, kept activations; ``parallel.stage``)
+        self.pp_stage = PipelineStage(grid.pp_comm, self.stage, self.n_stages, self.online,
+                                      self.device, self.mlp)
+        self.link = self.pp_stage.link
         # timing (seconds): blocked inside the F/B schedule, inside it; blocked on the other
         # stages anywhere in an update (receives, send completion, the norm over pp_comm);
         # whole updates
@@ -184,7 +177,7 @@ class PipelineLearner(StageInference, StageLearner):
         stays on autograd, as the CNN does on one rank)."""
         paths = ("mlp-manual", "autograd-accumulate", "autograd")
         mine = np.array([paths.index(self.plan.gradient)], dtype=np.int64)
-        every = np.empty(self.P, dtype=np.int64)
+        every = np.empty(self.n_stages, dtype=np.int64)
         self.pp_comm.Allgather([mine, mpi().INT64_T], [every, mpi().INT64_T])
         plan, notes = self.plan, list(self.plan.notes)
         if (every != 0).any():           # (every rank sees the same ``every``)
@@ -217,7 +210,7 @@ class PipelineLearner(StageInference, StageLearner):
             _, n, micro, in_shape = self.link.recv_header(expect=(OP_UPDATE,))
             in_dtype = torch.float32
         splits = micro_splits(n, micro)
-        out_shape = None if self.last else self._out_shape(in_shape, in_dtype)
+        out_shape = None if self.last else self.pp_stage.output_shape(in_shape, in_dtype)
         self.link.send_header(OP_UPDATE, n, len(splits), out_shape)
         lab = self._labels(batch, n)
         self.online.zero_grad_()
@@ -237,111 +230,46 @@ class PipelineLearner(StageInference, StageLearner):
         loss's order); on the last stage: {name: tensor}, None elsewhere."""
         if self.first:
             for arr in batch_labels(batch, self.loss).values():
-                self.link.isend(arr, self.P - 1, TAG_LABELS)
+                self.link.isend(arr, self.n_stages - 1, TAG_LABELS)
         if not self.last:
             return None
-        return {k: self._to_dev(self.link.recv(n, 0, TAG_LABELS, dt))
+        return {k: self.pp_stage.to_device(self.link.recv(n, 0, TAG_LABELS, dt))
                 for k, dt in self.loss.labels.items()}
 
     def _run_schedule(self, b, lab, splits, in_shape, out_shape, n):
-        """This stage's forward / backward (/ weight-gradient) chunks of one update, in the
-        schedule's order (``schedule_ops``: the plan)."""
-        st = {"loss": 0.0, "td": {}, "q": {}, "saved": {}, "work": {}}
-        ctx = (b, lab, splits, in_shape, out_shape, n)
-        for kind, m in schedule_ops(self.schedule, self.stage, self.P, len(splits)):
-            self.link.progress()
-            if kind == "F":
-                self.forward_one_chunk(m, ctx, st)
-            elif kind == "B":
-                self.backward_one_chunk(m, ctx, st)
-                if self.schedule != "zbh1":        # no separate weight-gradient step
-                    self._weight_step(m, st)
-            else:
-                self._weight_step(m, st)
+        """One step of this stage's chunks (``parallel.stage``): the online forward on the
+        observations, the target forwards (and double DQN's online one) on the next ones as its
+        side forwards, the loss handed to the last stage as ``_chunk_loss``."""
+        st = {"loss": 0.0, "td": {}, "q": {}}
+        side = (self.target, self.online) if self.loss.double else (self.target,)
+        feed = None
+        if self.first:
+            def feed(m, k):
+                lo, hi = splits[m]
+                return b["obs"][lo:hi] if k == 0 else b["next_obs"][lo:hi]
+        self.pp_stage.begin_step(splits, in_shape, out_shape, feed, side,
+                                 lambda m, y, outs: self._chunk_loss(m, y, outs, lab, splits, n, st))
+        run_schedule(self.pp_stage, self.schedule)
         return st["loss"], st["td"], st["q"]
 
-    def forward_one_chunk(self, m, ctx, st) -> None:
-        """F(m): the online forward (kept for the backward) and the target forwards the loss
-        bootstraps from, each sent on as soon as it is computed, so the next stage starts its
-        online forward while this one runs the target forwards; the last stage calls the loss."""
-        b, lab, splits, in_shape, _, n = ctx
-        s, link = self.stage, self.link
+    def _chunk_loss(self, m, y, outs, lab, splits, n, st):
+        """The last stage: the loss handed in, on micro-batch ``m`` (its share of the batch
+        mean); returns what the stage backpropagates: the scaled loss (autograd) or dL/dy."""
         lo, hi = splits[m]
-        k = hi - lo
-
-        def arrive(tag, grad=False):
-            if self.first:
-                return b["obs"][lo:hi] if tag == TAG_ACT else b["next_obs"][lo:hi]
-            t = self._to_dev(link.recv((k, *in_shape), s - 1, tag))
-            return t.requires_grad_() if grad and self.mlp is None else t
-
-        def forward(module, tag):
-            y = module(arrive(tag))
-            if not self.last:
-                link.isend(as_np(y), s + 1, tag)
-            return y
-
-        x = arrive(TAG_ACT, grad=True)
-        if self.mlp is not None:
-            with torch.no_grad():
-                y, keep = stage_mlp.forward(self.mlp, x)
-        else:
-            y, keep = self.online(x), None
-        if not self.last:
-            link.isend(as_np(y), s + 1, TAG_ACT)
+        lab_m, share = {key: v[lo:hi] for key, v in lab.items()}, (hi - lo) / n
         with torch.no_grad():
-            yt = forward(self.target, TAG_TGT)
-            yd = forward(self.online, TAG_DBL) if self.loss.double else None
-        if not self.last:
-            st["saved"][m] = (x, y, keep, None)
-            return
-        self._loss_chunk(m, x, y, keep, yt, yd, {key: v[lo:hi] for key, v in lab.items()},
-                         k / n, st)
-
-    def _loss_chunk(self, m, x, y, keep, yt, yd, lab_m: dict, share: float, st) -> None:
-        """The last stage: the loss handed in, on micro-batch ``m`` (its ``share`` of the batch
-        mean), and what the backward chunk needs."""
-        with torch.no_grad():
-            target = self.loss.target(lab_m, yt, yd)
+            target = self.loss.target(lab_m, outs[0], outs[1] if self.loss.double else None)
         loss, td, q = self.loss(y, lab_m, target)
         st["loss"] += float(loss.detach()) * share
         st["td"][m], st["q"][m] = td, q
-        if self.mlp is not None:       # the hand-written backward starts from ``output_grad``
-            st["saved"][m] = (x, y, keep, (lab_m, target, share))
-        else:
-            st["saved"][m] = (x, loss * share, None, None)
-
-    def backward_one_chunk(self, m, ctx, st) -> None:
-        """B(m): the gradient w.r.t. this stage's input, sent to the previous stage (on the
-        hand-written path the weight gradients are left to ``_weight_step``; autograd does all)."""
-        _, _, splits, _, out_shape, _ = ctx
-        s, link = self.stage, self.link
-        lo, hi = splits[m]
-        x, y, keep, loss_args = st["saved"].pop(m)
-        if self.last and self.mlp is not None:
-            g = self.loss.output_grad(y, *loss_args)
-        elif not self.last:
-            g = self._to_dev(link.recv((hi - lo, *out_shape), s + 1, TAG_GRAD))
         if self.mlp is not None:
-            gx, st["work"][m] = stage_mlp.backward_input(self.mlp, keep, g, not self.first)
-        else:
-            if y.requires_grad:
-                y.backward() if self.last else y.backward(g)
-            gx = None if self.first else (x.grad if x.grad is not None else torch.zeros_like(x))
-        if not self.first:
-            link.isend(as_np(gx), s - 1, TAG_GRAD)
-
-    def _weight_step(self, m, st) -> None:
-        """W(m): the weight gradients of micro-batch ``m`` (hand-written path; autograd's
-        backward already did them)."""
-        work = st["work"].pop(m, None)
-        if work is not None:
-            stage_mlp.backward_weights(work)
+            return None, lambda: self.loss.output_grad(y, lab_m, target, share)
+        return loss * share, None
 
     def _report(self, loss_sum, td_parts, q_parts, n_micro: int, n: int) -> dict:
         """Loss and mean Q from the last stage; |TD| back to the first stage only where
         prioritized replay needs it (as the data-parallel learner)."""
-        need_td = self.cfg["replay"]["prioritized"]
+        need_td = self.cfg.prioritized
         out = {"loss": None, "q": None, "td_abs": None}
         if self.last:
             q = torch.cat([q_parts[m] for m in range(n_micro)])
@@ -350,7 +278,7 @@ class PipelineLearner(StageInference, StageLearner):
                 td_abs = torch.cat([td_parts[m] for m in range(n_micro)]).abs()
                 self.link.isend(as_np(td_abs), 0, TAG_RESULT)
         elif self.first and need_td:
-            out["td_abs"] = self.link.recv(n, self.P - 1, TAG_RESULT)
+            out["td_abs"] = self.link.recv(n, self.n_stages - 1, TAG_RESULT)
         return out
 
     def grad_norm(self) -> torch.Tensor:

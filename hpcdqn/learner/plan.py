@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from hpcdqn.config import LearnerConfig
 from hpcdqn.parallel.allreduce import can_overlap, choose_algorithm
 from hpcdqn.parallel import stage_mlp
 from hpcdqn.parallel.flat import FlatModule
@@ -77,13 +78,13 @@ class ExecutionPlan:
         return asdict(self)
 
 
-def decide(cfg: dict, online: FlatModule, opt, dp_comm, pipeline: bool, buckets: int,
+def decide(cfg: LearnerConfig, online: FlatModule, opt, dp_comm, pipeline: bool, buckets: int,
            stage_ends: tuple[bool, bool], loss) -> ExecutionPlan:
     """The plan for a learner holding ``online`` (one stage, or the whole network);
     ``stage_ends``: (first, last) stage of a pipeline; ``loss``: the learner's (``rl.losses``),
     whose gradient the hand-written backward is checked with."""
-    par = cfg["parallel"]
-    one_backward = not pipeline or cfg["micro_batches"] == 1
+    par = cfg.parallel
+    one_backward = not pipeline or cfg.micro_batches == 1
     overlap = par["overlap"] and one_backward and can_overlap(online, dp_comm)
     notes = []
     if par["overlap"] and not overlap and dp_comm.Get_size() > 1:
@@ -126,7 +127,7 @@ def _stage_plan(cfg, online, overlap, stage_ends, loss, notes, common) -> Execut
     one rank: plain Linear/ReLU leaves, the aten kernels, ``manual_backward``, no overlap, and
     agreement with autograd on the real stage at start-up), else autograd."""
     fallback = "autograd" if overlap else "autograd-accumulate"
-    ops = None if overlap or not cfg["parallel"]["manual_backward"] else stage_mlp.stage_ops(online.net)
+    ops = None if overlap or not cfg.parallel["manual_backward"] else stage_mlp.stage_ops(online.net)
     if ops is None:
         return ExecutionPlan(gradient=fallback, notes=tuple(notes), **common)
     first, last = stage_ends

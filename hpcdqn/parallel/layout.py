@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 from hpcdqn.config import ConfigError
 from hpcdqn.parallel.grid import LayoutError, dp_degree
-from hpcdqn.parallel.partition import describe, layer_offsets, param_ranges, plan_stages
+from hpcdqn.parallel.partition import cut_into_stages, describe, layer_offsets, param_ranges
 from hpcdqn.rl.networks import network_layers
 from hpcdqn.rl.schedule import Schedule
 from hpcdqn.sysinfo import parse_bytes
@@ -65,7 +65,7 @@ def stage_bounds(layers, pp: int, network: dict) -> list:
     ``[network]`` section: ``cuts``, ``split_layers``); ``PartitionError`` if it cannot split."""
     if pp == 1:
         return [((0, 0), (len(layers), 0))]
-    return plan_stages(layers, pp, network["cuts"], network["split_layers"])
+    return cut_into_stages(layers, pp, network["cuts"], network["split_layers"])
 
 
 def replay_per_replica(cfg: dict, dp: int) -> int:

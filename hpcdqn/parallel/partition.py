@@ -140,7 +140,7 @@ def param_ranges(layers, stages: list[tuple[Boundary, Boundary]]) -> list[tuple[
             for a, b in stages]
 
 
-def plan_stages(layers, pp: int, cuts: list[int] | None = None,
+def cut_into_stages(layers, pp: int, cuts: list[int] | None = None,
                 split_layers: bool = True) -> list[tuple[Boundary, Boundary]]:
     """The ``pp`` stages as (start, stop) boundaries; see the module docstring."""
     n = len(layers)

@@ -22,12 +22,13 @@ One update (``update(batch)``; the batch lives on the first stage):
    loss with the loss it was handed (``rl.losses``), scaled by ``|m| / B`` so the accumulated
    gradient is the full-batch mean loss's. A *backward step* ``B(m)`` backpropagates and sends
    the gradient w.r.t. the stage's input to the previous stage.
-3. Schedules: ``gpipe`` (all ``F`` then all ``B``), ``1f1b`` (stage ``s`` warms up with
-   ``P-1-s`` forwards, then alternates one forward / one backward, then cools down), which keeps
-   at most ``P-s`` micro-batches of activations alive, or ``zbh1`` (zero bubble, ZB-H1: the
-   backward split into ``B``, the gradient w.r.t. the stage's input that the previous stage
-   waits for, and ``W``, the weight gradients, deferred to fill the waits; at most ``min(M, P)``
-   micro-batches alive on any stage, 1F1B's peak; ``zero_bubble_ops``). The split needs the
+3. Schedules, over ``n_stages`` stages: ``gpipe`` (all ``F`` then all ``B``), ``1f1b`` (stage
+   ``s`` warms up with ``n_stages-1-s`` forwards, then alternates one forward / one backward,
+   then cools down), which keeps at most ``n_stages-s`` micro-batches of activations alive, or
+   ``zbh1`` (zero bubble, ZB-H1: the backward split into ``B``, the gradient w.r.t. the stage's
+   input that the previous stage waits for, and ``W``, the weight gradients, deferred to fill
+   the waits; at most ``min(M, n_stages)`` micro-batches alive on any stage, 1F1B's peak;
+   ``zero_bubble_ops``). The split needs the
    hand-written MLP backward (``parallel.stage_mlp``); on an autograd stage ``B`` runs the whole
    backward and ``W`` nothing.
 4. With prioritized replay the last stage sends the |TD errors| back to the first stage (which
@@ -82,16 +83,16 @@ SCHEDULES = ("gpipe", "1f1b", "zbh1")
 ZB_COSTS = (3.0, 1.0, 1.0)    # F (online, target, double forwards), B (input grad), W (weights)
 
 
-def schedule_ops(kind: str, stage: int, stages: int, micro: int) -> list[tuple[str, int]]:
+def schedule_ops(kind: str, stage: int, n_stages: int, micro: int) -> list[tuple[str, int]]:
     """The ordered forward ('F') / backward ('B') steps of one stage for one update; ``zbh1``
     also has weight-gradient steps ('W'): its 'B' is the input gradient only."""
     if kind == "gpipe":
         return [("F", m) for m in range(micro)] + [("B", m) for m in range(micro)]
     if kind == "zbh1":
-        return zero_bubble_ops(stages, micro)[stage]
+        return zero_bubble_ops(n_stages, micro)[stage]
     if kind != "1f1b":
         raise ValueError(f"unknown pipeline schedule {kind!r}: use one of {', '.join(SCHEDULES)}")
-    warm = min(stages - stage - 1, micro)
+    warm = min(n_stages - stage - 1, micro)
     ops = [("F", m) for m in range(warm)]
     for i in range(micro - warm):
         ops += [("F", warm + i), ("B", i)]
@@ -99,10 +100,10 @@ def schedule_ops(kind: str, stage: int, stages: int, micro: int) -> list[tuple[s
     return ops
 
 
-def zero_bubble_ops(stages: int, micro: int, costs=ZB_COSTS) -> list[list[tuple[str, int]]]:
+def zero_bubble_ops(n_stages: int, micro: int, costs=ZB_COSTS) -> list[list[tuple[str, int]]]:
     """ZB-H1 (Qi et al. 2023): every stage's F / B (input gradient) / W (weight gradient) steps,
     from an event simulation with the unit ``costs``: each stage starts, of the steps it can
-    start, the one it can start first (ties: B, then F, then W), with at most ``min(M, P)``
+    start, the one it can start first (ties: B, then F, then W), with at most ``min(micro, n_stages)``
     micro-batches between their F and their W on any stage: 1F1B's peak activation memory (its
     first stage's; ZB-H1's bound: later stages hold more than under 1F1B, never more than the
     first). W waits for nothing on another stage, so the deferred W steps fill the waits of 1F1B's cool-down,
@@ -111,12 +112,12 @@ def zero_bubble_ops(stages: int, micro: int, costs=ZB_COSTS) -> list[list[tuple[
     sorted by simulated start, are an order in which every receive's message was sent before."""
     cf, cb, cw = costs
     done: dict = {}
-    clock, nf, nb, nw = [0.0] * stages, [0] * stages, [0] * stages, [0] * stages
-    ops: list[list[tuple[str, int]]] = [[] for _ in range(stages)]
-    while any(nw[s] < micro for s in range(stages)):
+    clock, nf, nb, nw = [0.0] * n_stages, [0] * n_stages, [0] * n_stages, [0] * n_stages
+    ops: list[list[tuple[str, int]]] = [[] for _ in range(n_stages)]
+    while any(nw[s] < micro for s in range(n_stages)):
         best = None
-        for s in range(stages):
-            for cand in _zb_candidates(s, stages, micro, clock, nf, nb, nw, done):
+        for s in range(n_stages):
+            for cand in _zb_candidates(s, n_stages, micro, clock, nf, nb, nw, done):
                 if best is None or cand < best:
                     best = cand
         if best is None:
@@ -129,14 +130,14 @@ def zero_bubble_ops(stages: int, micro: int, costs=ZB_COSTS) -> list[list[tuple[
     return ops
 
 
-def _zb_candidates(s, stages, micro, clock, nf, nb, nw, done):
+def _zb_candidates(s, n_stages, micro, clock, nf, nb, nw, done):
     """(start, priority, stage, kind, micro-batch) of each step stage ``s`` could start next."""
     out = []
     if nb[s] < nf[s]:
-        dep = done.get((s + 1, "B", nb[s]) if s < stages - 1 else (s, "F", nb[s]))
+        dep = done.get((s + 1, "B", nb[s]) if s < n_stages - 1 else (s, "F", nb[s]))
         if dep is not None:
             out.append((max(clock[s], dep), 0, s, "B", nb[s]))
-    if nf[s] < micro and nf[s] - nw[s] < min(micro, stages):
+    if nf[s] < micro and nf[s] - nw[s] < min(micro, n_stages):
         dep = done.get((s - 1, "F", nf[s])) if s > 0 else 0.0
         if dep is not None:
             out.append((max(clock[s], dep), 1, s, "F", nf[s]))
@@ -145,11 +146,11 @@ def _zb_candidates(s, stages, micro, clock, nf, nb, nw, done):
     return out
 
 
-def bubble_theory(stages: int, micro: int) -> float:
-    return (stages - 1) / (micro + stages - 1)
+def bubble_theory(n_stages: int, micro: int) -> float:
+    return (n_stages - 1) / (micro + n_stages - 1)
 
 
-def bubble_simulated(stages: int, micro: int, kind: str = "1f1b", forwards: int = 3,
+def bubble_simulated(n_stages: int, micro: int, kind: str = "1f1b", forwards: int = 3,
                      backward_cost: float = 2.0, early_send: bool = True) -> list[float]:
     """Each stage's idle fraction of its own schedule window (first op to its last, as
     ``benchmarks/pipeline.py`` measures it) for this module's op order, by event simulation with
@@ -157,13 +158,13 @@ def bubble_simulated(stages: int, micro: int, kind: str = "1f1b", forwards: int 
     micro-batch (online on obs; target and, for double DQN, online on next_obs) costs 1, its
     backward ``backward_cost`` (``zbh1``: half in B, the input gradient, half in W). With ``early_send`` each forward is passed on as soon as it is
     computed (``update`` does this), so the next stage starts after one unit rather than all of
-    them, and the bubble is below the textbook ``(P-1)/(M+P-1)``; with ``early_send=False`` (one
+    them, and the bubble is below the textbook ``(n_stages-1)/(micro+n_stages-1)``; with ``early_send=False`` (one
     fused forward op) stage 0, whose window is the whole step, gets exactly the textbook value."""
     ops = []
-    for s in range(stages):
+    for s in range(n_stages):
         seq = []
         split = kind == "zbh1"            # B: the input gradient, W: the weights' (half each)
-        for k, m in schedule_ops(kind, s, stages, micro):
+        for k, m in schedule_ops(kind, s, n_stages, micro):
             if k in ("B", "W"):
                 seq.append(((k, m, 0), backward_cost / 2 if split else backward_cost))
             elif early_send:
@@ -171,15 +172,15 @@ def bubble_simulated(stages: int, micro: int, kind: str = "1f1b", forwards: int 
             else:
                 seq.append((("F", m, 0), float(forwards)))
         ops.append(seq)
-    done, clock, idle = {}, [0.0] * stages, [0.0] * stages
-    ptr = [0] * stages
-    while any(ptr[s] < len(ops[s]) for s in range(stages)):
+    done, clock, idle = {}, [0.0] * n_stages, [0.0] * n_stages
+    ptr = [0] * n_stages
+    while any(ptr[s] < len(ops[s]) for s in range(n_stages)):
         moved = False
-        for s in range(stages):
+        for s in range(n_stages):
             while ptr[s] < len(ops[s]):
                 (k, m, j), cost = ops[s][ptr[s]]
                 dep = (s - 1, (k, m, j)) if k == "F" and s > 0 else \
-                    (s + 1, (k, m, j)) if k == "B" and s < stages - 1 else None
+                    (s + 1, (k, m, j)) if k == "B" and s < n_stages - 1 else None
                 if dep is not None and dep not in done:
                     break
                 t0 = max(clock[s], done[dep] if dep is not None else 0.0)
@@ -190,7 +191,7 @@ def bubble_simulated(stages: int, micro: int, kind: str = "1f1b", forwards: int 
                 moved = True
         if not moved:
             raise RuntimeError("pipeline schedule deadlocks")
-    return [idle[s] / clock[s] for s in range(stages)]
+    return [idle[s] / clock[s] for s in range(n_stages)]
 
 
 def micro_splits(n: int, micro: int) -> list[tuple[int, int]]:
@@ -214,9 +215,9 @@ class StageLink:
     buffers are kept alive until they complete, blocking receives (timed), the control header.
     The learner's pipelined operations (``hpcdqn.learner.pipelined``) are built on it."""
 
-    def __init__(self, pp_comm, stage: int, stages: int):
-        self.comm, self.stage, self.stages = pp_comm, stage, stages
-        self.first, self.last = stage == 0, stage == stages - 1
+    def __init__(self, pp_comm, stage: int, n_stages: int):
+        self.comm, self.stage, self.n_stages = pp_comm, stage, n_stages
+        self.first, self.last = stage == 0, stage == n_stages - 1
         self.pending: list = []          # (request, buffer) of in-flight sends
         self.wait_seconds = 0.0          # blocked in receives and waits
 

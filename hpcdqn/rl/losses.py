@@ -31,8 +31,8 @@ class Loss:
     loss alone (the network's forward is not taped)."""
     labels = LABELS
 
-    def __init__(self, cfg: dict):
-        self.double = bool(cfg["dqn"]["double"])
+    def __init__(self, dqn: dict, network: dict):
+        self.double = bool(dqn["double"])
 
     def q_values(self, out: torch.Tensor) -> torch.Tensor:
         return out
@@ -53,9 +53,9 @@ class Loss:
 class TDLoss(Loss):
     """DQN's weighted Huber TD loss (``rl.td``): double DQN, n-step returns, PER weights."""
 
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
-        self.huber_delta = float(cfg["dqn"]["huber_delta"])
+    def __init__(self, dqn: dict, network: dict):
+        super().__init__(dqn, network)
+        self.huber_delta = float(dqn["huber_delta"])
 
     def target(self, labels: dict, next_target, next_online=None):
         return td_target(labels["returns"], labels["discounts"], next_target, next_online)
@@ -87,10 +87,10 @@ class C51Loss(Loss):
     onto the atoms; the loss is the importance-weighted cross-entropy to it, which is also the
     priority (as Rainbow's)."""
 
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
-        net = cfg["network"]
-        self.atoms, self.v_min, self.v_max = int(net["atoms"]), float(net["v_min"]), float(net["v_max"])
+    def __init__(self, dqn: dict, network: dict):
+        super().__init__(dqn, network)
+        self.atoms = int(network["atoms"])
+        self.v_min, self.v_max = float(network["v_min"]), float(network["v_max"])
         self.support = torch.linspace(self.v_min, self.v_max, self.atoms)
 
     def _logits(self, out):
@@ -126,13 +126,14 @@ class C51Loss(Loss):
         return {"actions": actions, "weights": weights}, target
 
 
-def make_loss(cfg: dict) -> Loss:
-    """The loss the config's network head trains with (``network.head``)."""
-    head = cfg["network"].get("head", "q")
+def make_loss(dqn: dict, network: dict) -> Loss:
+    """The loss the network's head trains with (``network.head``), from the config's ``[dqn]``
+    and ``[network]`` sections."""
+    head = network.get("head", "q")
     losses = {"q": TDLoss, "c51": C51Loss}
     if head not in losses:
         raise ValueError(f"network.head={head!r} has no loss; one of {sorted(losses)}")
-    return losses[head](cfg)
+    return losses[head](dqn, network)
 
 
 def greedy_actions(out: torch.Tensor, loss: Loss | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hpcdqn.config import load_config
+from hpcdqn.config import learner_config, load_config
 from hpcdqn.learner import DataParallelLearner
 from hpcdqn.parallel.grid import RankGrid
 from hpcdqn.rl.networks import build_layers
@@ -90,14 +90,14 @@ for name, obs_shape, n_actions, hidden, dueling, cuts, sched, double, M, GB, *ex
     # replicas other than 0 start from other weights: the per-stage broadcast must fix that
     layers = build_layers(obs_shape, n_actions, hidden, dueling, seed=7 if grid.dp_rank == 0 else 8,
                           kind=kind)
-    learner = PipelineLearner(layers, cfg, grid)
+    learner = PipelineLearner(layers, learner_config(cfg), grid)
     if root:
         print(name, learner.stage_contents, learner.plan.describe(), flush=True)
         (outdir / f"{name}_plan.txt").write_text(learner.plan.describe())
     ref = None
     if root:
         ref = DataParallelLearner(build_layers(obs_shape, n_actions, hidden, dueling, seed=7, kind=kind),
-                                  cfg, MPI.COMM_SELF)
+                                  learner_config(cfg), MPI.COMM_SELF)
         np.save(outdir / f"{name}_init.npy", ref.online.numpy_data().copy())
         norms = []
         ref_norm = ref.grad_norm

@@ -11,8 +11,8 @@ from hpcdqn.rl.networks import build_layers, initial_flat, meta_layers, num_para
 import torch
 
 from hpcdqn.parallel.flat import FlatModule
-from hpcdqn.parallel.partition import (PartitionError, balanced_cuts, boundary_offset, layer_offsets,
-                              partition, plan_stages, stage_modules)
+from hpcdqn.parallel.partition import (PartitionError, balanced_cuts, boundary_offset,
+                                       cut_into_stages, layer_offsets, partition, stage_modules)
 from hpcdqn.parallel.pipeline import micro_splits, bubble_theory, schedule_ops
 from mpi_util import TESTS, hpcdqn, run_mpi
 
@@ -31,9 +31,9 @@ def test_balanced_partition_minimises_largest_stage():
     sizes = [sum(num_params(m) for m in layers[a:b]) for a, b in r]
     assert max(sizes) == min(max(sum(num_params(m) for m in layers[:c]),
                                  sum(num_params(m) for m in layers[c:])) for c in range(1, 5))
-    assert plan_stages(layers, 2, split_layers=False) == [((0, 0), (2, 0)), ((2, 0), (5, 0))]
+    assert cut_into_stages(layers, 2, split_layers=False) == [((0, 0), (2, 0)), ((2, 0), (5, 0))]
     # ... is 18.9M vs 33.6M parameters; cutting inside layer 2 by rows balances it
-    st = plan_stages(layers, 2)
+    st = cut_into_stages(layers, 2)
     assert st[0][1] == st[1][0] and st[0][1][0] == 2 and 0 < st[0][1][1] < 4096
     off = layer_offsets(layers)
     n = [boundary_offset(layers, b, off) - boundary_offset(layers, a, off) for a, b in st]
@@ -48,7 +48,7 @@ def test_stages_cut_inside_layers_compose_to_the_whole_network(obs, hidden, duel
     whole = FlatModule(layers)
     x = torch.randn(7, *obs) if len(obs) == 1 else torch.randint(0, 256, (7, *obs), dtype=torch.uint8)
     y, z, flats = whole(x), x, []
-    stages = plan_stages(layers, pp)
+    stages = cut_into_stages(layers, pp)
     assert any(a[1] or b[1] for a, b in stages)            # some boundary is inside a layer
     for a, b in stages:
         m = FlatModule(stage_modules(layers, a, b))
@@ -81,11 +81,11 @@ def test_stage_only_construction_equals_the_full_build(obs, hidden, dueling, pp)
     """A stage built from the meta-device network holds exactly (bitwise) the values the full
     seeded build gives its range, row-cut pieces included, allocating only its own range."""
     full = FlatModule(build_layers(obs, 5, hidden, dueling, seed=11)).flat.data
-    real_stages = plan_stages(build_layers(obs, 5, hidden, dueling), pp)
+    real_stages = cut_into_stages(build_layers(obs, 5, hidden, dueling), pp)
     rng_before = torch.random.get_rng_state()
     meta = meta_layers(obs, 5, hidden, dueling)
     assert all(p.is_meta for m in meta for p in m.parameters())
-    stages = plan_stages(meta, pp)
+    stages = cut_into_stages(meta, pp)
     assert stages == real_stages
     assert any(a[1] or b[1] for a, b in stages) or len(obs) == 3
     off = layer_offsets(meta)
@@ -126,18 +126,18 @@ def test_explicit_cuts_and_clear_errors():
     with pytest.raises(PartitionError, match="only 3 layers"):
         partition(layers, 4, [1, 2, 3])
     with pytest.raises(PartitionError, match="only 3 layers"):
-        plan_stages(layers, 4, split_layers=False)
-    assert len(plan_stages(layers, 4)) == 4                 # rows of the 16-wide layers
+        cut_into_stages(layers, 4, split_layers=False)
+    assert len(cut_into_stages(layers, 4)) == 4                 # rows of the 16-wide layers
     with pytest.raises(PartitionError, match="cannot each get parameters"):
-        plan_stages(build_layers((1,), 1, [1]), 5)
+        cut_into_stages(build_layers((1,), 1, [1]), 5)
 
 
 # -- schedules ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["gpipe", "1f1b"])
-@pytest.mark.parametrize("P,M", [(2, 1), (2, 4), (4, 2), (4, 6), (3, 16)])
-def test_schedules_run_each_step_once_forward_before_backward(kind, P, M):
-    for s in range(P):
-        ops = schedule_ops(kind, s, P, M)
+@pytest.mark.parametrize("n_stages,M", [(2, 1), (2, 4), (4, 2), (4, 6), (3, 16)])
+def test_schedules_run_each_step_once_forward_before_backward(kind, n_stages, M):
+    for s in range(n_stages):
+        ops = schedule_ops(kind, s, n_stages, M)
         assert sorted(ops) == sorted([("F", m) for m in range(M)] + [("B", m) for m in range(M)])
         assert [m for k, m in ops if k == "F"] == list(range(M))
         assert [m for k, m in ops if k == "B"] == list(range(M))
@@ -146,15 +146,15 @@ def test_schedules_run_each_step_once_forward_before_backward(kind, P, M):
             assert k == "F" or ops.index(("F", m)) < ops.index(("B", m))
             live += 1 if k == "F" else -1
             peak = max(peak, live)
-        assert peak == (M if kind == "gpipe" else min(M, P - s))
+        assert peak == (M if kind == "gpipe" else min(M, n_stages - s))
 
 
-@pytest.mark.parametrize("P,M", [(2, 1), (2, 4), (4, 2), (4, 6), (3, 16)])
-def test_zero_bubble_schedule_splits_the_backward_within_1f1b_memory(P, M):
+@pytest.mark.parametrize("n_stages,M", [(2, 1), (2, 4), (4, 2), (4, 6), (3, 16)])
+def test_zero_bubble_schedule_splits_the_backward_within_1f1b_memory(n_stages, M):
     from hpcdqn.parallel.pipeline import bubble_simulated
 
-    for s in range(P):
-        ops = schedule_ops("zbh1", s, P, M)
+    for s in range(n_stages):
+        ops = schedule_ops("zbh1", s, n_stages, M)
         for k in "FBW":
             assert [m for kind, m in ops if kind == k] == list(range(M))   # W in 1F1B's order
         live, peak = 0, 0
@@ -163,21 +163,21 @@ def test_zero_bubble_schedule_splits_the_backward_within_1f1b_memory(P, M):
                 assert ops.index((k, m)) > ops.index(("F" if k == "B" else "B", m))
             live += {"F": 1, "B": 0, "W": -1}[k]
             peak = max(peak, live)
-        assert peak <= min(M, P)          # 1F1B's peak (its first stage's)
-    zb, ofob = bubble_simulated(P, M, "zbh1"), bubble_simulated(P, M, "1f1b")
+        assert peak <= min(M, n_stages)          # 1F1B's peak (its first stage's)
+    zb, ofob = bubble_simulated(n_stages, M, "zbh1"), bubble_simulated(n_stages, M, "1f1b")
     assert all(z <= o + 1e-12 for z, o in zip(zb, ofob))
     if M > 1:
         assert zb[0] < ofob[0]
 
 
-@pytest.mark.parametrize("P,M", [(2, 1), (2, 4), (3, 5), (4, 8)])
-def test_bubble_simulation_reproduces_textbook_and_early_send_beats_it(P, M):
+@pytest.mark.parametrize("n_stages,M", [(2, 1), (2, 4), (3, 5), (4, 8)])
+def test_bubble_simulation_reproduces_textbook_and_early_send_beats_it(n_stages, M):
     from hpcdqn.parallel.pipeline import bubble_simulated
 
     for kind in ("gpipe", "1f1b"):
-        fused = bubble_simulated(P, M, kind, early_send=False)
-        assert fused[0] == pytest.approx(bubble_theory(P, M))   # stage 0 spans the whole step
-        early = bubble_simulated(P, M, kind)
+        fused = bubble_simulated(n_stages, M, kind, early_send=False)
+        assert fused[0] == pytest.approx(bubble_theory(n_stages, M))   # stage 0 spans the whole step
+        early = bubble_simulated(n_stages, M, kind)
         assert all(e <= f + 1e-12 for e, f in zip(early, fused))
         assert early[-1] < fused[-1]
 

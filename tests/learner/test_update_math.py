@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcdqn.config import load_config
+from hpcdqn.config import learner_config, load_config
 from hpcdqn.rl.schedule import epsilon_at
 from hpcdqn.rl.td import td_loss, td_target
 
@@ -84,8 +84,8 @@ def test_phase_targets_give_the_same_updates(double, tau):
 
     cfg = load_config(overrides=[f"dqn.double={str(double).lower()}", "dqn.gradient_steps=4",
                                  f"dqn.tau={tau}", "network.hidden=[32, 32]"])
-    a = DataParallelLearner(build_layers((4,), 2, [32, 32], seed=3), cfg, MPI.COMM_SELF)
-    b = DataParallelLearner(build_layers((4,), 2, [32, 32], seed=3), cfg, MPI.COMM_SELF)
+    a = DataParallelLearner(build_layers((4,), 2, [32, 32], seed=3), learner_config(cfg), MPI.COMM_SELF)
+    b = DataParallelLearner(build_layers((4,), 2, [32, 32], seed=3), learner_config(cfg), MPI.COMM_SELF)
     rng = np.random.default_rng(0)
 
     def batch():
@@ -106,10 +106,9 @@ def test_phase_targets_give_the_same_updates(double, tau):
         b.sync_target()
     assert torch.allclose(a.online.flat, b.online.flat, atol=1e-6)
     assert torch.allclose(a.target.flat, b.target.flat, atol=1e-6)
-    assert not torch.equal(a.online.flat, DataParallelLearner(build_layers((4,), 2, [32, 32], seed=3), cfg,
-                                                     MPI.COMM_SELF).online.flat)
-    assert not torch.equal(a.target.flat, DataParallelLearner(build_layers((4,), 2, [32, 32], seed=3),
-                                                              cfg, MPI.COMM_SELF).target.flat)
+    fresh = DataParallelLearner(build_layers((4,), 2, [32, 32], seed=3), learner_config(cfg), MPI.COMM_SELF)
+    assert not torch.equal(a.online.flat, fresh.online.flat)
+    assert not torch.equal(a.target.flat, fresh.target.flat)
     assert b.phase_targets(batches[:1]) is None      # one update: a forward of its own
 
 
@@ -125,8 +124,8 @@ def test_mlp_hand_backward_is_bitwise_autograd(hidden, B, delta, per):
     from hpcdqn.rl.replay import Batch
 
     cfg = load_config(overrides=[f"dqn.huber_delta={delta}", "dqn.max_grad_norm=1.0"])
-    fast = DataParallelLearner(build_layers((4,), 3, hidden, seed=3), cfg, MPI.COMM_SELF)
-    slow = DataParallelLearner(build_layers((4,), 3, hidden, seed=3), cfg, MPI.COMM_SELF)
+    fast = DataParallelLearner(build_layers((4,), 3, hidden, seed=3), learner_config(cfg), MPI.COMM_SELF)
+    slow = DataParallelLearner(build_layers((4,), 3, hidden, seed=3), learner_config(cfg), MPI.COMM_SELF)
     assert fast.mlp is not None
     slow.mlp = None   # autograd
     rng = np.random.default_rng(0)
@@ -145,7 +144,8 @@ def test_mlp_hand_backward_is_bitwise_autograd(hidden, B, delta, per):
         assert torch.equal(fast.online.flat, slow.online.flat)
         assert np.array_equal(fast.greedy(batch.obs), slow.greedy(batch.obs))
     # anything but a plain MLP keeps autograd
-    assert DataParallelLearner(build_layers((4,), 2, [8], dueling=True), cfg, MPI.COMM_SELF).mlp is None
+    dueling = DataParallelLearner(build_layers((4,), 2, [8], dueling=True), learner_config(cfg), MPI.COMM_SELF)
+    assert dueling.mlp is None
 
 
 # -- the execution plan: which gradient path, and its guards --------------------------------------
@@ -156,7 +156,8 @@ def _plan_learner(overrides=(), layers=None):
     from hpcdqn.rl.networks import build_layers
 
     cfg = load_config(overrides=list(overrides))
-    return DataParallelLearner(layers or build_layers((4,), 2, [32, 32], seed=3), cfg, MPI.COMM_SELF)
+    return DataParallelLearner(layers or build_layers((4,), 2, [32, 32], seed=3), learner_config(cfg),
+                               MPI.COMM_SELF)
 
 
 def test_plan_takes_the_hand_written_backward_for_exactly_linear_relu():

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hpcdqn.config import load_config
+from hpcdqn.config import learner_config, load_config
 from hpcdqn.learner import DataParallelLearner
 from hpcdqn.rl.networks import build_layers
 from hpcdqn.rl.replay import Batch
@@ -33,7 +33,7 @@ layers = build_layers((4,), 3, [64, 64])
 if r == 0:
     torch.manual_seed(7)
     layers = build_layers((4,), 3, [64, 64])
-learner = DataParallelLearner(layers, cfg, comm)
+learner = DataParallelLearner(layers, learner_config(cfg), comm)
 rng = np.random.default_rng(0)               # identical data on every rank
 for k in range(K):
     obs = rng.standard_normal((GLOBAL_B, 4)).astype(np.float32)

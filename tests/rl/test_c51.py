@@ -10,14 +10,15 @@ import torch
 
 from mpi_util import hpcdqn
 
-from hpcdqn.config import ConfigError, load_config
+from hpcdqn.config import ConfigError, learner_config, load_config
 from hpcdqn.rl.losses import C51Loss, greedy_actions, make_loss
 
 C51 = ["network.head=c51", "network.atoms=5", "network.v_min=-2.0", "network.v_max=2.0"]
 
 
 def test_projection_keeps_the_mass_and_lands_on_the_atoms():
-    loss = make_loss(load_config(overrides=C51))
+    cfg = load_config(overrides=C51)
+    loss = make_loss(cfg["dqn"], cfg["network"])
     assert isinstance(loss, C51Loss)
     torch.manual_seed(0)
     nxt = torch.randn(4, 2 * 5)                          # 2 actions x 5 atoms (support -2..2)
@@ -45,9 +46,10 @@ def test_greedy_by_the_mean_return_and_the_hand_written_gradient():
     cfg = load_config(overrides=C51 + ["network.hidden=[16]"])
     out = torch.full((1, 10), -20.0)
     out[0, 4] = out[0, 5] = 20.0          # action 0: all at +2; action 1: all at -2
-    assert greedy_actions(out, make_loss(cfg)).tolist() == [0]
+    assert greedy_actions(out, make_loss(cfg["dqn"], cfg["network"])).tolist() == [0]
     assert greedy_actions(out).tolist() == [4]                     # (a Q head would take 4)
-    learner = DataParallelLearner(network_layers(cfg["network"], (4,), 2, seed=0, meta=False), cfg,
+    learner = DataParallelLearner(network_layers(cfg["network"], (4,), 2, seed=0, meta=False),
+                                  learner_config(cfg),
                                   MPI.COMM_SELF)
     assert learner.online.numel == 4 * 16 + 16 + 16 * 10 + 10      # n_actions x atoms outputs
     # the loss's dL/dQ (autograd on the loss alone) through the written-out MLP: autograd's bits

@@ -14,10 +14,11 @@ from mpi4py import MPI
 
 from mpi_util import ROOT, hpcdqn
 
-from hpcdqn.config import load_config
+from hpcdqn.config import learner_config, load_config
 from hpcdqn.learner import DataParallelLearner
 from hpcdqn.parallel.flat import FlatModule
-from hpcdqn.parallel.partition import boundary_offset, layer_offsets, plan_stages, stage_modules
+from hpcdqn.parallel.partition import (boundary_offset, cut_into_stages, layer_offsets,
+                                       stage_modules)
 from hpcdqn.rl.envs import make_vector_env
 from hpcdqn.rl.networks import build_layers, initial_flat, meta_layers, num_params
 from hpcdqn.rl.replay import Batch, ReplayBuffer
@@ -90,7 +91,7 @@ def test_minatar_cnn_layers_and_stage_only_construction():
     full = FlatModule(build_layers((4, 10, 10), 6, [128], kind="minatar", seed=11)).flat.data
     meta = meta_layers((4, 10, 10), 6, [128], kind="minatar")
     off = layer_offsets(meta)
-    stages = plan_stages(meta, 2)
+    stages = cut_into_stages(meta, 2)
     assert len(stages) == 2
     got = []
     for a, b in stages:
@@ -105,7 +106,8 @@ def test_minatar_cnn_layers_and_stage_only_construction():
 
 def _learner(opt="rmsprop"):
     cfg = load_config(CONFIG, {"dqn.optimizer": opt})
-    return DataParallelLearner(build_layers((4, 10, 10), 6, [128], kind="minatar", seed=3), cfg,
+    return DataParallelLearner(build_layers((4, 10, 10), 6, [128], kind="minatar", seed=3),
+                               learner_config(cfg),
                                MPI.COMM_SELF), cfg
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from hpcdqn.config import load_config
+from hpcdqn.config import learner_config, load_config
 from hpcdqn.learner import build_learner
 from hpcdqn.parallel.grid import RankGrid
 from hpcdqn.parallel.layout import RunLayout
@@ -92,7 +92,7 @@ def small_run(seed: int, storage, steps: int = 0, env_id: str = "CartPole-v1"):
     space, n_actions = env.single_observation_space, int(env.single_action_space.n)
     layout = RunLayout.resolve(cfg, 1).place(cfg["network"], space.shape, n_actions)
     layers = list(layout.layers)
-    learner = build_learner(layout, grid, cfg, "cpu", seed=seed)
+    learner = build_learner(layout, grid, learner_config(cfg), "cpu", seed=seed)
     replay = make_replay(cfg["dqn"]["buffer_size"], cfg["num_envs"], space.shape, space.dtype,
                          frame_stack(env), n_step=cfg["dqn"]["n_step"], prioritized=True,
                          seed=seed + 7)
