@@ -4,7 +4,8 @@
 gradient allreduce, agreement, metrics, model file, watchdog) whose replica is fed by its
 actors instead of its own envs: ``act`` takes this iteration's env step of every actor (in the
 fixed actor order, waiting for it: *learners wait for data*), ``store`` inserts the n-step
-transitions into the replay shard, ``learn`` is the sync learner's and then publishes the
+transitions into the replay shard (image envs: the actors' raw frames into the sync run's
+replay class, ``actors.frames``), ``learn`` is the sync learner's and then publishes the
 weights every ``actor.publish_every`` updates (non-blocking sends); ``PROGRESS`` messages let
 the actors run ahead by at most ``actor.max_ahead`` iterations (default: one training phase;
 *actors wait for learners*).
@@ -23,10 +24,10 @@ import numpy as np
 
 from hpcdqn.actors.actor import Actor, max_ahead
 from hpcdqn.actors.channel import Inbox, Outbox
+from hpcdqn.actors.frames import FrameFeed, sends_frames
 from hpcdqn.actors.nstep import TransitionReplay
-from hpcdqn.actors.wire import (DATA, DONE, PROGRESS, STOP, TAG_CTRL, TAG_DATA, WEIGHTS, Layout,
-                                WireError, pack_ctrl)
-from hpcdqn.config import ConfigError
+from hpcdqn.actors.wire import (DATA, DONE, FRAMES, PROGRESS, STOP, TAG_CTRL, TAG_DATA, WEIGHTS,
+                                Layout, WireError, pack_ctrl)
 from hpcdqn.parallel.agree import Local
 from hpcdqn.parallel.grid import mpi
 from hpcdqn.parallel.layout import Role, RunLayout
@@ -53,18 +54,23 @@ class FedTrainer(Trainer):
 
     def __init__(self, cfg: dict, comm, world, layout, quiet=False, mem_per_rank=None):
         super().__init__(cfg, comm, quiet, None, mem_per_rank, layout=layout)
-        if self.frame_stack:
-            raise ConfigError(f"actors={cfg['actors']} with a frame-stacked env: not supported "
-                              "yet; use actors=0")
         MPI, ac, lay = mpi(), cfg["actor"], self.layout
         self.world, self.ac = world, ac
-        self.replay = None if lay.pp_rank else TimedReplay(
-            lay.replay_per_replica, self.obs_space.shape, self.obs_space.dtype,
-            prioritized=cfg["replay"]["prioritized"], alpha=cfg["replay"]["alpha"],
-            priority_eps=cfg["replay"]["priority_eps"], seed=cfg["seed"] + 1000 * lay.dp_rank + 7)
         self.feeders = [] if lay.pp_rank else lay.actors_of(lay.dp_rank)   # first stages
-        self.wire = Layout(self.obs_space.shape, self.obs_space.dtype, cfg["num_envs"],
-                           ac["send_every"])
+        self.replay, self.feed, seed = None, None, cfg["seed"] + 1000 * lay.dp_rank + 7
+        if sends_frames(self.obs_space.shape, self.frame_stack):     # image envs: raw frames
+            self.feed = FrameFeed(cfg, self.obs_space, self.frame_stack, self.n_actions,
+                                  len(self.feeders))
+            self.wire = self.feed.wire
+            if not lay.pp_rank:
+                self.replay = self.feed.make_replay(lay.replay_per_replica, seed)
+        else:
+            self.wire = Layout(self.obs_space.shape, self.obs_space.dtype, cfg["num_envs"],
+                               ac["send_every"])
+            self.replay = None if lay.pp_rank else TimedReplay(
+                lay.replay_per_replica, self.obs_space.shape, self.obs_space.dtype,
+                prioritized=cfg["replay"]["prioritized"], alpha=cfg["replay"]["alpha"],
+                priority_eps=cfg["replay"]["priority_eps"], seed=seed)
         self.inbox = Inbox(world, MPI, self.wire.max_bytes, ac["timeout_s"])
         self.out = Outbox(world, MPI)
         self.queues = {a: deque() for a in self.feeders}
@@ -105,7 +111,7 @@ class FedTrainer(Trainer):
         buf = self.inbox.wait(a, TAG_DATA, f"actor {a}")
         self.times["wait_data_s"] += time.perf_counter() - t
         msg = self.wire.unpack(buf)
-        if msg["kind"] != DATA or msg["first"] != self.expect[a]:
+        if msg["kind"] not in (DATA, FRAMES) or msg["first"] != self.expect[a]:
             raise WireError(f"actor {a} sent kind {msg['kind']} from iteration "
                             f"{msg.get('first')} where iteration {self.expect[a]} was due")
         self.expect[a] += len(msg["counts"])
@@ -119,7 +125,8 @@ class FedTrainer(Trainer):
         entry = q[0]
         msg, k, off = entry
         n = int(msg["counts"][k])
-        tr = {key: msg[key][off:off + n] for key in KEYS}
+        tr = FrameFeed.step(msg, k, off, n) if self.feed else \
+            {key: msg[key][off:off + n] for key in KEYS}
         episodes = msg["episodes"] if k == 0 else ()
         entry[1], entry[2] = k + 1, off + n
         if k + 1 == len(msg["counts"]):
@@ -141,8 +148,11 @@ class FedTrainer(Trainer):
         if steps is None:
             return
         t, w = time.perf_counter(), self.state.window
+        if self.feed is not None and steps:
+            self.feed.insert(self.replay, [tr for tr, _ in steps])
         for tr, episodes in steps:
-            self.replay.add_transitions(tr)
+            if self.feed is None:
+                self.replay.add_transitions(tr)
             for ret, length in episodes:
                 w.add_episode(float(ret), int(length))
         it = self.state.iteration

@@ -5,7 +5,8 @@ run can send before allocating, and checks the header against the size before re
 
 Actor -> learner (``TAG_DATA``): ``DATA`` (steps, per-step transition counts, the finished
 n-step transitions, the episodes that ended) or ``DONE`` (the actor's time split and counts,
-its last message). Learner -> actor (``TAG_CTRL``, one tag so they arrive in order):
+its last message); with image observations ``FRAMES`` instead of ``DATA`` (raw env steps,
+each frame once: ``hpcdqn.actors.frames``). Learner -> actor (``TAG_CTRL``, one tag so they arrive in order):
 ``WEIGHTS`` (the online network's flat parameters and the update count they are from),
 ``PROGRESS`` (iterations the learner has finished: the rate limit) and ``STOP``.
 """
@@ -16,7 +17,7 @@ import numpy as np
 
 MAGIC = 0x48504351          # "HPCQ"
 TAG_DATA, TAG_CTRL = 7301, 7302
-DATA, DONE = 1, 2
+DATA, DONE, FRAMES = 1, 2, 3       # FRAMES: image envs' raw steps (``actors.frames``)
 WEIGHTS, PROGRESS, STOP = 11, 12, 13
 HEADER = 6                  # int64 words of every header
 ACTOR_STATS = ("env_s", "inference_s", "send_s", "wait_s", "wall_s", "env_steps",
