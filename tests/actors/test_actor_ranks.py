@@ -11,7 +11,7 @@ from hpcdqn.config import ConfigError, load_config
 from hpcdqn.parallel.grid import LayoutError
 from hpcdqn.parallel.layout import Role, RunLayout
 from hpcdqn.rl.networks import initial_flat, network_layers
-from mpi_util import hpcdqn, run_mpi
+from mpi_util import ROOT, hpcdqn, run_mpi
 
 TINY = ["total_steps=2400", "dqn.learning_starts=400", "dqn.train_frequency=100",
         "dqn.gradient_steps=20", "network.hidden=[32, 32]", "eval.episodes=10",
@@ -119,3 +119,46 @@ def test_lockstep_runs_repeat_bitwise_and_pipelined_learners_act_alike(tmp_path)
     assert s["roles"] == ["learner", "learner", "actor", "actor"] and (s["dp"], s["pp"]) == (1, 2)
     assert [x["inserted"] for x in s["ranks"][:2]] == [2 * (1200 - 2), 0]
     assert np.abs(params[2] - params[0]).max() < 1e-5
+
+
+FRAMES = ["env_id=frame_env:FrameToy-v0", "num_envs=2", "total_steps=1200", "dqn.learning_starts=400",
+          "dqn.train_frequency=100", "dqn.gradient_steps=5", "network.hidden=[32]", "eval.episodes=0",
+          "log.progress=false", "log.tensorboard=false", "dqn.buffer_size=600", "dqn.n_step=3",
+          "replay.prioritized=true", "actor.publish_every=10", "actor.send_every=3", "seed=3"]
+
+
+def test_frame_stacked_lockstep_runs_repeat_bitwise(tmp_path):
+    """A frame-stacked image env (tests/frame_env.py behind gymnasium's FrameStackObservation)
+    with 1 learner + 2 actors in lockstep, twice: the actors send raw frames (one per env step,
+    not stacks), the learner's frame replay takes every step, and both runs end with the same
+    parameters bit for bit (not the initial ones)."""
+    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}       # the ranks import frame_env
+    params = []
+    for name in ("a", "b"):
+        r = hpcdqn(3, ["train", "actors=2", "actor.lockstep=true", f"run_dir={tmp_path / name}",
+                       *FRAMES], timeout=300, env=env)
+        s = summary(r)
+        with h5py.File(tmp_path / name / "model.h5") as f:
+            params.append(f["online"][...])
+    assert np.array_equal(params[0], params[1])
+    learner, actors = s["ranks"][0], s["ranks"][1:]
+    assert learner["inserted"] == 1200 and s["updates"] == 40 and learner["sampled"] == 40 * s["schedule"]["batch_per_replica"]
+    for a in actors:       # every env step sent as frames (none held back by an n-step window)
+        assert a["env_steps"] == 600 and a["transitions_sent"] == 1200 and a["messages_sent"] == 200
+    cfg = load_config(overrides=FRAMES)
+    start = initial_flat(network_layers(cfg["network"], (4, 36, 36), 3), 3)
+    assert np.abs(params[0] - start.numpy()).max() > 1e-3
+
+
+def test_minatar_with_two_actors_ends_cleanly(tmp_path):
+    """MinAtar Breakout (its config, a short window) with 1 learner + 2 actors: the grids go
+    over the wire once per env step and the run ends with every rank's role and a greedy
+    evaluation."""
+    r = hpcdqn(3, ["train", "--config", str(ROOT / "configs" / "minatar_breakout.toml"), "actors=2",
+                   "total_steps=1000", "dqn.learning_starts=400", "dqn.train_frequency=20",
+                   "dqn.gradient_steps=2", "dqn.buffer_size=2000", "checkpoint_every=0",
+                   "eval.episodes=10", "log.progress=false", f"run_dir={tmp_path}"], timeout=300)
+    s = summary(r)
+    assert s["roles"] == ["learner", "actor", "actor"] and s["env_steps"] == 1000
+    assert s["ranks"][0]["inserted"] == 1000 and s["updates"] == 60 and s["eval_episodes"] == 10
+    assert all(a["env_steps"] == 500 and a["transitions_sent"] == 500 for a in s["ranks"][1:])
