@@ -75,7 +75,7 @@ class FedTrainer(Trainer):
         self.out = Outbox(world, MPI)
         self.queues = {a: deque() for a in self.feeders}
         self.expect = {a: 0 for a in self.feeders}      # the next iteration each actor sends
-        self.times = {"receive_insert_s": 0.0, "wait_data_s": 0.0}
+        self.times = {"receive_insert_s": 0.0, "wait_data_s": 0.0, "learn_s": 0.0}
         self.progress_every = max(1, max_ahead(cfg, self.clock) // 2)
         self.roles = {}
 
@@ -163,8 +163,9 @@ class FedTrainer(Trainer):
 
     def learn(self) -> None:
         """The sync learner's phase, then the weights to the actors every ``publish_every``."""
-        before = self.learner.updates
+        before, t = self.learner.updates, time.perf_counter()
         super().learn()
+        self.times["learn_s"] += time.perf_counter() - t      # sampling and updates
         k = self.ac["publish_every"]
         if self.learner.updates // k > before // k:
             self.publish()
