@@ -121,7 +121,7 @@ def test_lockstep_runs_repeat_bitwise_and_pipelined_learners_act_alike(tmp_path)
     assert np.abs(params[2] - params[0]).max() < 1e-5
 
 
-FRAMES = ["env_id=frame_env:FrameToy-v0", "num_envs=2", "total_steps=1200", "dqn.learning_starts=400",
+FRAMES = ["env_id=frame_env:FrameToy-v0", "num_envs=2", "total_steps=800", "dqn.learning_starts=400",
           "dqn.train_frequency=100", "dqn.gradient_steps=5", "network.hidden=[32]", "eval.episodes=0",
           "log.progress=false", "log.tensorboard=false", "dqn.buffer_size=600", "dqn.n_step=3",
           "replay.prioritized=true", "actor.publish_every=10", "actor.send_every=3", "seed=3"]
@@ -142,9 +142,10 @@ def test_frame_stacked_lockstep_runs_repeat_bitwise(tmp_path):
             params.append(f["online"][...])
     assert np.array_equal(params[0], params[1])
     learner, actors = s["ranks"][0], s["ranks"][1:]
-    assert learner["inserted"] == 1200 and s["updates"] == 40 and learner["sampled"] == 40 * s["schedule"]["batch_per_replica"]
+    assert learner["inserted"] == 800 and s["updates"] == 20
+    assert learner["sampled"] == 20 * s["schedule"]["batch_per_replica"]
     for a in actors:       # every env step sent as frames (none held back by an n-step window)
-        assert a["env_steps"] == 600 and a["transitions_sent"] == 1200 and a["messages_sent"] == 200
+        assert a["env_steps"] == a["transitions_sent"] == 400 and a["messages_sent"] >= 67
     cfg = load_config(overrides=FRAMES)
     start = initial_flat(network_layers(cfg["network"], (4, 36, 36), 3), 3)
     assert np.abs(params[0] - start.numpy()).max() > 1e-3
@@ -155,10 +156,10 @@ def test_minatar_with_two_actors_ends_cleanly(tmp_path):
     over the wire once per env step and the run ends with every rank's role and a greedy
     evaluation."""
     r = hpcdqn(3, ["train", "--config", str(ROOT / "configs" / "minatar_breakout.toml"), "actors=2",
-                   "total_steps=1000", "dqn.learning_starts=400", "dqn.train_frequency=20",
+                   "total_steps=600", "dqn.learning_starts=300", "dqn.train_frequency=20",
                    "dqn.gradient_steps=2", "dqn.buffer_size=2000", "checkpoint_every=0",
                    "eval.episodes=10", "log.progress=false", f"run_dir={tmp_path}"], timeout=300)
     s = summary(r)
-    assert s["roles"] == ["learner", "actor", "actor"] and s["env_steps"] == 1000
-    assert s["ranks"][0]["inserted"] == 1000 and s["updates"] == 60 and s["eval_episodes"] == 10
-    assert all(a["env_steps"] == 500 and a["transitions_sent"] == 500 for a in s["ranks"][1:])
+    assert s["roles"] == ["learner", "actor", "actor"] and s["env_steps"] == 600
+    assert s["ranks"][0]["inserted"] == 600 and s["updates"] == 30 and s["eval_episodes"] == 10
+    assert all(a["env_steps"] == a["transitions_sent"] == 300 for a in s["ranks"][1:])
