@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from hpcdqn.actors.wire import DONE, FRAMES, HEADER, MAGIC, Layout, WireError, header, pack
-from hpcdqn.rl.framereplay import planned_episode_steps, replay_class
+from hpcdqn.rl.framereplay import replay_class
 
 STEP_KEYS = ("actions", "rewards", "terminated", "truncated")
 
@@ -173,24 +173,23 @@ class TimedSampling:
 class FrameFeed:
     """The learner's end: one step of each of its actors -> one row of its replay shard."""
 
-    def __init__(self, cfg: dict, obs_space, frame_stack: int, n_actions: int, actors: int):
-        self.cfg, self.k, self.actors = cfg, frame_stack, actors
-        E = cfg["num_envs"]
-        self.wire = FrameWire(obs_space.shape, obs_space.dtype, E, cfg["actor"]["send_every"],
-                              frame_stack, n_actions)
-        self.last = np.zeros((actors * E,) + tuple(obs_space.shape), obs_space.dtype)
-        self.seen = np.zeros(actors * E, bool)      # the env's first episode has started
+    def __init__(self, obs_space, frame_stack: int, n_actions: int, actors: int, num_envs: int,
+                 send_every: int):
+        self.k, self.actors = frame_stack, actors
+        self.wire = FrameWire(obs_space.shape, obs_space.dtype, num_envs, send_every, frame_stack,
+                              n_actions)
+        self.last = np.zeros((actors * num_envs,) + tuple(obs_space.shape), obs_space.dtype)
+        self.seen = np.zeros(actors * num_envs, bool)      # the env's first episode has started
 
-    def make_replay(self, capacity: int, seed: int):
-        """The sync run's replay class, one column per env of every actor, sampling timed."""
-        cfg, d, w = self.cfg, self.cfg["dqn"], self.wire
-        base = replay_class(self.k)
+    def make_replay(self, capacity: int, seed: int, dqn: dict, replay: dict, episode_steps: int):
+        """The sync run's replay class, one column per env of every actor, sampling timed
+        (``dqn``, ``replay``: the config's sections; ``episode_steps``: the start store's plan)."""
+        w, base = self.wire, replay_class(self.k)
         cls = type(f"Timed{base.__name__}", (TimedSampling, base), {})
-        extra = {"episode_steps": planned_episode_steps(cfg)} if self.k else {}
-        return cls(capacity, self.actors * w.num_envs, w.obs_shape, w.obs_dtype, n_step=d["n_step"],
-                   gamma=d["gamma"], prioritized=cfg["replay"]["prioritized"],
-                   alpha=cfg["replay"]["alpha"], priority_eps=cfg["replay"]["priority_eps"],
-                   seed=seed, **extra)
+        extra = {"episode_steps": episode_steps} if self.k else {}
+        return cls(capacity, self.actors * w.num_envs, w.obs_shape, w.obs_dtype, n_step=dqn["n_step"],
+                   gamma=dqn["gamma"], prioritized=replay["prioritized"], alpha=replay["alpha"],
+                   priority_eps=replay["priority_eps"], seed=seed, **extra)
 
     @staticmethod
     def step(msg: dict, k: int, off: int, n: int) -> dict:

@@ -32,6 +32,7 @@ from hpcdqn.parallel.agree import Local
 from hpcdqn.parallel.grid import mpi
 from hpcdqn.parallel.layout import Role, RunLayout
 from hpcdqn.parallel.lifecycle import agree_user_errors
+from hpcdqn.rl.framereplay import planned_episode_steps
 from hpcdqn.train import Trainer, configure_process
 
 KEYS = ("obs", "actions", "returns", "next_obs", "discounts")
@@ -59,11 +60,12 @@ class FedTrainer(Trainer):
         self.feeders = [] if lay.pp_rank else lay.actors_of(lay.dp_rank)   # first stages
         self.replay, self.feed, seed = None, None, cfg["seed"] + 1000 * lay.dp_rank + 7
         if sends_frames(self.obs_space.shape, self.frame_stack):     # image envs: raw frames
-            self.feed = FrameFeed(cfg, self.obs_space, self.frame_stack, self.n_actions,
-                                  len(self.feeders))
+            self.feed = FrameFeed(self.obs_space, self.frame_stack, self.n_actions,
+                                  len(self.feeders), cfg["num_envs"], ac["send_every"])
             self.wire = self.feed.wire
             if not lay.pp_rank:
-                self.replay = self.feed.make_replay(lay.replay_per_replica, seed)
+                self.replay = self.feed.make_replay(lay.replay_per_replica, seed, cfg["dqn"],
+                                                    cfg["replay"], planned_episode_steps(cfg))
         else:
             self.wire = Layout(self.obs_space.shape, self.obs_space.dtype, cfg["num_envs"],
                                ac["send_every"])

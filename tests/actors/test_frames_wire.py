@@ -48,8 +48,8 @@ def test_frames_round_trip_fills_the_replay_the_env_would(env_id):
     probe = make_vector_env(env_id, 2, 0)
     k, space, n_act = frame_stack(probe), probe.single_observation_space, int(probe.single_action_space.n)
     assert sends_frames(space.shape, k) and (k == 4) == env_id.startswith("frame_env")
-    feed = FrameFeed(cfg, space, k, n_act, actors=2)
-    learner = feed.make_replay(600, seed=5)
+    feed = FrameFeed(space, k, n_act, actors=2, num_envs=2, send_every=SEND)
+    learner = feed.make_replay(600, 5, cfg["dqn"], cfg["replay"], 100)
     assert isinstance(learner, FrameReplay) == bool(k) and learner.num_envs == 4
     direct = [make_replay(300, 2, space.shape, space.dtype, k, n_step=3, prioritized=True)
               for _ in range(2)]
