@@ -7,7 +7,8 @@ The config is the one the MinAtar CI learning test uses (tests/rl/test_minatar.p
 configs/minatar_breakout.toml with dqn.train_frequency=4, dqn.exploration_steps=20000,
 dqn.learning_starts=2000; faster than the paper's protocol of one update per frame), a short
 window of ``--steps`` env steps. Seeds 21 and 22 were chosen before any run (not the test's
-seed 1, not the tuning seeds 12-14); every seed run is reported. Each run under
+seed 1, not the tuning seeds 12-14); seeds 23 and 24 were added after those two had run (time
+allowed), into a second results file; every seed run is reported. Each run under
 ``flock /tmp/hpcdqn-cpu.lock`` (one thread per rank, seeded: the returns do not depend on load).
 
 Recorded per run: the training return curve per env step (metrics.csv: mean return of the
@@ -78,11 +79,11 @@ def figure(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.6))
+    styles = ["-", "--", ":", "-."]
     for r in res["runs"]:
         pts = [(x, y) for x, _, y in r["curve_env_steps_episodes_return"] if y is not None]
         ax.plot(*zip(*pts), color="C0" if r["side"] == "actors_1_1" else "C1",
-                ls="-" if r["seed"] == res["seeds"][0] else "--",
-                label=f"{r['side']} seed {r['seed']}")
+                ls=styles[res["seeds"].index(r["seed"]) % 4], label=f"{r['side']} seed {r['seed']}")
     ax.set_xlabel("env steps")
     ax.set_ylabel("training return (episodes per log window)")
     ax.set_title("MinAtar Breakout: 1 learner + 1 actor vs sync dp=2, replay ratio 8")
@@ -97,7 +98,13 @@ def main():
     ap.add_argument("--steps", type=int, default=80000)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/actors_minatar.json"))
     ap.add_argument("--figure", default="")
+    ap.add_argument("--plot-only", default="", help="comma-separated results files: one figure of all their runs")
     a = ap.parse_args()
+    if a.plot_only:
+        parts = [json.loads(Path(f).read_text()) for f in a.plot_only.split(",")]
+        figure({"seeds": [x for p in parts for x in p["seeds"]],
+                "runs": [r for p in parts for r in p["runs"]]}, a.figure)
+        return
     seeds = [int(x) for x in a.seeds.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="hpcdqn-actors-minatar-"))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
