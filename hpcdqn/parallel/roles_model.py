@@ -56,11 +56,12 @@ CONSTANTS = {
 # Fitted from benchmarks/results/actors_costmodel.json (CartPole-v1, the 256x256 MLP, 1 learner
 # + 1 actor on 2 cores; eta_learner and eta_actor on 1 learner + 3 actors); ``tests/parallel/test_roles_model.py``
 # checks these equal the file's.
-DEFAULT_CONSTANTS = {"actor_step_s": 0.0, "actor_send_s": 0.0, "learner_iter_s": 0.0,
-                     "insert_s": 0.0, "update_s": 0.0, "compute_s": 0.0, "eta_learner": 1.0,
-                     "eta_actor": 1.0}
-DEFAULT_SOURCE = ("benchmarks/results/actors_costmodel.json: CartPole-v1, MLP 256x256, "
-                  "1 learner + 1 actor on 2 cores (eta_learner, eta_actor: 1 learner + 3 actors)")
+DEFAULT_CONSTANTS = {"actor_step_s": 0.0001529, "actor_send_s": 4.687e-05, "learner_iter_s": 1.008e-05,
+                     "insert_s": 1.973e-05, "update_s": 0.0007814, "compute_s": 0.0007154,
+                     "eta_learner": 0.71, "eta_actor": 0.51}
+DEFAULT_SOURCE = ("defaults, from benchmarks/results/actors_costmodel.json: CartPole-v1, MLP "
+                  "256x256, 1 learner + 1 actor on a 2-core VM; eta_learner, eta_actor: 1 learner "
+                  "+ 3 actors there")
 
 
 def transfer(n_bytes: float, remote: bool, coef: dict | None = None) -> float:
@@ -167,7 +168,7 @@ def run_of_summary(summary: dict, actor_cfg: dict, obs_bytes: int) -> dict:
                              int(summary["parameter_bytes_per_stage"][0]) // 4, obs_bytes)
 
 
-def _lstsq2(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+def nonneg_lstsq2(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
     """Non-negative least squares of ``y = a*x1 + b*x2`` over ``(x1, x2, y)`` rows (closed form;
     a coefficient that would be negative is set to 0 and the other refitted)."""
     s11 = sum(x1 * x1 for x1, _, _ in rows)
@@ -210,7 +211,7 @@ def constants_from_summaries(summaries: list[dict], actor_cfg: dict, obs_bytes: 
                 - n_pubs * run["actors"] * pub)
         rest.append((run["n_iters"], s["updates"], busy))
     if len({round(u / n, 9) for n, u, _ in rest}) > 1:
-        iter_s, update_s = _lstsq2(rest)
+        iter_s, update_s = nonneg_lstsq2(rest)
     else:                   # one updates-per-iteration: the per-iteration part is the default's
         iter_s = DEFAULT_CONSTANTS["learner_iter_s"]
         update_s = statistics.median(max(0.0, b - n * iter_s) / max(1, u) for n, u, b in rest)
@@ -224,20 +225,30 @@ def rel_err(pred: float, meas: float) -> float:
 
 
 def fit_eta(c: dict, points: list[tuple[dict, float]], cores: int) -> dict:
-    """The scheduling efficiencies ``eta_learner`` and ``eta_actor`` (each 0.2 .. 1.0 in
-    steps of 0.01) that minimise the squared log error of the predicted env frames/s over
-    ``points`` (``(run, measured fps)``); among equal errors the larger efficiencies (the
-    fewer assumed losses) win."""
-    best, best_err = {"eta_learner": 1.0, "eta_actor": 1.0}, math.inf
-    grid = [k / 100 for k in range(100, 19, -1)]
-    for el in grid:
-        for ea in grid:
-            eta = {"eta_learner": el, "eta_actor": ea}
-            err = sum(math.log(predict({**c, **eta}, run, cores)["env_fps"] / fps) ** 2
-                      for run, fps in points)
-            if err < best_err - 1e-12:
-                best, best_err = eta, err
-    return best
+    """The scheduling efficiencies ``eta_learner`` and ``eta_actor`` (each 0.2 .. 1.0, to 0.01)
+    that minimise the squared log error of the predicted env frames/s over ``points``
+    (``(run, measured fps)``): a grid in steps of 0.05, then 0.01 around its best; among equal
+    errors the larger efficiencies (the fewer assumed losses) win."""
+    def err(el: float, ea: float) -> float:
+        eta = {"eta_learner": el, "eta_actor": ea}
+        return sum(math.log(predict({**c, **eta}, run, cores)["env_fps"] / fps) ** 2
+                   for run, fps in points)
+
+    def best_of(ls: list[int], as_: list[int]) -> tuple[int, int]:
+        best, best_err = (ls[0], as_[0]), math.inf
+        for el in ls:
+            for ea in as_:
+                e = err(el / 100, ea / 100)
+                if e < best_err - 1e-12:
+                    best, best_err = (el, ea), e
+        return best
+
+    def near(x: int) -> list[int]:
+        return [k for k in range(min(100, x + 5), max(19, x - 6), -1)]
+
+    coarse = best_of(list(range(100, 19, -5)), list(range(100, 19, -5)))
+    el, ea = best_of(near(coarse[0]), near(coarse[1]))
+    return {"eta_learner": el / 100, "eta_actor": ea / 100}
 
 
 # -- for hpcdqn plan -----------------------------------------------------------------------------
