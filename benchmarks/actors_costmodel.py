@@ -36,9 +36,12 @@ sys.path.insert(0, str(ROOT))
 from hpcdqn.parallel import roles_model as rm  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/actors_costmodel.json"
-RATIOS = {"rr32": [], "rr2": ["dqn.gradient_steps=8"]}
+RATIOS = {"rr32": [], "rr2": ["dqn.gradient_steps=8"],
+          "rr32-ahead64": ["actor.max_ahead=64"]}     # the rate limiter's band: 64 iterations
 LAYOUTS = [(1, 1), (1, 2), (1, 3), (2, 2), (1, 7)]
-CALIBRATE, FIT = (1, 1), [(1, 3)]
+EXTRA = [(1, 1, "rr32-ahead64")]        # measured in a later batch (--only), held out
+CALIBRATE = ["1L+1A/rr32", "1L+1A/rr2"]
+FIT = ["1L+3A/rr32", "1L+3A/rr2"]
 TOTAL_STEPS = 12000
 
 
@@ -79,7 +82,9 @@ def measure(a) -> None:
     res.update({"benchmark": "actors_costmodel", "commit": commit(), "cpus": os.cpu_count(),
                 "total_steps": TOTAL_STEPS})
     tmp = Path(tempfile.mkdtemp(prefix="hpcdqn-actors-cost-"))
-    order = [(m, n, r) for r in RATIOS for m, n in LAYOUTS]
+    order = [(m, n, r) for r in ("rr32", "rr2") for m, n in LAYOUTS] + EXTRA
+    if a.only:
+        order = [x for x in order if name(*x) in a.only]
     first = 1 + max((r["repeat"] for r in res["runs"]), default=-1)
     for i in range(a.repeats):          # interleaved: one run of every layout per round
         k = (first + i) % len(order)    # each round starts elsewhere in the order
@@ -97,9 +102,10 @@ def spread(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def actor_cfg() -> dict:
+def actor_cfg(layout: str) -> dict:
+    """The ``[actor]`` section the runs of ``layout`` had."""
     from hpcdqn.config import load_config
-    return load_config(str(ROOT / "configs/cartpole.toml"), [])["actor"]
+    return load_config(str(ROOT / "configs/cartpole.toml"), RATIOS[layout.split("/")[1]])["actor"]
 
 
 OBS_BYTES = 4 * 4           # CartPole-v1: 4 float32
@@ -114,7 +120,7 @@ def held_out_error(c: dict, runs: dict, med: dict, skip: list, cores: int) -> fl
 def ablations(c: dict, runs: dict, med: dict, fit_keys: list, cores: int) -> dict:
     """The held-out error of simpler models: no shared-cores bound (a core per rank), and one
     efficiency for both roles (fitted on the same layouts)."""
-    skip = fit_keys + [k for k in runs if k.startswith(name(*CALIBRATE, ""))]
+    skip = fit_keys + CALIBRATE
     pts = [(runs[k], med[k]["env_fps"]) for k in fit_keys]
     best = min((sum(math.log(rm.predict({**c, "eta_learner": e / 100, "eta_actor": e / 100},
                                         r, cores)["env_fps"] / f) ** 2 for r, f in pts), -e)
@@ -127,25 +133,24 @@ def ablations(c: dict, runs: dict, med: dict, fit_keys: list, cores: int) -> dic
 
 def fit_and_hold_out(by: dict, cores: int) -> dict:
     """Constants from the calibration layout, eta from the fit layouts, predictions for all."""
-    ac = actor_cfg()
-    calib = [r["summary"] for k, rs in by.items() for r in rs if k.startswith(name(*CALIBRATE, ""))]
-    c = rm.constants_from_summaries(calib, ac, OBS_BYTES)
+    calib = [r["summary"] for k in CALIBRATE for r in by[k]]
+    c = rm.constants_from_summaries(calib, actor_cfg(CALIBRATE[0]), OBS_BYTES)
     med = {k: {q: statistics.median(r[q] for r in rs) for q in ("env_fps", "updates_per_s")}
            for k, rs in by.items()}
-    runs = {k: rm.run_of_summary(rs[0]["summary"], ac, OBS_BYTES) for k, rs in by.items()}
-    fit_keys = [k for k in by if any(k.startswith(name(*f, "")) for f in FIT)]
+    runs = {k: rm.run_of_summary(rs[0]["summary"], actor_cfg(k), OBS_BYTES) for k, rs in by.items()}
+    fit_keys = FIT
     c.update(rm.fit_eta(c, [(runs[k], med[k]["env_fps"]) for k in fit_keys], cores))
     compare = []
     for k in by:
         p = rm.predict(c, runs[k], cores)
-        held = not k.startswith(name(*CALIBRATE, "")) and k not in fit_keys
+        held = k not in CALIBRATE + fit_keys
         compare.append({"layout": k, "set": "held_out" if held else "fit", "limit": p["limit"],
                         **{f"{q}_{w}": v for q in ("env_fps", "updates_per_s") for w, v in
                            (("measured", med[k][q]), ("predicted", p[q]),
                             ("rel_err", rm.rel_err(p[q], med[k][q])))}})
     errs = lambda s: [abs(r[f"{q}_rel_err"]) for r in compare if r["set"] == s   # noqa: E731
                       for q in ("env_fps", "updates_per_s")]
-    return {"constants": c, "cores": cores, "calibrated_on": name(*CALIBRATE, "*"),
+    return {"constants": c, "cores": cores, "calibrated_on": CALIBRATE,
             "ablations": ablations(c, runs, med, fit_keys, cores),
             "eta_fitted_on": [k for k in fit_keys],
             "held_out": [r["layout"] for r in compare if r["set"] == "held_out"],
@@ -224,7 +229,7 @@ def figure(a) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     measured_max = max(n for _, n in LAYOUTS)
     res["figure"] = {}
-    for col, ratio in enumerate(RATIOS):
+    for col, ratio in enumerate(("rr32", "rr2")):
         cv = curves(c, ratio)
         res["figure"][ratio] = cv
         for row, q in enumerate(("env_fps", "updates_per_s")):
@@ -276,6 +281,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--wrap", default="", help="command put before each mpirun (a CPU lock)")
     ap.add_argument("--file", default=str(OUT), help="results file (fit: read and rewritten)")
+    ap.add_argument("--only", nargs="+", default=None, help="measure: only these layouts")
     ap.add_argument("--append", action="store_true", help="add to the stored runs")
     a = ap.parse_args()
     {"measure": measure, "fit": fit, "figure": figure}[a.what](a)
