@@ -97,10 +97,10 @@ def role_work(c: dict, run: dict, remote: bool = False, coef: dict | None = None
     per_msg = transfer(run["send_every"] * e * wire_bytes_per_transition(run["obs_bytes"]),
                        True, coef) if remote else 0.0
     i_l = c["learner_iter_s"] + a * e * c["insert_s"] + a * per_msg / run["send_every"]
-    u = (run["updates_per_phase"] * (c["update_s"] + allreduce_s(m, run["param_bytes"], remote, coef))
-         + pubs * a * w_pub)
+    updates = run["updates_per_phase"] * (c["update_s"] + allreduce_s(m, run["param_bytes"], remote, coef))
     w_a = c["actor_step_s"] + c["actor_send_s"] / run["send_every"] + pubs / p * w_pub
-    return {"i_L": i_l, "U": u, "w_A": w_a, "actors_per_learner": a}
+    return {"i_L": i_l, "U": updates + pubs * a * w_pub, "w_A": w_a, "actors_per_learner": a,
+            "updates_s": updates, "publish_s": pubs * a * w_pub, "ingest_s": p * i_l}
 
 
 def phase_time(c: dict, run: dict, cores: int, remote: bool = False,
@@ -263,6 +263,9 @@ def plan_rates(plan: dict, actor_cfg: dict, obs_bytes: int, cores: int | None = 
     run = run_from_schedule(plan["schedule"], plan["dp"], plan["actors"], actor_cfg,
                             plan["actor_parameters_bytes"], obs_bytes)
     p = predict(c, run, cores or 0, remote)
+    w = phase_time(c, run, cores or 0, remote)
+    p["per_phase"] = {k: w[k] for k in ("updates_s", "publish_s", "ingest_s")}
+    p["per_phase"]["actors_s"] = run["train_every"] * w["w_A"]
     return {**p, "constants": c, "source": source or DEFAULT_SOURCE, "cores": cores,
             "remote": remote, "learners": plan["dp"], "actors": plan["actors"]}
 
@@ -272,14 +275,17 @@ def describe_rates(r: dict) -> str:
     where = (f"{r['cores']} cores shared by the {r['learners'] + r['actors']} ranks" if r["cores"]
              else "one core per rank (--cores N: N cores shared)")
     net = "actors on other nodes than their learner" if r["remote"] else "one node"
-    side = {"learners": "the learners (updates)", "actors": "the actors (env steps)",
+    side = {"learners": "the learners", "actors": "the actors (env steps)",
             "cores": "the shared cores"}[r["limit"]]
+    ph = r["per_phase"]
     consts = ", ".join(f"{k}={r['constants'][k]:.3g}" for k in (*CONSTANTS, "eta_learner", "eta_actor"))
     return "\n".join([
         f"expected rates (cost model with roles, {where}, {net}): {r['env_fps']:,.0f} env frames/s, "
         f"{r['updates_per_s']:,.0f} learner updates/s over the run (steady training "
         f"{r['steady_env_fps']:,.0f} frames/s, {r['steady_updates_per_s']:,.0f} updates/s); "
-        f"{side} set the pace",
+        f"{side} set the pace (per training phase: learner updates {ph['updates_s']:.3g} s, "
+        f"weight sends {ph['publish_s']:.3g} s, ingest {ph['ingest_s']:.3g} s; an actor's env "
+        f"steps {ph['actors_s']:.3g} s)",
         f"  measured constants used ({r['source']}): {consts}"])
 
 
