@@ -90,13 +90,14 @@ def _expected_rates(args, cfg: dict, plan: dict, per_node: int) -> dict:
     from hpcdqn.parallel import roles_model as rm
 
     constants, source = None, None
-    if args.rates_from:
-        runs = [json.loads(Path(f).read_text()) for f in args.rates_from]
+    rates_from = getattr(args, "rates_from", None)      # (train --dry-run has neither option)
+    if rates_from:
+        runs = [json.loads(Path(f).read_text()) for f in rates_from]
         constants = rm.constants_from_summaries(runs, cfg["actor"], plan["obs_bytes"])
-        source = "measured from " + ", ".join(args.rates_from) + "; eta_learner, eta_actor: defaults"
+        source = "measured from " + ", ".join(rates_from) + "; eta_learner, eta_actor: defaults"
     elif cfg["env_id"] != "CartPole-v1" or cfg["network"]["hidden"] != [256, 256]:
         source = f"{rm.DEFAULT_SOURCE}; {rm.DEFAULTS_NOTE}"
-    return rm.plan_rates(plan, cfg["actor"], plan["obs_bytes"], args.cores,
+    return rm.plan_rates(plan, cfg["actor"], plan["obs_bytes"], getattr(args, "cores", None),
                          remote=per_node < plan["world"], constants=constants,
                          source=source)
 

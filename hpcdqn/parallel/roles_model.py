@@ -197,6 +197,9 @@ def constants_from_summaries(summaries: list[dict], actor_cfg: dict, obs_bytes: 
     are taken out so ``predict`` can add them back at any layout."""
     step, send, insert, compute, rest = [], [], [], [], []
     for s in summaries:
+        roles = {r.get("role") for r in s.get("ranks", ())}
+        if not {"learner", "actor"} <= roles:
+            raise ValueError("a summary without learner and actor ranks (not an actors > 0 run)")
         run = run_of_summary(s, actor_cfg, obs_bytes)
         pub = transfer(run["param_bytes"], False)
         learner = next(r for r in s["ranks"] if r["role"] == "learner")

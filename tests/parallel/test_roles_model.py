@@ -147,3 +147,6 @@ def test_plan_prints_expected_rates_and_the_constants_it_used(capsys, tmp_path):
         2e-3 + iters_per_update * (C["learner_iter_s"] - rm.DEFAULT_CONSTANTS["learner_iter_s"]))
     assert cli.main(["plan", "--ranks", "3", "actors=2", "network.hidden=[64]"]) == 0
     assert "the defaults, not this config's" in capsys.readouterr().out
+    summ.write_text(json.dumps({"env_steps": 100, "updates": 10, "wall_s": 1.0}))   # a sync run's
+    assert cli.main(["plan", "--ranks", "2", "actors=1", "--rates-from", str(summ)]) == 2
+    assert "not an actors > 0 run" in capsys.readouterr().err
