@@ -67,7 +67,7 @@ def run_one(m: int, n: int, ratio: str, wrap: list[str], tmp: Path) -> dict:
     return {"layout": name(m, n, ratio), "learners": m, "actors": n, "ratio": ratio,
             "loadavg_before": before, "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
             "job_s": round(time.perf_counter() - t, 2), **rm.measured_rates(s),
-            "summary": {k: s[k] for k in ("env_steps", "updates", "wall_s", "sps", "ups",
+            "summary": {k: s[k] for k in ("env_steps", "updates", "wall_s", "sps", "ups", "dp", "actors",
                                           "schedule", "ranks", "parameter_bytes_per_stage",
                                           "replay_ratio_achieved", "replay_ratio_configured")}}
 

@@ -2,6 +2,7 @@
 
     hpcdqn train [--config FILE] [--mem-per-rank 6G] [--dry-run] [KEY=VALUE ...]
     hpcdqn plan [--config FILE] --ranks N [--mem-per-rank 6G] [KEY=VALUE ...]
+    hpcdqn plan --ranks 4 --cores 2 actors=3 [--rates-from RUN/summary.json ...]  (expected rates)
     mpirun -n 4 hpcdqn train pp=2 micro_batches=8 schedule=1f1b
     hpcdqn scale --ranks 1,2,4 --mode weak --out DIR [--repeats R] [KEY=VALUE ...]
     hpcdqn scale --mode target --target-return 475 --ranks 1,2,4 --seeds 1-5 --out DIR

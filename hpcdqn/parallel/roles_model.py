@@ -68,7 +68,9 @@ def transfer(n_bytes: float, remote: bool, coef: dict | None = None) -> float:
     """Seconds of one point-to-point message of ``n_bytes``: in a node (shared memory) or
     across nodes (``remote``), in the data-parallel model's latency/bandwidth terms."""
     c = coef or DEFAULT_COEF
-    return (c["alpha_net"] + c["beta_net"] * n_bytes) if remote else (c["alpha"] + c["beta"] * n_bytes)
+    if remote:
+        return c["alpha_net"] + c["beta_net"] * n_bytes
+    return c["alpha"] + c["beta"] * n_bytes
 
 
 def wire_bytes_per_transition(obs_bytes: int) -> int:
@@ -97,7 +99,8 @@ def role_work(c: dict, run: dict, remote: bool = False, coef: dict | None = None
     per_msg = transfer(run["send_every"] * e * wire_bytes_per_transition(run["obs_bytes"]),
                        True, coef) if remote else 0.0
     i_l = c["learner_iter_s"] + a * e * c["insert_s"] + a * per_msg / run["send_every"]
-    updates = run["updates_per_phase"] * (c["update_s"] + allreduce_s(m, run["param_bytes"], remote, coef))
+    allreduce = allreduce_s(m, run["param_bytes"], remote, coef)
+    updates = run["updates_per_phase"] * (c["update_s"] + allreduce)
     w_a = c["actor_step_s"] + c["actor_send_s"] / run["send_every"] + pubs / p * w_pub
     return {"i_L": i_l, "U": updates + pubs * a * w_pub, "w_A": w_a, "actors_per_learner": a,
             "updates_s": updates, "publish_s": pubs * a * w_pub, "ingest_s": p * i_l}
@@ -135,7 +138,8 @@ def predict(c: dict, run: dict, cores: int, remote: bool = False, coef: dict | N
     steady_fps = p * run["steps_per_iter"] / t["phase_s"]
     return {"env_fps": run["n_iters"] * run["steps_per_iter"] / wall,
             "updates_per_s": run["total_updates"] / wall, "wall_s": wall,
-            "steady_env_fps": steady_fps, "steady_updates_per_s": run["updates_per_phase"] / t["phase_s"],
+            "steady_env_fps": steady_fps,
+            "steady_updates_per_s": run["updates_per_phase"] / t["phase_s"],
             "limit": t["limit"], "phase_s": t["phase_s"]}
 
 
@@ -161,11 +165,14 @@ def measured_rates(summary: dict) -> dict:
 
 
 def run_of_summary(summary: dict, actor_cfg: dict, obs_bytes: int) -> dict:
-    """``predict``'s ``run`` for the layout and schedule a ``summary.json`` records."""
-    roles = summary["ranks"]
-    m = sum(r["role"] == "learner" for r in roles)
-    return run_from_schedule(summary["schedule"], m, len(roles) - m, actor_cfg,
-                             int(summary["parameter_bytes_per_stage"][0]) // 4, obs_bytes)
+    """``predict``'s ``run`` for the layout and schedule a ``summary.json`` records (its
+    ``parameter_bytes_per_stage`` hold online + target parameters and Adam's two moments:
+    4x the network's bytes)."""
+    s = summary
+    m = s.get("dp") or sum(r["role"] == "learner" for r in s["ranks"])
+    n = s.get("actors") or sum(r["role"] == "actor" for r in s["ranks"])
+    return run_from_schedule(s["schedule"], m, n, actor_cfg,
+                             sum(int(b) for b in s["parameter_bytes_per_stage"]) // 4, obs_bytes)
 
 
 def nonneg_lstsq2(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
