@@ -204,5 +204,6 @@ def job_memory_plan(cfg: dict, world: int, local_ranks: int,
     cap, source = cap_per_rank(local_ranks, layout.mem_per_rank)
     baseline = process_baseline()
     need = max(st["total"] for st in plan["stages"]) + baseline
-    return {**plan, "mem_per_rank": cap, "mem_per_rank_source": source, "baseline_rss": baseline,
+    return {**plan, "obs_bytes": int(np.prod(space.shape)) * np.dtype(space.dtype).itemsize,
+            "mem_per_rank": cap, "mem_per_rank_source": source, "baseline_rss": baseline,
             "largest_rank_bytes": need, "fits": need <= cap}
