@@ -273,15 +273,17 @@ def _whole_network_policy(path):
 
 def _run_eval(policy, cfg: dict, args, run) -> dict:
     """``args.episodes`` greedy episodes (default: the run's eval.episodes, else 10)."""
+    from hpcdqn.config import env_config
     from hpcdqn.rl.evaluate import evaluate_run
 
     episodes = args.episodes or cfg["eval"]["episodes"] or 10
     n_envs = min(cfg["eval"]["num_envs"], episodes)
     while episodes % n_envs:
         n_envs -= 1
-    res = evaluate_run(policy, cfg, episodes, n_envs,
+    res = evaluate_run(policy, env_config(cfg), episodes, n_envs,
                        args.seed if args.seed is not None else cfg["seed"] + 10_000_000,
-                       epsilon=args.epsilon, env_id=args.env_id, vector="sync")
+                       cfg["eval"]["epsilon"] if args.epsilon is None else args.epsilon,
+                       env_id=args.env_id, vector="sync")
     res["run_dir"] = str(run)
     return res
 
