@@ -64,8 +64,9 @@ class FedTrainer(Trainer):
                                   len(self.feeders), cfg["num_envs"], ac["send_every"])
             self.wire = self.feed.wire
             if not lay.pp_rank:
-                self.replay = self.feed.make_replay(lay.replay_per_replica, seed, cfg["dqn"],
-                                                    cfg["replay"], planned_episode_steps(cfg))
+                rep = cfg["replay"]
+                self.replay = self.feed.make_replay(lay.replay_per_replica, seed, cfg["dqn"], rep,
+                                                    planned_episode_steps(rep))
         else:
             self.wire = Layout(self.obs_space.shape, self.obs_space.dtype, cfg["num_envs"],
                                ac["send_every"])
