@@ -2,6 +2,7 @@
 refusals, a run that ends cleanly with every rank's role and time split, and lockstep runs that
 repeat bitwise."""
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -99,19 +100,52 @@ def test_two_learners_two_actors_end_cleanly_with_every_ranks_role(tmp_path):
     assert (tmp_path / "model.h5").is_file()
 
 
-def test_lockstep_runs_repeat_bitwise_and_pipelined_learners_act_alike(tmp_path):
+def ckpt_arrays(path):
+    """Every dataset of a checkpoint file (the replay, parameters, rank states with the actors')."""
+    out = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda n, o: out.__setitem__(n, o[...]) if isinstance(o, h5py.Dataset) else None)
+    return out
+
+
+def test_lockstep_runs_repeat_bitwise_and_resume_bitwise_and_pipelined_learners_act_alike(tmp_path):
     """1 learner + 2 actors in lockstep twice: the same final parameters, bit for bit, and not
-    the initial ones (the test can fail). A pp=2 learner (its first stage holds the replay and
-    talks to the actors; the weights are gathered over its stages before they are sent) ends
-    within float rounding of it: its actors acted alike."""
+    the initial ones (the test can fail); run ``a`` checkpoints at 1200 and 2400 env steps
+    (taking them changes nothing: it equals ``b``), and a copy of it resumed from 1200 (the
+    actors' environments, RNGs, n-step windows, networks and the data they had sent but the
+    learner had not inserted, all restored) ends with the same model and the same 2400
+    checkpoint, every array of it. Resuming that checkpoint with actors=0 is refused with one
+    clear line (n_step=3 transitions cannot be split back into env steps). A pp=2 learner (its
+    first stage holds the replay and talks to the actors; the weights are gathered over its
+    stages before they are sent) ends within float rounding of it: its actors acted alike."""
     params = []
-    for name, extra in (("a", []), ("b", []), ("pp2", ["pp=2"])):
-        r = hpcdqn(3 + len(extra), ["train", "actors=2", "actor.lockstep=true", "actor.send_every=3",
-                                    "seed=3", f"run_dir={tmp_path / name}", *TINY, *extra], timeout=240)
+    for name, extra in (("a", ["checkpoint_every=1200"]), ("b", []), ("pp2", ["pp=2"])):
+        r = hpcdqn(3 + (name == "pp2"), ["train", "actors=2", "actor.lockstep=true", "actor.send_every=3",
+                                         "seed=3", f"run_dir={tmp_path / name}", *TINY, *extra], timeout=240)
         s = summary(r)
         assert s["lockstep"] is True
         with h5py.File(tmp_path / name / "model.h5") as f:
             params.append(f["online"][...])
+        if name == "a":
+            assert s["checkpoints"] == 2
+            ckpts = tmp_path / "a" / "checkpoints"
+            res = tmp_path / "res"
+            shutil.copytree(tmp_path / "a", res)
+            (res / "model.h5").unlink()
+            (res / "checkpoints" / "ckpt-000000002400.h5").unlink()
+            (res / "checkpoints" / "latest").write_text("ckpt-000000001200.h5")
+            r = hpcdqn(3, ["train", "--resume", str(res)], timeout=240)
+            assert "resumed exactly from" in r.stderr and summary(r)["env_steps"] == 2400
+            with h5py.File(res / "model.h5") as f:
+                assert np.array_equal(f["online"][...], params[0])
+            want = ckpt_arrays(ckpts / "ckpt-000000002400.h5")
+            got = ckpt_arrays(res / "checkpoints" / "ckpt-000000002400.h5")
+            assert sorted(got) == sorted(want) and "replay/discounts" in got
+            assert [k for k in want if not np.array_equal(want[k], got[k])] == []
+            r = hpcdqn(2, ["train", "--resume", str(res), "actors=0"], timeout=240, check=False)
+            line = [x for x in r.stderr.splitlines() if x.startswith("hpcdqn train:")]
+            assert r.returncode == 2 and len(line) == 1, r.stderr[-3000:]
+            assert "cannot be split back into env steps" in line[0] and "actors > 0" in line[0]
     assert np.array_equal(params[0], params[1])
     cfg = load_config(overrides=["seed=3", "network.hidden=[32, 32]"])
     start = initial_flat(network_layers(cfg["network"], (4,), 2), 3)
