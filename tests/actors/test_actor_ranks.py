@@ -2,7 +2,12 @@
 refusals, a run that ends cleanly with every rank's role and time split, and lockstep runs that
 repeat bitwise."""
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import h5py
 import numpy as np
@@ -12,7 +17,7 @@ from hpcdqn.config import ConfigError, load_config
 from hpcdqn.parallel.grid import LayoutError
 from hpcdqn.parallel.layout import Role, RunLayout
 from hpcdqn.rl.networks import initial_flat, network_layers
-from mpi_util import hpcdqn, run_mpi
+from mpi_util import hpcdqn, mpi_env, mpirun_cmd, run_mpi
 
 TINY = ["total_steps=2400", "dqn.learning_starts=400", "dqn.train_frequency=100",
         "dqn.gradient_steps=20", "network.hidden=[32, 32]", "eval.episodes=10",
@@ -153,3 +158,62 @@ def test_lockstep_runs_repeat_bitwise_and_resume_bitwise_and_pipelined_learners_
     assert s["roles"] == ["learner", "learner", "actor", "actor"] and (s["dp"], s["pp"]) == (1, 2)
     assert [x["inserted"] for x in s["ranks"][:2]] == [2 * (1200 - 2), 0]
     assert np.abs(params[2] - params[0]).max() < 1e-5
+
+
+def replay_of(path):
+    with h5py.File(path) as f:
+        return {k: f[f"replay/{k}"][...] for k in f["replay"]}
+
+
+def test_sync_and_actor_checkpoints_reshard_both_ways_and_sigusr1_checkpoints_and_exits_3(tmp_path):
+    """A sync dp=2 run's checkpoint resumes with 1 learner + 2 actors: its two env streams become
+    the learner's first 1200 finished transitions (n_step=1: obs, action, reward as stored;
+    discount gamma or 0), and the actors start afresh (a warning says so). That job, stopped
+    by SIGUSR1 (Slurm's preemption warning, forwarded by mpirun), checkpoints and every rank
+    exits with status 3, as in sync mode. Its checkpoint resumes with actors=0 dp=2: the
+    learner's one stream is cut in two, each replica's shard starts with its piece, training
+    goes on and ends cleanly."""
+    run, g = tmp_path / "run", 0.99
+    common = [*TINY, "dqn.n_step=1", "dqn.gamma=0.99", "dqn.buffer_size=4000", "eval.episodes=0",
+              "total_steps=1000000", "checkpoint_every=600", "log.every=200"]
+    hpcdqn(2, ["train", *common, f"run_dir={run}", "stop_after=1200"], timeout=240)
+    sync = replay_of(run / "checkpoints" / "ckpt-000000001200.h5")
+    rows = len(sync["obs"]) // 2
+    streams = {k: np.concatenate([v[:600, 0], v[rows:rows + 600, 0]]) for k, v in sync.items()
+               if k in ("obs", "next_obs", "actions", "rewards", "terminated")}
+    cmd = mpirun_cmd(3) + [sys.executable, "-m", "hpcdqn.cli", "train", "--resume", str(run),
+                           "actors=2", "stop_after=0"]
+    a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=mpi_env(), start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (run / "checkpoints" / "ckpt-000000001800.h5").exists():
+            time.sleep(0.1)
+        assert a.poll() is None, a.communicate()[1][-3000:]
+        os.kill(a.pid, signal.SIGUSR1)
+        out, err = a.communicate(timeout=120)
+    finally:
+        if a.poll() is None:
+            os.killpg(a.pid, signal.SIGKILL)
+    assert a.returncode == 3, err[-3000:]
+    assert "the actors start afresh at env step 1200, their environments re-seeded" in err
+    s = summary(subprocess.CompletedProcess(cmd, 3, out, err))
+    assert s["stopped_by_signal"] == int(signal.SIGUSR1) and s["env_steps"] >= 1800, s
+    assert s["roles"] == ["learner", "actor", "actor"] and s["checkpoints"] >= 2
+    fed = replay_of(run / "checkpoints" / "ckpt-000000001800.h5")
+    assert fed["filled"][0] == 1800 and fed["obs"].shape[1] == 1     # 1200 resharded + 600 new
+    for k in ("obs", "next_obs", "actions", "rewards", "terminated"):
+        assert np.array_equal(fed[k][:1200, 0], streams[k]), k
+    assert np.allclose(fed["discounts"][:1200, 0], np.where(streams["terminated"], 0.0, g))
+    last = s["env_steps"]
+    fed = replay_of(run / "checkpoints" / f"ckpt-{last:012d}.h5")
+    n = int(fed["filled"][0])
+    r = hpcdqn(2, ["train", "--resume", str(run), "actors=0", f"stop_after={last + 200}"], timeout=240)
+    assert "resumed resharded" in r.stderr and summary(r)["env_steps"] == last + 200
+    back = replay_of(run / "checkpoints" / f"ckpt-{last + 200:012d}.h5")
+    m, rows = n // 2, len(back["obs"]) // 2
+    assert list(back["filled"]) == [m + 100] * 2
+    for q in range(2):
+        piece = slice(n - 2 * m + q * m, n - 2 * m + (q + 1) * m)
+        for k in ("obs", "actions", "rewards", "terminated"):
+            assert np.array_equal(back[k][q * rows:q * rows + m, 0], fed[k][piece, 0]), (q, k)
