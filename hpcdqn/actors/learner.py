@@ -37,12 +37,14 @@ from hpcdqn.actors.nstep import TransitionReplay
 from hpcdqn.actors.wire import (CKPT, DATA, DONE, PROGRESS, RESTORE, STATE, STOP, TAG_CTRL, TAG_DATA,
                                 WEIGHTS, Layout, WireError, max_state_bytes, pack_ctrl, pack_json)
 from hpcdqn.config import ConfigError
+from hpcdqn.metrics import ROLES_CSV, write_roles_csv
 from hpcdqn.parallel.agree import Local
 from hpcdqn.parallel.grid import mpi
 from hpcdqn.parallel.layout import Role, RunLayout
 from hpcdqn.parallel.lifecycle import agree_user_errors
 from hpcdqn.store import Checkpointer, warn
 from hpcdqn.store.codec import decode, encode
+from hpcdqn.store.errors import agree_write
 from hpcdqn.train import Trainer, configure_process
 
 KEYS = ("obs", "actions", "returns", "next_obs", "discounts")
@@ -257,6 +259,7 @@ class FedTrainer(Trainer):
         actors = self.stop_actors()
         rep = self.replay
         mine = {"rank": self.layout.rank, "role": Role.LEARNER.value, **self.times,
+                "wall_s": time.perf_counter() - self.t_leg,
                 "sample_s": rep.sample_s if rep else 0.0, "inserted": rep.inserted if rep else 0,
                 "sampled": self.learner.updates * self.clock.batch_per_replica if rep else 0,
                 **{f"{k}_s": v for k, v in self.learner.time_split_seconds().items()}}
@@ -264,6 +267,10 @@ class FedTrainer(Trainer):
                           **{k: round(v, 4) for k, v in s.items()}} for a, s in actors.items()]
         every = self.comm.allgather(rows)
         self.roles = sorted((r for rs in every for r in rs), key=lambda r: r["rank"])
+        with Local() as loc:
+            if self.root:
+                write_roles_csv(self.run_dir, self.roles)
+        agree_write(self.comm, ROLES_CSV, self.run_dir / ROLES_CSV, loc.err)
         return super().finish()
 
     def role_summary(self) -> dict:

@@ -1,6 +1,7 @@
 """Actor ranks and learner ranks (``hpcdqn.actors``) under real ``mpirun``: the layout's
 refusals, a run that ends cleanly with every rank's role and time split, and lockstep runs that
 repeat bitwise."""
+import csv
 import json
 import os
 import shutil
@@ -103,6 +104,15 @@ def test_two_learners_two_actors_end_cleanly_with_every_ranks_role(tmp_path):
         assert all(k in x for k in ("receive_insert_s", "wait_data_s", "sample_s", "compute_s"))
     assert json.loads((tmp_path / "summary.json").read_text())["ranks"] == s["ranks"]
     assert (tmp_path / "model.h5").is_file()
+    with open(tmp_path / "metrics_roles.csv") as fh:      # rank 0 writes every rank's row
+        rows = list(csv.DictReader(fh))
+    assert [(r["rank"], r["role"], r["learner"]) for r in rows] == \
+        [("0", "learner", ""), ("1", "learner", ""), ("2", "actor", "0"), ("3", "actor", "1")]
+    for r, x in zip(rows, s["ranks"]):
+        keys = ("env_s", "inference_s", "send_s", "wait_s") if x["role"] == "actor" else \
+            ("receive_insert_s", "wait_data_s", "sample_s", "update_s", "allreduce_s")
+        assert all(abs(float(r[k]) - x[k]) < 1e-3 for k in keys), (r, x)
+        assert 0 < float(r["wall_s"]) and (r["env_s"] == "") == (x["role"] == "learner")
 
 
 def ckpt_arrays(path):
