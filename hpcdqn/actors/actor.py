@@ -151,6 +151,8 @@ class Actor:
     def send_state(self) -> None:
         """Send the buffered steps, then this actor's state (``STATE``, after them in order)."""
         self.flush()
+        self.stats["states_sent"] = self.stats.get("states_sent", 0) + 1
+        stall("actor-state", self.layout.rank, self.stats["states_sent"])   # ...=actor-state:RANK@N
         self.out.send(pack_json(STATE, self.state_dict()), self.learner, TAG_DATA)
 
     def load_state_dict(self, st: dict) -> None:

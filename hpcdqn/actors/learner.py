@@ -32,7 +32,7 @@ from collections import deque
 import numpy as np
 
 from hpcdqn.actors.actor import Actor, max_ahead
-from hpcdqn.actors.channel import Inbox, Outbox
+from hpcdqn.actors.channel import Inbox, Outbox, PeerTimeout
 from hpcdqn.actors.nstep import TransitionReplay
 from hpcdqn.actors.wire import (CKPT, DATA, DONE, PROGRESS, RESTORE, STATE, STOP, TAG_CTRL, TAG_DATA,
                                 WEIGHTS, Layout, WireError, max_state_bytes, pack_ctrl, pack_json)
@@ -296,14 +296,18 @@ def run_role(cfg: dict, quiet: bool = False, mem_per_rank: str | None = None,
     agree_user_errors(world, loc.err)
     learner = layout.role is Role.LEARNER
     comm = world.Split(color=0 if learner else 1, key=world.Get_rank())
-    if not learner:
-        configure_process({**cfg, "device": "cpu"})
-        return leave_together(world, Actor(cfg, layout, world).run(resumed=bool(resume)))
     try:
+        if not learner:
+            configure_process({**cfg, "device": "cpu"})
+            return wait_for_learners(world, Actor(cfg, layout, world).run(resumed=bool(resume)))
         trainer = FedTrainer(cfg, comm, world, layout, quiet, mem_per_rank, resume)
         if resume:
             trainer.resume(resume)
-        return leave_together(world, trainer.run())
+        return wait_for_learners(world, trainer.run())
+    except PeerTimeout as e:       # a silent peer: one line, then the whole job ends
+        print(f"hpcdqn train: error (rank {world.Get_rank()}, {layout.role.value}): {e}",
+              file=sys.stderr, flush=True)
+        world.Abort(1)
     except Exception as e:
         if not getattr(e, "agreed", False):
             raise               # abort_on_exception: its traceback, then MPI_Abort of the world
@@ -314,7 +318,7 @@ def run_role(cfg: dict, quiet: bool = False, mem_per_rank: str | None = None,
         world.Abort(2)
 
 
-def leave_together(world, summary: dict) -> dict:
+def wait_for_learners(world, summary: dict) -> dict:
     """Collective over the world (a non-blocking barrier, polled with naps: waiting actors take
     no CPU from the learners' last work): no rank leaves, with an exit status that may end the
     job (a checkpointed signal's), before the learners wrote the run's files."""

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcdqn.config import ConfigError, load_config
+from hpcdqn.config import load_config
 from hpcdqn.parallel.grid import LayoutError
 from hpcdqn.parallel.layout import Role, RunLayout
 from hpcdqn.rl.networks import initial_flat, network_layers
@@ -42,8 +42,7 @@ def test_layout_gives_roles_and_refuses_what_cannot_work():
     assert "learner: ranks 0-3 (replay on first stages 0, 2); actor: ranks 4-6" in pp.describe_roles()
     with pytest.raises(LayoutError, match="not a multiple of pp=2: launch mpirun -n 3"):
         RunLayout.resolve(load_config(overrides=["actors=1", "pp=2"]), world=4)
-    with pytest.raises(ConfigError, match="not supported yet"):
-        RunLayout.resolve(load_config(overrides=["actors=1", "checkpoint_every=1000"]), world=2)
+    RunLayout.resolve(load_config(overrides=["actors=1", "checkpoint_every=1000"]), world=2)  # (now fine)
 
 
 def test_actors_explore_with_a_fixed_schedule_or_the_apex_ladder():
@@ -72,13 +71,23 @@ def test_plan_shows_the_roles():
     assert "actor ranks: parameters 264.01 KiB" in r.stdout
 
 
-def test_a_stalled_actor_ends_the_job_with_its_name(tmp_path):
-    """Actor rank 2 stops itself (SIGSTOP) at its 100th env step: its learner, waiting for its
-    data, names it after actor.timeout_s and the whole job ends (no hang)."""
-    r = hpcdqn(3, ["train", "actors=2", "actor.timeout_s=2", f"run_dir={tmp_path}", *TINY],
-               env={"HPCDQN_TEST_STALL": "actor:2@100"}, timeout=120, check=False)
+@pytest.mark.parametrize("where", ["data", "checkpoint"])
+def test_a_stalled_actor_ends_the_job_with_its_name(tmp_path, where):
+    """Actor rank 2 stops itself (SIGSTOP) at its 100th env step, or when its learner asks for
+    its state at the first checkpoint: its learner, waiting for its data or its state, names it
+    after actor.timeout_s in one line (no traceback), first, and the whole job ends (no hang)
+    with no checkpoint file for that point."""
+    stall, extra = ("actor:2@100", []) if where == "data" else ("actor-state:2@1", ["checkpoint_every=600"])
+    r = hpcdqn(3, ["train", "actors=2", "actor.timeout_s=2", f"run_dir={tmp_path}", *TINY, *extra],
+               env={"HPCDQN_TEST_STALL": stall}, timeout=120, check=False)
     assert r.returncode != 0
-    assert "no message from actor 2 (rank 2) for 2 s" in r.stderr, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("hpcdqn train:")]
+    assert lines[0] == ("hpcdqn train: error (rank 0, learner): no message from actor 2 (rank 2) "
+                        "for 2 s (actor.timeout_s): did it stop?"), r.stderr[-3000:]
+    # (the other actor, 1.5x as patient, may say its learner went silent before the abort lands)
+    assert all("(rank 1, actor): no message from its learner" in x for x in lines[1:]), lines
+    assert "Traceback" not in r.stderr and "phase 'actor-state'" in r.stderr or where == "data"
+    assert not (tmp_path / "checkpoints" / "ckpt-000000000600.h5").exists()
 
 
 def summary(r):
