@@ -44,7 +44,7 @@ from hpcdqn.parallel.layout import Role, RunLayout
 from hpcdqn.parallel.lifecycle import agree_user_errors
 from hpcdqn.store import Checkpointer, warn
 from hpcdqn.store.codec import decode, encode
-from hpcdqn.store.errors import agree_write
+from hpcdqn.store.errors import CheckpointCorrupt, agree_write
 from hpcdqn.train import Trainer, configure_process
 
 KEYS = ("obs", "actions", "returns", "next_obs", "discounts")
@@ -213,22 +213,24 @@ class FedTrainer(Trainer):
     def restore_extra(self, st: dict) -> None:
         """Give every actor of this replica its state back (``RESTORE``) and rebuild the queue
         of what it had sent; on another layout, tell it where to start afresh."""
-        saved = (st["rank"] or {}).get("actors") if st["exact"] else None
-        self.restored = saved is not None
+        self.restored = bool(st["exact"])       # (the same on every learner: the layouts')
+        saved = (st["rank"] or {}).get("actors") or {}
         it, steps = self.state.iteration, int(st["counters"]["env_steps"])
         for a in self.feeders:
-            if saved is None:
+            if not self.restored:
                 mine = {"fresh": True, "it": it, "progress": it, "updates": self.learner.updates,
                         "seed": [self.cfg["seed"], a, steps]}
                 self.expect[a] = it
             else:
+                if str(a) not in saved:
+                    raise CheckpointCorrupt(f"checkpoint '{st['path']}' has no state of actor {a}")
                 entry = saved[str(a)]
                 self.expect[a], mine = int(entry["expect"]) - self.pending_steps(entry), entry["state"]
                 for p in entry["pending"]:
                     buf = np.ascontiguousarray(decode(p["buf"]), np.uint8)
                     self.queue(a, buf, self.wire.unpack(buf), int(p["k"]), int(p["off"]))
             self.out.send(pack_json(RESTORE, mine), a, TAG_CTRL)
-        if saved is None and self.grid.is_root:
+        if not self.restored and self.grid.is_root:
             warn(f"the checkpoint's layout differs from this run's (actors={self.layout.actors}, "
                  f"dp={self.layout.dp}, pp={self.layout.pp}): the replay was resharded and the "
                  f"actors start afresh at env step {steps}, their environments re-seeded from "

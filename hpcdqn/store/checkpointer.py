@@ -118,12 +118,7 @@ class Checkpointer:
         replay = self.replay.state_dict() if self.replay is not None else None
         if replay is not None:
             mine.update(replay_parts(replay, layout))
-            state.update(replay_rng=encode(replay["rng"]))
-        if self.rollout is not None:
-            acting = self.rollout.state_dict()
-            state.update(acting_rng=encode(acting["rng"]),
-                         obs=encode(np.asarray(acting["obs"])), ep_ret=encode(acting["ep_ret"]),
-                         ep_len=encode(acting["ep_len"]), env=encode_env(acting["env"]))
+            state.update(self.acting_state(replay))
         state.update(extra or {})
         if frame_stack(layout):    # collective: every shard's count of initial stacks
             held = self.comm.allgather(len(replay["starts"]) if replay is not None else 0)
@@ -131,6 +126,16 @@ class Checkpointer:
         counters = dict(counters, **scalars, checkpoints=len(self.stalls) + 1)
         return {"layout": layout, "env": self.env_info, "sizes": self.sizes, "cfg": self.cfg,
                 "counters": counters, "mine": mine, "rank_json": json.dumps(state).encode()}
+
+    def acting_state(self, replay: dict) -> dict:
+        """The replay's sampling RNG and the rollout's state (JSON-able; a learner fed by
+        actors has no rollout: its actors' states come as ``save``'s ``extra``)."""
+        if self.rollout is None:
+            return {"replay_rng": encode(replay["rng"])}
+        acting = self.rollout.state_dict()
+        return {"acting_rng": encode(acting["rng"]), "replay_rng": encode(replay["rng"]),
+                "obs": encode(np.asarray(acting["obs"])), "ep_ret": encode(acting["ep_ret"]),
+                "ep_len": encode(acting["ep_len"]), "env": encode_env(acting["env"])}
 
     def learner_parts(self, sd: dict) -> dict:
         """This stage's flat vectors (a learner's ``state_dict``) cut into the per-layer
