@@ -108,3 +108,25 @@ def test_raw_steps_resharded_into_finished_transitions_equal_the_replays_targets
                   None, None, discounts=b.discounts[i:i + 1])
     assert again.filled == rep.filled and np.array_equal(again.discounts, rep.discounts)
     assert np.array_equal(again.rewards, rep.rewards) and np.array_equal(again.obs, rep.obs)
+
+
+def test_state_messages_round_trip_and_are_bounded():
+    """``STATE`` (actor -> learner) and ``RESTORE`` (learner -> actor): JSON after the int64
+    header (no pickle), their length checked against the header, and bounded on receipt."""
+    from hpcdqn.actors.wire import RESTORE, STATE, max_state_bytes, pack_json
+    from hpcdqn.store.codec import decode, encode
+
+    lay = Layout((4,), np.float32, 1, 3)
+    st = {"it": 7, "params": encode(np.arange(5, dtype=np.float32))}
+    got = lay.unpack(pack_json(STATE, st))
+    assert got["kind"] == STATE and got["state"]["it"] == 7
+    assert np.array_equal(decode(got["state"]["params"]), np.arange(5, dtype=np.float32))
+    kind, _, obj = unpack_ctrl(pack_json(RESTORE, st), 5)
+    assert kind == RESTORE and obj == st
+    with pytest.raises(WireError, match="header says"):
+        lay.unpack(pack_json(STATE, st)[:-3])
+    bad = pack_json(STATE, st)
+    bad[48:50] = 0xFF                     # not UTF-8 JSON any more
+    with pytest.raises(WireError, match="not JSON"):
+        lay.unpack(bad)
+    assert max_state_bytes(1000) < max_state_bytes(2000) < 2 ** 27
