@@ -38,6 +38,7 @@ from hpcdqn.actors.wire import (CKPT, DATA, DONE, PROGRESS, RESTORE, STATE, STOP
                                 WEIGHTS, Layout, WireError, max_state_bytes, pack_ctrl, pack_json)
 from hpcdqn.config import ConfigError
 from hpcdqn.metrics import ROLES_CSV, write_roles_csv
+from hpcdqn.parallel import watchdog
 from hpcdqn.parallel.agree import Local
 from hpcdqn.parallel.grid import mpi
 from hpcdqn.parallel.layout import Role, RunLayout
@@ -79,6 +80,8 @@ class FedTrainer(Trainer):
             raw_steps=(cfg["dqn"]["n_step"], cfg["dqn"]["gamma"]))
         self.ckpt = Checkpointer(self.run_dir, cfg, self.grid, list(lay.layers), self.env_info,
                                  self.learner, self.replay, None, 0, transitions=cfg["dqn"]["n_step"])
+        # the checkpoint/resume deadlines with the replay shard built here (collective)
+        self.watchdog.deadlines = watchdog.deadlines(cfg["watchdog"]["deadline_s"], self.ckpt_bytes())
         self.feeders = [] if lay.pp_rank else lay.actors_of(lay.dp_rank)   # first stages
         self.wire = Layout(self.obs_space.shape, self.obs_space.dtype, cfg["num_envs"],
                            ac["send_every"])
