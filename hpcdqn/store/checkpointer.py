@@ -63,7 +63,9 @@ class Checkpointer:
                        "prioritized": bool(cfg["replay"]["prioritized"]),
                        "frame_stack": int(frame_stack)}
         if transitions:     # (only then: a sync run's file is as before)
-            self.layout.update(transitions=int(transitions), actors=int(cfg["actors"]))
+            self.layout.update(transitions=int(transitions), actors=int(cfg["actors"]),
+                               actor_envs=int(cfg["num_envs"]),
+                               send_every=int(cfg["actor"]["send_every"]))
         self.every = int(cfg["checkpoint_every"])
         self.minutes = float(cfg.get("checkpoint_minutes", 0.0))
         self.last_save = time.monotonic()
@@ -205,7 +207,7 @@ class Checkpointer:
         g, old = self.grid, meta["layout"]
         same_layout = _same(old, self.layout, ("world", "dp", "pp", "num_envs", "rows",
                                                "prioritized", "frame_stack", "transitions",
-                                               "actors"))
+                                               "actors", "actor_envs", "send_every"))
         out = {"counters": meta["counters"], "exact": same_layout, "warnings": [], "window": None,
                "rank": None}
         with open_source(path, self.storage) as f:
@@ -280,7 +282,7 @@ def _rows_for(cfg: dict, dp: int, k: int, transitions: int = 0) -> int:
 
 
 def _same(old: dict, new: dict, keys) -> bool:
-    """``old`` and ``new`` layouts agree on ``keys`` (``transitions``/``actors`` absent: 0)."""
+    """``old`` and ``new`` layouts agree on ``keys`` (the actor keys absent: 0)."""
     return all(frame_stack(old) == frame_stack(new) if k == "frame_stack" else
                old.get(k, 0) == new.get(k, 0) for k in keys)
 
