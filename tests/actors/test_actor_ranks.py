@@ -194,7 +194,7 @@ def test_sync_and_actor_checkpoints_reshard_both_ways_and_sigusr1_checkpoints_an
     goes on and ends cleanly."""
     run, g = tmp_path / "run", 0.99
     common = [*TINY, "dqn.n_step=1", "dqn.gamma=0.99", "dqn.buffer_size=4000", "eval.episodes=0",
-              "total_steps=1000000", "checkpoint_every=600", "log.every=200"]
+              "total_steps=1000000", "checkpoint_every=600", "log.every=200", "keep_last=10"]
     hpcdqn(2, ["train", *common, f"run_dir={run}", "stop_after=1200"], timeout=240)
     sync = replay_of(run / "checkpoints" / "ckpt-000000001200.h5")
     rows = len(sync["obs"]) // 2
