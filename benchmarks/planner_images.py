@@ -59,7 +59,7 @@ def run(name: str, conf: str, pp: int, a, tmp: Path) -> dict:
              for m in summary["memory_per_rank"]]
     return {"game": name, "pp": pp, "ranks": ranks, "env_steps": steps, "episodes": episodes,
             "steps_per_episode_seen": round(steps / max(1, episodes), 1),
-            "steps_per_episode_planned": planned_episode_steps(cfg),
+            "steps_per_episode_planned": planned_episode_steps(cfg["replay"]),
             "loadavg_before": load, "plan": summary["execution_plan"]["gradient"]}
 
 

@@ -2,6 +2,7 @@
 
     hpcdqn train [--config FILE] [--mem-per-rank 6G] [--dry-run] [KEY=VALUE ...]
     hpcdqn plan [--config FILE] --ranks N [--mem-per-rank 6G] [KEY=VALUE ...]
+    hpcdqn plan --ranks 4 --cores 2 actors=3 [--rates-from RUN/summary.json ...]  (expected rates)
     mpirun -n 4 hpcdqn train pp=2 micro_batches=8 schedule=1f1b
     hpcdqn scale --ranks 1,2,4 --mode weak --out DIR [--repeats R] [KEY=VALUE ...]
     hpcdqn scale --mode target --target-return 475 --ranks 1,2,4 --seeds 1-5 --out DIR
@@ -58,11 +59,21 @@ def _cmd_plan(args, world: int | None = None) -> int:
     except (ConfigError, LayoutError) as e:
         print(f"hpcdqn plan: config error: {e}", file=sys.stderr)
         return 2
+    if res["actors"]:
+        try:
+            res["expected_rates"] = _expected_rates(args, cfg, res, per_node)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"hpcdqn plan: --rates-from: {e}: pass summary.json files of actor runs "
+                  "(actors > 0) of this config", file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps(res))
     else:
         print(describe_memory_plan(res, res["mem_per_rank"], res["mem_per_rank_source"],
                                    res["baseline_rss"]))
+        if "expected_rates" in res:
+            from hpcdqn.parallel.roles_model import describe_rates
+            print(describe_rates(res["expected_rates"]))
     if not res["fits"]:
         print(f"hpcdqn plan: WARNING: the largest rank needs {fmt_bytes(res['largest_rank_bytes'])}, "
               f"more than the {fmt_bytes(res['mem_per_rank'])} a rank may use "
@@ -70,6 +81,26 @@ def _cmd_plan(args, world: int | None = None) -> int:
               f"network, or raise --mem-per-rank / {ENV_CAP}", file=sys.stderr)
         return 1
     return 0
+
+
+def _expected_rates(args, cfg: dict, plan: dict, per_node: int) -> dict:
+    """The cost model with roles for ``plan`` (actors > 0): the committed defaults, or the
+    constants of the actor runs whose ``summary.json`` files ``--rates-from`` names."""
+    from pathlib import Path
+
+    from hpcdqn.parallel import roles_model as rm
+
+    constants, source = None, None
+    rates_from = getattr(args, "rates_from", None)      # (train --dry-run has neither option)
+    if rates_from:
+        runs = [json.loads(Path(f).read_text()) for f in rates_from]
+        constants = rm.constants_from_summaries(runs, cfg["actor"], plan["obs_bytes"])
+        source = "measured from " + ", ".join(rates_from) + "; eta_learner, eta_actor: defaults"
+    elif cfg["env_id"] != "CartPole-v1" or cfg["network"]["hidden"] != [256, 256]:
+        source = f"{rm.DEFAULT_SOURCE}; {rm.DEFAULTS_NOTE}"
+    return rm.plan_rates(plan, cfg["actor"], plan["obs_bytes"], getattr(args, "cores", None),
+                         remote=per_node < plan["world"], constants=constants,
+                         source=source)
 
 
 def _cmd_train(args) -> int:
@@ -238,15 +269,17 @@ def _whole_network_policy(path):
 
 def _run_eval(policy, cfg: dict, args, run) -> dict:
     """``args.episodes`` greedy episodes (default: the run's eval.episodes, else 10)."""
+    from hpcdqn.config import env_config
     from hpcdqn.rl.evaluate import evaluate_run
 
     episodes = args.episodes or cfg["eval"]["episodes"] or 10
     n_envs = min(cfg["eval"]["num_envs"], episodes)
     while episodes % n_envs:
         n_envs -= 1
-    res = evaluate_run(policy, cfg, episodes, n_envs,
+    res = evaluate_run(policy, env_config(cfg), episodes, n_envs,
                        args.seed if args.seed is not None else cfg["seed"] + 10_000_000,
-                       epsilon=args.epsilon, env_id=args.env_id, vector="sync")
+                       cfg["eval"]["epsilon"] if args.epsilon is None else args.epsilon,
+                       env_id=args.env_id, vector="sync")
     res["run_dir"] = str(run)
     return res
 
@@ -334,6 +367,12 @@ def _add_plan_parser(sub) -> None:
     pl.add_argument("--ranks-per-node", type=int, default=None,
                     help="ranks sharing one node's memory (default: all --ranks)")
     pl.add_argument("--mem-per-rank", default=None, metavar="SIZE", help="cap per rank, e.g. 6G")
+    pl.add_argument("--cores", type=int, default=None,
+                    help="actors > 0: CPU cores the ranks share, for the expected rates "
+                         "(default: one core per rank)")
+    pl.add_argument("--rates-from", nargs="+", default=None, metavar="SUMMARY_JSON",
+                    help="actors > 0: summary.json of actor runs of this config to take the cost "
+                         "model's constants from (default: the committed CartPole measurement)")
     pl.add_argument("--json", action="store_true")
     pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     pl.set_defaults(fn=_cmd_plan)

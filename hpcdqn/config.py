@@ -285,6 +285,20 @@ def learner_config(cfg: dict) -> LearnerConfig:
                          micro_batches=cfg["micro_batches"], schedule=cfg["schedule"])
 
 
+@dataclass(frozen=True)
+class EnvConfig:
+    """How a run makes its environments (``env_config(cfg)``): the env id, the vector kind and
+    the ``[atari]`` preprocessing; what a greedy evaluation needs to play as the run trained."""
+    env_id: str
+    vector: str
+    atari: dict
+
+
+def env_config(cfg: dict) -> EnvConfig:
+    """The run's env part of the whole config ``cfg``."""
+    return EnvConfig(env_id=cfg["env_id"], vector=cfg.get("vector", "sync"), atari=cfg.get("atari"))
+
+
 def defaults(schema=SCHEMA) -> dict:
     out = {}
     for k, v in schema.items():

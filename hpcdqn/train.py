@@ -224,11 +224,12 @@ class Trainer:
             raise config_mod.ConfigError(str(e)) from None
         if not self.layout.steps_envs:
             env.close()      # (built for its spaces: only a replica's first stage acts)
+        self.learner_cfg = config_mod.learner_config(cfg)
         self.memory_plan = self.check_memory()     # stops here, on every rank, if it cannot fit
         # shapes only (meta device, the layout's): each rank allocates just its own stage, with
         # the values the whole network would get from `seed` (networks.initial_flat)
         layers = list(self.layout.layers)
-        self.learner = build_learner(self.layout, grid, config_mod.learner_config(cfg), self.device,
+        self.learner = build_learner(self.layout, grid, self.learner_cfg, self.device,
                                      seed=cfg["seed"])
         # online + target + Adam moments held by each stage (replica 0's stages are world ranks 0..pp-1)
         self.stage_bytes = self.comm.allgather(self.learner.parameter_bytes())[:grid.pp]
@@ -239,7 +240,7 @@ class Trainer:
                 self.obs_space.dtype, self.frame_stack, n_step=d["n_step"], gamma=d["gamma"],
                 prioritized=cfg["replay"]["prioritized"], alpha=cfg["replay"]["alpha"],
                 priority_eps=cfg["replay"]["priority_eps"], seed=env_seed + 7,
-                **({"episode_steps": planned_episode_steps(cfg)} if self.frame_stack else {}))
+                **({"episode_steps": planned_episode_steps(cfg["replay"])} if self.frame_stack else {}))
             self.rollout = Rollout(env, rng, env.reset(seed=env_seed)[0])
         self._announce()
         self.env_info = env_info = {
@@ -258,7 +259,8 @@ class Trainer:
         shape = self.obs_space.shape
         with Local() as loc:    # (a pipeline split this network cannot make: agreed, exit 2)
             self.layout = self.layout.place(self.cfg["network"], shape, self.n_actions)
-            plan = plan_memory(self.layout, self.cfg, shape, self.obs_space.dtype, self.frame_stack)
+            plan = plan_memory(self.layout, self.learner_cfg, self.cfg["replay"], self.cfg["threads"],
+                               shape, self.obs_space.dtype, self.frame_stack)
         agree_user_errors(self.comm, loc.err)
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         cap, source = cap_per_rank(local.Get_size(), self.layout.mem_per_rank)
@@ -523,7 +525,8 @@ class Trainer:
         """Collective over the replica's stages: greedy episodes of replica 0 in envs made as
         the run trained (``rl.evaluate.evaluate_run``); the result on world rank 0."""
         return self.learner.evaluate(
-            lambda policy: evaluate_run(policy, self.cfg, episodes, num_envs, seed))
+            lambda policy: evaluate_run(policy, config_mod.env_config(self.cfg), episodes, num_envs, seed,
+                                        self.cfg["eval"]["epsilon"]))
 
     def periodic_eval(self) -> None:
         """Collective over the world: ``eval.every_episodes`` greedy episodes of replica 0 and a

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hpcdqn.config import ConfigError, load_config  # noqa: E402
+from hpcdqn.config import ConfigError, learner_config, load_config  # noqa: E402
 from hpcdqn.learner.budget import plan_memory  # noqa: E402
 from hpcdqn.parallel.grid import LayoutError  # noqa: E402
 from hpcdqn.parallel.layout import RunLayout  # noqa: E402
@@ -58,7 +58,8 @@ def resolve_all() -> dict:
                 try:
                     cfg = load_config(path, [f"pp={pp}"])
                     layout = RunLayout.resolve(cfg, dp * pp).place(cfg["network"], shape, n_actions)
-                    cells[dp, pp] = plan_memory(layout, cfg, shape, dtype, stack)
+                    cells[dp, pp] = plan_memory(layout, learner_config(cfg), cfg["replay"],
+                                                cfg["threads"], shape, dtype, stack)
                 except (ConfigError, LayoutError) as e:
                     cells[dp, pp] = str(e)
         out[path.stem] = cells

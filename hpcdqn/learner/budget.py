@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpcdqn.config import ConfigError
+from hpcdqn.config import ConfigError, LearnerConfig, learner_config
 from hpcdqn.parallel.layout import RunLayout
 from hpcdqn.parallel.partition import LinearPiece, stage_modules
 from hpcdqn.rl.framereplay import planned_episode_steps, replay_nbytes
@@ -109,23 +109,26 @@ def activation_bytes(widths: list[int], batch: int, micro: int, schedule: str, s
     return int(saved + transient)
 
 
-def plan_memory(layout, cfg: dict, obs_shape: tuple, obs_dtype, frame_stack: int = 0) -> dict:
+def plan_memory(layout, lc: LearnerConfig, replay_cfg: dict, threads: int, obs_shape: tuple,
+                obs_dtype, frame_stack: int = 0) -> dict:
     """Per-stage memory by category (bytes) and the run's schedule figures for ``layout`` (a
-    ``parallel.layout.RunLayout`` with its stages placed); allocates nothing. ``frame_stack``:
-    frames per observation where the replay stores each frame once (``rl.envs.frame_stack``)."""
+    ``parallel.layout.RunLayout`` with its stages placed, its schedule resolved), the learner's
+    part of the config ``lc``, the ``[replay]`` section and the run's ``threads`` (0: torch's
+    default); allocates nothing. ``frame_stack``: frames per observation where the replay stores
+    each frame once (``rl.envs.frame_stack``)."""
     pp, sched = layout.pp, layout.schedule
-    replay = replay_nbytes(layout.replay_per_replica, cfg["num_envs"], obs_shape, obs_dtype,
-                           cfg["dqn"]["n_step"], cfg["replay"]["prioritized"], frame_stack,
-                           planned_episode_steps(cfg))
+    replay = replay_nbytes(layout.replay_per_replica, sched.num_envs, obs_shape, obs_dtype,
+                           sched.n_step, lc.prioritized, frame_stack,
+                           planned_episode_steps(replay_cfg))
     per_stage, in_shape = [], tuple(obs_shape)
-    threads = cfg["threads"] or os.cpu_count() or 1        # (0: torch's default, one per core)
+    threads = threads or os.cpu_count() or 1        # (0: torch's default, one per core)
     for s, ((a, b), (lo, hi)) in enumerate(zip(layout.stages, layout.param_ranges)):
         n = hi - lo
         widths, in_shape = stage_widths(stage_modules(layout.layers, a, b), in_shape)
         cats = {"parameters": 4 * n, "target": 4 * n, "gradients": 4 * n, "optimizer": 8 * n,
                 "replay": replay if s == 0 else 0,
                 "activations": activation_bytes(widths, sched.batch_per_replica,
-                                                cfg["micro_batches"], cfg["schedule"], s, pp)}
+                                                lc.micro_batches, lc.schedule, s, pp)}
         cats["transient"] = (RUNTIME + (threads - 1) * THREAD + cats["activations"]
                              + int(SLACK * sum(cats.values())))
         per_stage.append({"stage": s, "holds": layout.stage_contents[s], "parameters_count": n,
@@ -200,9 +203,11 @@ def job_memory_plan(cfg: dict, world: int, local_ranks: int,
     stack = frame_stack(env)
     env.close()
     layout = layout.place(cfg["network"], space.shape, n_actions)
-    plan = plan_memory(layout, cfg, space.shape, space.dtype, stack)
+    plan = plan_memory(layout, learner_config(cfg), cfg["replay"], cfg["threads"], space.shape,
+                       space.dtype, stack)
     cap, source = cap_per_rank(local_ranks, layout.mem_per_rank)
     baseline = process_baseline()
     need = max(st["total"] for st in plan["stages"]) + baseline
-    return {**plan, "mem_per_rank": cap, "mem_per_rank_source": source, "baseline_rss": baseline,
+    return {**plan, "obs_bytes": int(np.prod(space.shape)) * np.dtype(space.dtype).itemsize,
+            "mem_per_rank": cap, "mem_per_rank_source": source, "baseline_rss": baseline,
             "largest_rank_bytes": need, "fits": need <= cap}

@@ -7,19 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from hpcdqn.config import EnvConfig
 from hpcdqn.rl.envs import make_vector_env
 
 
-def evaluate_run(policy, cfg: dict, episodes: int, num_envs: int, seed: int,
-                 epsilon: float | None = None, env_id: str | None = None,
-                 vector: str | None = None) -> dict:
-    """Greedy episodes of the run configured by ``cfg``, in envs made as it trained: its env id
-    and its ``[atari]`` preprocessing (the training-only parts left out). The one way periodic,
-    final and ``hpcdqn eval`` evaluations make their envs; ``epsilon``, ``env_id`` and
-    ``vector`` default to the run's ``eval.epsilon``, ``env_id`` and ``vector``."""
-    return evaluate(policy, env_id or cfg["env_id"], episodes, num_envs, seed,
-                    cfg["eval"]["epsilon"] if epsilon is None else epsilon,
-                    vector or cfg.get("vector", "sync"), cfg.get("atari"))
+def evaluate_run(policy, env: EnvConfig, episodes: int, num_envs: int, seed: int, epsilon: float,
+                 env_id: str | None = None, vector: str | None = None) -> dict:
+    """Greedy episodes of a run, in envs made as it trained (``env``, ``config.env_config``):
+    its env id and its ``[atari]`` preprocessing (the training-only parts left out). The one way
+    periodic, final and ``hpcdqn eval`` evaluations make their envs; ``env_id`` and ``vector``
+    default to the run's."""
+    return evaluate(policy, env_id or env.env_id, episodes, num_envs, seed, epsilon,
+                    vector or env.vector, env.atari)
 
 
 def evaluate(policy, env_id: str, episodes: int, num_envs: int, seed: int,

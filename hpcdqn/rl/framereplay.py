@@ -36,11 +36,11 @@ from hpcdqn.rl.replay import ReplayBuffer, tree_bytes
 PLANNED_EPISODE_STEPS = 100   # transitions per episode start, unless the config says otherwise
 
 
-def planned_episode_steps(cfg: dict) -> int:
+def planned_episode_steps(replay: dict) -> int:
     """Transitions per episode start the start store is sized (and the memory planned) for:
-    ``replay.episode_steps``, the rate the run will see (a config with many episode starts,
-    such as Breakout with episodic life, sets it), else ``PLANNED_EPISODE_STEPS``."""
-    given = int(cfg["replay"].get("episode_steps", 0))
+    the ``[replay]`` section's ``episode_steps``, the rate the run will see (a config with many
+    episode starts, such as Breakout with episodic life, sets it), else ``PLANNED_EPISODE_STEPS``."""
+    given = int(replay.get("episode_steps", 0))
     return given if given > 0 else PLANNED_EPISODE_STEPS
 
 

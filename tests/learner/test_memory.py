@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from hpcdqn.config import ConfigError, load_config
+from hpcdqn.config import ConfigError, learner_config, load_config
 from hpcdqn.learner.budget import plan_memory
 from hpcdqn.parallel.layout import RunLayout
 from hpcdqn.sysinfo import cap_per_rank, parse_bytes
@@ -40,7 +40,7 @@ def _train(run, n, pp, extra, env=None, check=True, timeout=600):
 def _memory_plan(cfg: dict, world: int) -> dict:
     """The planner's figures for CartPole's spaces on ``world`` ranks."""
     layout = RunLayout.resolve(cfg, world).place(cfg["network"], (4,), 2)
-    return plan_memory(layout, cfg, (4,), "float32")
+    return plan_memory(layout, learner_config(cfg), cfg["replay"], cfg["threads"], (4,), "float32")
 
 
 def _cap_between(pp_low: int, pp_high: int, base: int) -> int:
