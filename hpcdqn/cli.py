@@ -130,15 +130,10 @@ def _cmd_train(args) -> int:
             cfg = load_config(args.config, args.overrides)
             _array_seed(cfg, args)
         if cfg["actors"]:
-            if args.resume:
-                from hpcdqn.config import ConfigError
-
-                raise ConfigError("--resume with actors > 0: checkpoint and resume with actor "
-                                  "ranks are not supported yet; resume with actors=0 and the "
-                                  "run's own layout")
             from hpcdqn.actors import train_with_actors
 
-            summary = abort_on_exception(train_with_actors, cfg, mem_per_rank=args.mem_per_rank)
+            summary = abort_on_exception(train_with_actors, cfg, mem_per_rank=args.mem_per_rank,
+                                         resume=args.resume)
         else:
             from hpcdqn.train import train
 
@@ -162,7 +157,8 @@ def _cmd_train(args) -> int:
         print(json.dumps(summary), flush=True)
     import signal
 
-    if summary.get("stopped_by_signal") == int(signal.SIGUSR1) and summary.get("checkpoints"):
+    if summary.get("stopped_by_signal") == int(signal.SIGUSR1) and (
+            summary.get("checkpoints") or summary.get("checkpointed")):    # (an actor rank's)
         return EXIT_CHECKPOINTED
     return 0
 
