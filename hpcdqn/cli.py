@@ -6,6 +6,7 @@
     mpirun -n 4 hpcdqn train pp=2 micro_batches=8 schedule=1f1b
     hpcdqn scale --ranks 1,2,4 --mode weak --out DIR [--repeats R] [KEY=VALUE ...]
     hpcdqn scale --mode target --target-return 475 --ranks 1,2,4 --seeds 1-5 --out DIR
+    hpcdqn scale --mode roles --ranks 1 --actors 1,2,4 --out DIR [--repeats R] [KEY=VALUE ...]
     mpirun -n 2 hpcdqn train --resume RUN_DIR [KEY=VALUE ...]   (another layout: reshard)
     hpcdqn eval RUN_DIR [--episodes N]
     hpcdqn export RUN_DIR_OR_CHECKPOINT --format minari OUT_DIR
@@ -129,15 +130,10 @@ def _cmd_train(args) -> int:
             cfg = load_config(args.config, args.overrides)
             _array_seed(cfg, args)
         if cfg["actors"]:
-            if args.resume:
-                from hpcdqn.config import ConfigError
-
-                raise ConfigError("--resume with actors > 0: checkpoint and resume with actor "
-                                  "ranks are not supported yet; resume with actors=0 and the "
-                                  "run's own layout")
             from hpcdqn.actors import train_with_actors
 
-            summary = abort_on_exception(train_with_actors, cfg, mem_per_rank=args.mem_per_rank)
+            summary = abort_on_exception(train_with_actors, cfg, mem_per_rank=args.mem_per_rank,
+                                         resume=args.resume)
         else:
             from hpcdqn.train import train
 
@@ -161,7 +157,8 @@ def _cmd_train(args) -> int:
         print(json.dumps(summary), flush=True)
     import signal
 
-    if summary.get("stopped_by_signal") == int(signal.SIGUSR1) and summary.get("checkpoints"):
+    if summary.get("stopped_by_signal") == int(signal.SIGUSR1) and (
+            summary.get("checkpoints") or summary.get("checkpointed")):    # (an actor rank's)
         return EXIT_CHECKPOINTED
     return 0
 
@@ -199,9 +196,20 @@ def _cmd_scale(args) -> int:
         from hpcdqn.cluster.target import main_cli as target_cli
 
         return target_cli(args)
+    if args.mode == "roles":
+        from hpcdqn.cluster.roles import main_cli as roles_cli
+
+        return roles_cli(args)
     from hpcdqn.cluster.scale import main_cli
 
     return main_cli(args)
+
+
+def _add_roles_args(s) -> None:
+    """``hpcdqn scale --mode roles`` (hpcdqn/cluster/roles.py)."""
+    g = s.add_argument_group("--mode roles: --ranks learner ranks beside each actor count; the "
+                             "time split per role and the cost model with roles, held out")
+    g.add_argument("--actors", help="comma separated actor counts, e.g. 1,2,4")
 
 
 def _add_target_args(s) -> None:
@@ -433,9 +441,10 @@ def main(argv: list[str] | None = None) -> int:
                                    "its error at the held-out largest rank count, labelled as a "
                                    "prediction).")
     s.add_argument("--ranks", help="comma separated rank counts, e.g. 1,2,4")
-    s.add_argument("--mode", choices=["weak", "strong", "target"], default="weak",
+    s.add_argument("--mode", choices=["weak", "strong", "target", "roles"], default="weak",
                    help="weak: total_steps is per replica (scaled by dp); strong: fixed total_steps; "
-                        "target: env steps and wall-clock to --target-return per dp and seed")
+                        "target: env steps and wall-clock to --target-return per dp and seed; "
+                        "roles: learner ranks beside actor ranks (--actors)")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--repeats", type=int, default=1, help="runs per rank count")
     s.add_argument("--config", help="TOML config file for the runs")
@@ -449,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="combine finished studies (their scaling.csv/allreduce.csv) into --out")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     _add_target_args(s)
+    _add_roles_args(s)
     s.set_defaults(fn=_cmd_scale)
 
     if argv is None:

@@ -18,6 +18,12 @@ COLUMNS = ["env_steps", "updates", "episodes", "episodic_return", "episodic_leng
 EVAL_CSV = "eval.csv"        # periodic greedy evaluations (eval.every)
 EVAL_COLUMNS = ["env_steps", "updates", "wall_s", "eval_return_mean", "eval_return_std",
                 "eval_episodes", "eval_s"]
+ROLES_CSV = "metrics_roles.csv"      # actor ranks (``actors`` > 0): each rank's role and time split
+ROLE_COLUMNS = ["rank", "role", "learner", "wall_s",
+                "env_s", "inference_s", "send_s", "wait_s", "env_steps", "transitions_sent",
+                "messages_sent", "weights_received",
+                "receive_insert_s", "wait_data_s", "sample_s", "update_s", "compute_s",
+                "allreduce_s", "inserted", "sampled"]
 MEMORY_COLUMNS = ("parameters", "target", "gradients", "optimizer", "replay",
                   "activations_estimate")
 
@@ -32,6 +38,21 @@ def append_eval_row(run_dir: Path, row: dict) -> Path:
         if new:
             w.writeheader()
         w.writerow(row)
+    return path
+
+
+def write_roles_csv(run_dir: Path, rows: list[dict]) -> Path:
+    """``metrics_roles.csv``: one row per rank of an actor-learner run (its role, the learner
+    replica an actor feeds, its time split over this leg of the run: actor ``env_s``,
+    ``inference_s``, ``send_s``, ``wait_s``; learner ``receive_insert_s``, ``wait_data_s``,
+    ``sample_s``, ``update_s`` (of which ``compute_s``, ``allreduce_s``); a column a role does
+    not have is empty). An OSError is raised for the caller to agree on."""
+    path = Path(run_dir) / ROLES_CSV
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=ROLE_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
     return path
 
 

@@ -243,8 +243,9 @@ class Trainer:
                 **({"episode_steps": planned_episode_steps(cfg["replay"])} if self.frame_stack else {}))
             self.rollout = Rollout(env, rng, env.reset(seed=env_seed)[0])
         self._announce()
-        env_info = {"env_id": cfg["env_id"], "obs_shape": list(self.obs_space.shape),
-                    "obs_dtype": np.dtype(self.obs_space.dtype).str, "n_actions": self.n_actions}
+        self.env_info = env_info = {
+            "env_id": cfg["env_id"], "obs_shape": list(self.obs_space.shape),
+            "obs_dtype": np.dtype(self.obs_space.dtype).str, "n_actions": self.n_actions}
         self.ckpt = Checkpointer(self.run_dir, cfg, grid, layers, env_info, self.learner,
                                  self.replay, self.rollout, self.frame_stack)
         release_freed_memory()      # start-up temporaries (the backward check's copy) leave no hole
@@ -314,6 +315,7 @@ class Trainer:
         self.state = LoopState(epsilon=self.state.epsilon)
         self.state.load_state_dict(st, self.clock.steps_per_iter, st["exact"])
         self.resumed = True
+        self.restore_extra(st)
         release_freed_memory()      # the arrays read from the checkpoint
         if self.root:
             for name in ("metrics.csv", EVAL_CSV):
@@ -323,6 +325,10 @@ class Trainer:
             how = "exactly" if st["exact"] else "resharded (not bitwise)"
             print(f"hpcdqn: resumed {how} from {st['path']} at env step {c['env_steps']}",
                   file=sys.stderr, flush=True)
+
+    def restore_extra(self, st: dict) -> None:
+        """After a resume: what ``rank_extra`` saved (``st['rank']``: this rank's state, None
+        on another layout; nothing here, ``hpcdqn.actors`` hands its actors theirs)."""
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -443,11 +449,17 @@ class Trainer:
         """Collective over the world: everything needed to continue exactly from here."""
         s = self.state
         loop = s.state_dict(self.clock.env_steps(s.iteration), time.perf_counter() - self.t0)
+        extra = self.rank_extra()
         with watchdog.phase("checkpoint"):
-            info = self.ckpt.save(loop["counters"], loop["window"])
+            info = self.ckpt.save(loop["counters"], loop["window"], extra)
         if self.root and not self.quiet:
             self.log.note(f"hpcdqn: checkpoint {info['path']} ({info['bytes'] / 1e6:.1f} MB) stalled "
                           f"training {info['seconds']:.3f} s")
+
+    def rank_extra(self) -> dict | None:
+        """More of this rank's state for a checkpoint (JSON-able; none here: ``hpcdqn.actors``
+        gathers its actors' states)."""
+        return None
 
     # -- the end ----------------------------------------------------------------------------------
     def finish(self) -> dict:

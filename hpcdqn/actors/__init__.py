@@ -19,9 +19,11 @@ because it is the one place that knows both ends of the actor-learner protocol.
 from __future__ import annotations
 
 
-def train_with_actors(cfg: dict, quiet: bool = False, mem_per_rank: str | None = None) -> dict:
+def train_with_actors(cfg: dict, quiet: bool = False, mem_per_rank: str | None = None,
+                      resume: str | None = None) -> dict:
     """Collective over the world: this rank's part of an actor-learner run (its summary; the
-    run's on learner ranks, the actor's own on actor ranks)."""
+    run's on learner ranks, the actor's own on actor ranks); ``resume``: a run directory to
+    continue from (its newest valid checkpoint, written with or without actors)."""
     from hpcdqn.actors.learner import run_role
 
-    return run_role(cfg, quiet, mem_per_rank)
+    return run_role(cfg, quiet, mem_per_rank, resume)

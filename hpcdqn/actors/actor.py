@@ -4,10 +4,17 @@ steps (non-blocking sends), the newest weights picked up without blocking (``loc
 fixed update counts the learner publishes them at), and the rate limit: an actor runs at most
 ``actor.max_ahead`` iterations ahead of its learner's loop. It ends when its learner says
 ``STOP`` (the run's end, or a signal all learners agreed on), answering with ``DONE`` and its
-time split."""
+time split.
+
+At a checkpoint the learner asks (``CKPT``); the actor sends what it has buffered, then its
+state (``state_dict``: the iteration it would step next, its environments and acting RNG as a
+sync rollout saves them, the n-step window, its network and counters) and goes on. A resumed
+actor waits for ``RESTORE`` first: that state, or where to start afresh (its environments
+re-seeded, as a resharded sync resume re-seeds a replica without state)."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -16,14 +23,16 @@ import torch
 from hpcdqn.actors.channel import Inbox, Outbox
 from hpcdqn.actors.frames import FrameSink, FrameWire, sends_frames
 from hpcdqn.actors.nstep import NStepWindow
-from hpcdqn.actors.wire import (PROGRESS, STOP, TAG_CTRL, TAG_DATA, WEIGHTS, Layout, max_ctrl_bytes,
-                                pack_done, unpack_ctrl)
+from hpcdqn.actors.wire import (CKPT, PROGRESS, RESTORE, STATE, STOP, TAG_CTRL, TAG_DATA, WEIGHTS,
+                                Layout, max_ctrl_bytes, max_state_bytes, pack_done, pack_json,
+                                unpack_ctrl)
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.parallel.grid import mpi
 from hpcdqn.rl.envs import frame_stack, make_vector_env
 from hpcdqn.rl.losses import greedy_actions, make_loss
 from hpcdqn.rl.networks import network_layers
 from hpcdqn.rl.rollout import Rollout
+from hpcdqn.store.codec import decode, decode_env, encode, encode_env
 from hpcdqn.testing import stall
 
 
@@ -81,6 +90,9 @@ class Actor:
         # 1.5x the learner's patience: a learner waiting for a silent actor names it first
         self.inbox = Inbox(comm, MPI, max_ctrl_bytes(self.net.numel), 1.5 * self.ac["timeout_s"])
         self.version, self.progress, self.stopped = -1, 0, False
+        self.it = self.updates = self.needed = 0     # the loop's position (a checkpoint's)
+        self.newest = None          # weights received, not loaded yet
+        self.stopped_by = 0         # the signal that stopped the run (STOP's value)
         self.stats = {k: 0.0 for k in ("env_s", "inference_s", "send_s", "wait_s", "env_steps",
                                        "transitions_sent", "messages_sent", "weights_received",
                                        "episodes")}
@@ -91,36 +103,80 @@ class Actor:
         return {"first": first, "counts": [], "transitions": [], "episodes": []}
 
     # -- messages from the learner ----------------------------------------------------------------
-    def take(self, buf, load: bool = True):
-        """Act on one learner message; weights are loaded (``load``) or returned for later."""
+    def take(self, buf, load: bool = True) -> None:
+        """Act on one learner message; weights are loaded now (``load``) or kept for later."""
         kind, value, params = unpack_ctrl(buf, self.net.numel)
         if kind == WEIGHTS:
             self.stats["weights_received"] += 1
-            if not load:
-                return value, params
-            self.net.load_flat_(torch.from_numpy(params.copy()))
-            self.version = value
+            self.newest = (value, params)
+            if load:
+                self.load_newest()
         elif kind == PROGRESS:
             self.progress = max(self.progress, value)
-        elif kind == STOP:
-            self.stopped = True
-        return None
+        elif kind == STOP:         # (its value: the signal that stopped a checkpointed run)
+            self.stopped, self.stopped_by = True, value
+        elif kind == CKPT:
+            self.load_newest()      # (the weights it got before the checkpoint are its state)
+            self.send_state()
+        elif kind == RESTORE:
+            self.load_state_dict(params)
+
+    def load_newest(self) -> None:
+        if self.newest is not None:
+            self.version = self.newest[0]
+            self.net.load_flat_(torch.from_numpy(self.newest[1].copy()))
+            self.newest = None
 
     def poll(self) -> None:
         """Take every learner message waiting (non-blocking), loading only the newest weights."""
-        newest = None
         while not self.stopped and (buf := self.inbox.poll(self.learner, TAG_CTRL)) is not None:
-            newest = self.take(buf, load=False) or newest
-        if newest is not None:
-            self.version = newest[0]
-            self.net.load_flat_(torch.from_numpy(newest[1].copy()))
+            self.take(buf, load=False)
+        self.load_newest()
 
-    def block(self) -> None:
-        """Send what is buffered, then wait for the learner's next message (counted as wait)."""
+    def block(self, limit: int | None = None) -> None:
+        """Send what is buffered, then wait for the learner's next message (counted as wait;
+        ``limit``: its bytes, where it may be ``RESTORE``)."""
         self.flush()
         t = time.perf_counter()
-        self.take(self.inbox.wait(self.learner, TAG_CTRL, "its learner"))
+        self.take(self.inbox.wait(self.learner, TAG_CTRL, "its learner", limit))
         self.stats["wait_s"] += time.perf_counter() - t
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything the actor's future depends on, at the top of iteration ``it`` (JSON-able:
+        ``store.codec``'s encoding)."""
+        acting = self.rollout.state_dict()
+        return {"it": self.it, "updates": self.updates, "needed": self.needed,
+                "version": self.version, "progress": self.progress,
+                "params": encode(self.net.numpy_data().copy()),
+                "rng": encode(acting["rng"]), "obs": encode(np.asarray(acting["obs"])),
+                "ep_ret": encode(acting["ep_ret"]), "ep_len": encode(acting["ep_len"]),
+                "env": encode_env(acting["env"]), "window": encode(self.sink.window.steps)}
+
+    def send_state(self) -> None:
+        """Send the buffered steps, then this actor's state (``STATE``, after them in order)."""
+        self.flush()
+        self.stats["states_sent"] = self.stats.get("states_sent", 0) + 1
+        stall("actor-state", self.layout.rank, self.stats["states_sent"])   # ...=actor-state:RANK@N
+        self.out.send(pack_json(STATE, self.state_dict()), self.learner, TAG_DATA)
+
+    def load_state_dict(self, st: dict) -> None:
+        """``RESTORE``: continue from a ``state_dict``, or (``fresh``) start afresh at
+        iteration ``it``: environments re-seeded, no n-step window, the learner's weights next."""
+        self.it, self.progress = int(st["it"]), int(st["progress"])
+        self.updates = self.needed = int(st["updates"])
+        self.batch = self.new_batch(self.it)
+        if st.get("fresh"):
+            self.rollout.reseed([int(x) for x in st["seed"]])
+            return
+        self.needed, self.version = int(st["needed"]), int(st["version"])
+        self.net.load_flat_(torch.from_numpy(np.ascontiguousarray(decode(st["params"]), np.float32)))
+        warnings = self.rollout.load_state_dict({
+            "rng": decode(st["rng"]), "obs": decode(st["obs"]), "ep_ret": decode(st["ep_ret"]),
+            "ep_len": decode(st["ep_len"]), "env": decode_env(st["env"])})
+        for w in warnings:
+            print(f"hpcdqn: actor {self.idx}: {w}", file=sys.stderr, flush=True)
+        self.sink.window.steps = list(decode(st["window"]))
 
     # -- acting -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -161,25 +217,32 @@ class Actor:
         self.stats["send_s"] += time.perf_counter() - t
 
     # -- the loop -----------------------------------------------------------------------------------
-    def run(self) -> dict:
-        """Act until the learner says stop; returns this actor's figures (``DONE``'s)."""
+    def run(self, resumed: bool = False) -> dict:
+        """Act until the learner says stop; returns this actor's figures (``DONE``'s).
+        ``resumed``: the learner's first message is ``RESTORE``."""
         t0, clock, ac = time.perf_counter(), self.clock, self.ac
-        k, updates, needed, ahead = ac["publish_every"], 0, 0, max_ahead(self.cfg, clock)
+        k, ahead = ac["publish_every"], max_ahead(self.cfg, clock)
+        if resumed:
+            self.block(max_state_bytes(self.net.numel))
         while self.version < 0 and not self.stopped:    # the learner's initial weights
             self.block()
-        for it in range(clock.n_iters):
+        for it in range(self.it, clock.n_iters):
+            self.it = it
             self.poll()
             while not self.stopped and (it >= self.progress + ahead
-                                        or (ac["lockstep"] and self.version < needed)):
+                                        or (ac["lockstep"] and self.version < self.needed)):
                 self.block()
             if self.stopped:
                 break
             self.step(it)
             if clock.trains_after(it):      # the learner publishes after the same phases
-                before, updates = updates, updates + clock.updates_per_phase
-                needed = updates if updates // k > before // k else needed
+                before = self.updates
+                self.updates += clock.updates_per_phase
+                self.needed = self.updates if self.updates // k > before // k else self.needed
             if len(self.batch["counts"]) >= ac["send_every"]:
                 self.flush()
+        else:
+            self.it = clock.n_iters
         self.flush()
         while not self.stopped:
             self.block()
@@ -188,4 +251,5 @@ class Actor:
         self.out.send(pack_done(self.stats), self.learner, TAG_DATA)
         self.out.wait_all(self.ac["timeout_s"], "the learner")
         return {"role": "actor", "rank": self.layout.rank, "index": self.idx,
-                "learner": self.learner, **self.stats}
+                "learner": self.learner, **self.stats,
+                **({"stopped_by_signal": self.stopped_by, "checkpointed": True} if self.stopped_by else {})}

@@ -46,19 +46,20 @@ class Inbox:
     def __init__(self, comm, MPI, limit: int, timeout_s: float):
         self.comm, self.MPI, self.limit, self.timeout_s = comm, MPI, limit, timeout_s
 
-    def poll(self, source: int, tag: int):
-        """A waiting message from ``source`` (a fresh byte buffer), or None."""
+    def poll(self, source: int, tag: int, limit: int | None = None):
+        """A waiting message from ``source`` (a fresh byte buffer), or None; ``limit``: bytes
+        allowed instead of the inbox's own (a state message)."""
         st = self.MPI.Status()
         if not self.comm.Iprobe(source=source, tag=tag, status=st):
             return None
-        return recv_bytes(self.comm, self.MPI, st, self.limit)
+        return recv_bytes(self.comm, self.MPI, st, limit or self.limit)
 
-    def wait(self, source: int, tag: int, what: str):
+    def wait(self, source: int, tag: int, what: str, limit: int | None = None):
         """The next message from ``source``, polling with a short back-off; ``PeerTimeout``
         naming ``what`` after ``timeout_s`` seconds of silence."""
         end, nap = time.monotonic() + self.timeout_s, 0.0
         while True:
-            buf = self.poll(source, tag)
+            buf = self.poll(source, tag, limit)
             if buf is not None:
                 return buf
             if time.monotonic() > end:

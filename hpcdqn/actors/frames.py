@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from hpcdqn.actors.wire import DONE, FRAMES, HEADER, MAGIC, Layout, WireError, header, pack
+from hpcdqn.actors.wire import DONE, FRAMES, HEADER, MAGIC, STATE, Layout, WireError, header, pack
 from hpcdqn.rl.framereplay import replay_class
 
 STEP_KEYS = ("actions", "rewards", "terminated", "truncated")
@@ -111,10 +111,11 @@ class FrameWire(Layout):
                     stk["rewards"], stk["terminated"], stk["truncated"], ep)
 
     def unpack(self, buf: np.ndarray) -> dict:
-        """A ``FRAMES`` or ``DONE`` message as arrays (views of ``buf``); ``WireError`` if
-        inconsistent. ``counts``: the episode starts of each step."""
-        head = header(buf, (FRAMES, DONE))
-        if head[1] == DONE:
+        """A ``FRAMES`` message as arrays (views of ``buf``; ``DONE`` and ``STATE`` as
+        ``Layout.unpack`` gives them); ``WireError`` if inconsistent. ``counts``: the episode
+        starts of each step."""
+        head = header(buf, (FRAMES, DONE, STATE))
+        if head[1] != FRAMES:
             return super().unpack(buf)
         steps, n_st, n_ep, first = (int(x) for x in head[2:6])
         E = self.num_envs

@@ -59,11 +59,30 @@ class TransitionReplay(ReplayBuffer):
     CELL_ROWS = ("actions", "rewards", "terminated", "truncated", "discounts")
 
     def __init__(self, capacity: int, obs_shape: tuple, obs_dtype, *, prioritized: bool = False,
-                 alpha: float = 0.6, priority_eps: float = 1e-6, seed: int = 0):
+                 alpha: float = 0.6, priority_eps: float = 1e-6, seed: int = 0,
+                 raw_steps: tuple[int, float] = (1, 0.99)):
+        """``raw_steps``: the run's (n_step, gamma), for raw env steps ``add``ed (a resume from
+        a sync checkpoint)."""
         super().__init__(capacity, 1, obs_shape, obs_dtype, n_step=1, prioritized=prioritized,
                          alpha=alpha, priority_eps=priority_eps, seed=seed)
         self.discounts = np.zeros((self.rows, 1), dtype=np.float32)
         self.inserted = 0       # transitions ever added
+        self.raw_steps, self.raw = raw_steps, None
+
+    def add(self, obs, actions, rewards, next_obs, terminated, truncated, discounts=None) -> None:
+        """One row of a resharded resume (one stream): a finished transition (``discounts``
+        given: an actor run's checkpoint) or a raw env step (a sync run's), which becomes a
+        finished transition once the n-step window holds ``n`` steps (the last ``n - 1`` steps
+        of the stream are left out: their returns are not known)."""
+        if discounts is not None:
+            self.add_transitions({"obs": obs, "actions": actions, "returns": rewards,
+                                  "next_obs": next_obs, "discounts": discounts})
+            return
+        if self.raw is None:
+            self.raw = NStepWindow(*self.raw_steps)
+        done = self.raw.push(obs, actions, rewards, next_obs, terminated, truncated)
+        if done is not None:
+            self.add_transitions(done)
 
     def add_transitions(self, t: dict) -> None:
         """Add finished transitions (``NStepWindow.push``'s dict, any count)."""
@@ -74,6 +93,7 @@ class TransitionReplay(ReplayBuffer):
         self.obs[p, 0], self.next_obs[p, 0] = t["obs"], t["next_obs"]
         self.actions[p, 0], self.rewards[p, 0] = t["actions"], t["returns"]
         self.discounts[p, 0] = t["discounts"]
+        self.terminated[p, 0] = np.asarray(t["discounts"]) == 0    # (a sync resume's n=1 view)
         self.pos = (self.pos + n) % self.rows
         self.filled = min(self.filled + n, self.rows)
         if self.tree is not None:

@@ -5,20 +5,28 @@ run can send before allocating, and checks the header against the size before re
 
 Actor -> learner (``TAG_DATA``): ``DATA`` (steps, per-step transition counts, the finished
 n-step transitions, the episodes that ended) or ``DONE`` (the actor's time split and counts,
-its last message); with image observations ``FRAMES`` instead of ``DATA`` (raw env steps,
-each frame once: ``hpcdqn.actors.frames``). Learner -> actor (``TAG_CTRL``, one tag so they arrive in order):
+its last message). Learner -> actor (``TAG_CTRL``, one tag so they arrive in order):
 ``WEIGHTS`` (the online network's flat parameters and the update count they are from),
 ``PROGRESS`` (iterations the learner has finished: the rate limit) and ``STOP``.
+
+Checkpoints (``learner.FedTrainer.checkpoint``): the learner sends ``CKPT``; the actor answers
+on ``TAG_DATA`` (after the data it already sent, which MPI keeps in order) with ``STATE``, its
+state as one JSON document (``store.codec``'s encoding of arrays and RNGs: no pickle). On resume
+the learner sends each actor ``RESTORE`` (that state, or where to start afresh) before anything
+else. Both are bounded by ``max_state_bytes`` on receipt.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
 MAGIC = 0x48504351          # "HPCQ"
 TAG_DATA, TAG_CTRL = 7301, 7302
-DATA, DONE, FRAMES = 1, 2, 3       # FRAMES: image envs' raw steps (``actors.frames``)
-WEIGHTS, PROGRESS, STOP = 11, 12, 13
+DATA, DONE, STATE, FRAMES = 1, 2, 3, 4   # FRAMES: image envs' raw steps (``actors.frames``)
+WEIGHTS, PROGRESS, STOP, CKPT, RESTORE = 11, 12, 13, 14, 15
+STATE_BYTES = 64 << 20      # an actor's state message, beside its network's parameters
 HEADER = 6                  # int64 words of every header
 ACTOR_STATS = ("env_s", "inference_s", "send_s", "wait_s", "wall_s", "env_steps",
                "transitions_sent", "messages_sent", "weights_received", "episodes")
@@ -79,7 +87,9 @@ class Layout:
 
     def unpack(self, buf: np.ndarray) -> dict:
         """A data or done message as arrays (views of ``buf``); ``WireError`` if inconsistent."""
-        head = header(buf, (DATA, DONE))
+        head = header(buf, (DATA, DONE, STATE))
+        if head[1] == STATE:
+            return {"kind": STATE, "state": unpack_json(buf, head)}
         if head[1] == DONE:
             if buf.nbytes != (HEADER + len(ACTOR_STATS)) * 8:
                 raise WireError(f"done message of {buf.nbytes} bytes")
@@ -114,10 +124,35 @@ def pack_ctrl(kind: int, value: int, params: np.ndarray | None = None) -> np.nda
     return pack([MAGIC, kind, int(value), p.size], p)
 
 
+def pack_json(kind: int, obj) -> np.ndarray:
+    """A ``STATE`` or ``RESTORE`` message: ``obj`` (JSON-able) as UTF-8 JSON."""
+    raw = json.dumps(obj).encode()
+    return pack([MAGIC, kind, 0, len(raw)], np.frombuffer(raw, np.uint8))
+
+
+def unpack_json(buf: np.ndarray, head: np.ndarray):
+    n = int(head[3])
+    if n < 0 or buf.nbytes != HEADER * 8 + n:
+        raise WireError(f"state message of {buf.nbytes} bytes, its header says {n} after the header")
+    try:
+        return json.loads(buf[HEADER * 8:].tobytes().decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise WireError(f"state message is not JSON: {e}") from None
+
+
+def max_state_bytes(n_params: int) -> int:
+    """The largest ``STATE``/``RESTORE`` message a receiver accepts (the parameters in base64
+    and the rest: environments, n-step window, data not yet inserted)."""
+    return STATE_BYTES + 2 * 4 * n_params
+
+
 def unpack_ctrl(buf: np.ndarray, n_params: int) -> tuple[int, int, np.ndarray | None]:
-    """(kind, value, parameters or None) of a learner message; ``WireError`` if inconsistent."""
-    head = header(buf, (WEIGHTS, PROGRESS, STOP))
+    """(kind, value, parameters or None) of a learner message (``RESTORE``: its JSON document
+    in place of the parameters); ``WireError`` if inconsistent."""
+    head = header(buf, (WEIGHTS, PROGRESS, STOP, CKPT, RESTORE))
     kind, value, n = int(head[1]), int(head[2]), int(head[3])
+    if kind == RESTORE:
+        return kind, value, unpack_json(buf, head)
     want = n_params if kind == WEIGHTS else 0
     if n != want or buf.nbytes != HEADER * 8 + 4 * n:
         raise WireError(f"learner message of kind {kind} with {n} parameters in {buf.nbytes} "

@@ -181,3 +181,56 @@ def plot_sweep(path: Path, bench_rows, info) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_roles(path: Path, rows, model) -> None:
+    """``hpcdqn scale --mode roles``: env frames/s against actor ranks (runs as dots, medians
+    joined, the model's prediction per run as crosses, held-out ones labelled), and the median
+    time split of each role per actor count."""
+    import statistics
+
+    matplotlib, plt = _pyplot()
+    counts = sorted({r["actors"] for r in rows})
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 5.2))
+    a1.scatter([r["actors"] for r in rows], [r["env_steps_per_s"] for r in rows], s=12,
+               color="C0", alpha=0.5, label="measured (each run)")
+    med = [statistics.median(r["env_steps_per_s"] for r in rows if r["actors"] == n) for n in counts]
+    a1.plot(counts, med, "-o", color="C0", label="measured (median)")
+    for role, marker in (("constants", "s"), ("efficiencies", "^"), ("held out", "x")):
+        g = [r for r in rows if r["model_role"] == role]
+        if g:
+            a1.scatter([r["actors"] for r in g], [r["predicted_env_steps_per_s"] for r in g],
+                       marker=marker, color="C3", s=40, label=f"model ({role})")
+    err = model["held_out_median_abs_rel_err"]
+    a1.set_title("env frames/s: measured and the cost model with roles"
+                 + (f"\nheld-out median |error| {100 * err:.1f}%" if err is not None else ""),
+                 fontsize=9)
+    a1.set_xlabel("actor ranks" + ("   (* oversubscribed: ranks > cores)"
+                                   if any(r["oversubscribed"] for r in rows) else ""))
+    a1.set_ylabel("env frames / s")
+    a1.set_ylim(0, 1.15 * max([r["env_steps_per_s"] for r in rows]
+                              + [r["predicted_env_steps_per_s"] for r in rows]))
+    a1.set_xticks(counts)
+    a1.grid(True, alpha=0.3)
+    a1.legend(fontsize=7)
+    for a, role, keys in ((a2, "actor", ("env", "inference", "send", "wait")),
+                          (a3, "learner", ("receive_insert", "wait_data", "sample", "update",
+                                           "allreduce"))):
+        labels = [f"{n}{'*' if any(r['oversubscribed'] for r in rows if r['actors'] == n) else ''}"
+                  for n in counts]
+        bottom = [0.0] * len(counts)
+        for i, k in enumerate(keys):
+            v = [statistics.median(r[f"{role}_{k}_share"] for r in rows if r["actors"] == n)
+                 for n in counts]
+            a.bar(labels, v, bottom=bottom, color=f"C{i}", label=k, width=0.6)
+            bottom = [b + x for b, x in zip(bottom, v)]
+        a.bar(labels, [max(0.0, 1.0 - b) for b in bottom], bottom=bottom, color="0.8",
+              label="other", width=0.6)
+        a.set_ylim(0, 1.05)
+        a.set_xlabel("actor ranks")
+        a.set_ylabel("share of the rank's wall time")
+        a.set_title(f"{role} ranks: time split (median over repeats, mean over ranks)", fontsize=9)
+        a.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -53,10 +53,6 @@ def check_actors(cfg: dict, world: int) -> int:
         raise LayoutError(f"actors={n} on {world} ranks leaves {learners} learner ranks, not a "
                           f"multiple of pp={pp}: launch mpirun -n {n + pp * max(1, learners // pp)} "
                           f"(world = actors + dp x pp)")
-    if cfg["checkpoint_every"] or cfg["stop_after"]:
-        raise ConfigError("checkpoint_every / stop_after with actors > 0: checkpoint and resume "
-                          "with actor ranks are not supported yet; set them to 0 (the run "
-                          "writes model.h5 and summary.json at the end, no checkpoint)")
     return learners
 
 

@@ -58,6 +58,13 @@ def check_meta(meta: dict, path) -> None:
     _int(path, "layout.rows", lay.get("rows"), 1, MAX_ROWS)
     if not isinstance(lay.get("prioritized"), bool):
         raise CheckpointCorrupt(f"checkpoint '{path}': layout.prioritized is not a boolean")
+    for k, hi in (("transitions", MAX_ROWS), ("actors", MAX_RANKS), ("actor_envs", MAX_ENVS),
+                  ("send_every", MAX_ROWS)):      # a run with actor ranks (absent: 0)
+        _int(path, f"layout.{k}", lay.get(k, 0), 0, hi)
+    if lay.get("transitions") and (lay["num_envs"] != 1 or lay.get("frame_stack", 0)):
+        raise CheckpointCorrupt(f"checkpoint '{path}': layout.transitions with num_envs = "
+                                f"{lay['num_envs']} or frame_stack (a replay of finished "
+                                "transitions has one column of whole observations)")
     if not isinstance(sizes, list) or not 1 <= len(sizes) <= MAX_LAYERS:
         raise CheckpointCorrupt(f"checkpoint '{path}': layer_sizes is not a list of 1..{MAX_LAYERS}")
     for i, n in enumerate(sizes):

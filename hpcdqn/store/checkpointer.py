@@ -41,11 +41,14 @@ class Checkpointer:
     """Owns the schedule and the save/resume of one training run (collective calls)."""
 
     def __init__(self, run_dir, cfg: dict, grid, layers, env_info: dict, learner, replay, rollout,
-                 frame_stack: int = 0, storage=None):
+                 frame_stack: int = 0, storage=None, transitions: int = 0):
         """``replay``, ``rollout``: this rank's (None on the ranks that do not act);
         ``frame_stack``: frames per observation where the replay stores each frame once
         (``rl.framereplay``; every rank passes the same, later pipeline stages too);
-        ``storage``: the backend (``storage.Storage``; default: the HDF5 one of the I/O mode)."""
+        ``storage``: the backend (``storage.Storage``; default: the HDF5 one of the I/O mode);
+        ``transitions``: the n of a replay of finished n-step transitions (learners fed by
+        actor ranks, ``cfg['actors']`` > 0: one column, no rollout; the actors' states come in
+        ``save``'s ``extra``)."""
         self.run_dir, self.cfg, self.grid = Path(run_dir), cfg, grid
         self.comm = grid.comm
         self.learner, self.replay, self.rollout = learner, replay, rollout
@@ -53,12 +56,16 @@ class Checkpointer:
         self.sizes = layer_sizes(layers)
         ranges = learner.param_ranges         # every stage's, known on every rank
         self.layout = {"world": grid.world, "dp": grid.dp, "pp": grid.pp,
-                       "num_envs": cfg["num_envs"],
+                       "num_envs": 1 if transitions else cfg["num_envs"],
                        "rows": replay.rows if replay is not None else
-                       _rows_for(cfg, grid.dp, frame_stack),
+                       _rows_for(cfg, grid.dp, frame_stack, transitions),
                        "stage_params": [list(ranges[s]) for s in range(grid.pp)],
                        "prioritized": bool(cfg["replay"]["prioritized"]),
                        "frame_stack": int(frame_stack)}
+        if transitions:     # (only then: a sync run's file is as before)
+            self.layout.update(transitions=int(transitions), actors=int(cfg["actors"]),
+                               actor_envs=int(cfg["num_envs"]),
+                               send_every=int(cfg["actor"]["send_every"]))
         self.every = int(cfg["checkpoint_every"])
         self.minutes = float(cfg.get("checkpoint_minutes", 0.0))
         self.last_save = time.monotonic()
@@ -85,18 +92,19 @@ class Checkpointer:
         self.clock_due = bool(self.comm.bcast(due, root=0))
 
     # -- save ---------------------------------------------------------------------------------
-    def save(self, counters: dict, window: dict | None) -> dict:
+    def save(self, counters: dict, window: dict | None, extra: dict | None = None) -> dict:
         """Collective. ``counters``: the loop's (the same on every rank); ``window``: this
-        rank's metric window (the loop's own state)."""
+        rank's metric window (the loop's own state); ``extra``: more of this rank's state
+        (JSON-able: a learner's actors' states), given back by ``resume`` as ``rank``."""
         t0 = time.perf_counter()
-        out = write_checkpoint(self.run_dir, self.comm, **self.collect(counters, window),
+        out = write_checkpoint(self.run_dir, self.comm, **self.collect(counters, window, extra),
                                keep_last=self.keep_last, mode=self.mode, storage=self.storage)
         out["seconds"] = time.perf_counter() - t0
         self.stalls.append(out["seconds"])
         self.last_save, self.clock_due = time.monotonic(), False
         return out
 
-    def collect(self, counters: dict, window: dict | None) -> dict:
+    def collect(self, counters: dict, window: dict | None, extra: dict | None = None) -> dict:
         """Collective (the replay shards' start counts): every part's ``state_dict()``, planned
         as this rank's datasets and JSON row: the arguments of ``writer.write_parts`` after
         ``storage``, ``target`` and ``comm``."""
@@ -112,16 +120,24 @@ class Checkpointer:
         replay = self.replay.state_dict() if self.replay is not None else None
         if replay is not None:
             mine.update(replay_parts(replay, layout))
-            acting = self.rollout.state_dict()
-            state.update(acting_rng=encode(acting["rng"]), replay_rng=encode(replay["rng"]),
-                         obs=encode(np.asarray(acting["obs"])), ep_ret=encode(acting["ep_ret"]),
-                         ep_len=encode(acting["ep_len"]), env=encode_env(acting["env"]))
+            state.update(self.acting_state(replay))
+        state.update(extra or {})
         if frame_stack(layout):    # collective: every shard's count of initial stacks
             held = self.comm.allgather(len(replay["starts"]) if replay is not None else 0)
             layout = dict(layout, replay_starts=held[::g.pp])
         counters = dict(counters, **scalars, checkpoints=len(self.stalls) + 1)
         return {"layout": layout, "env": self.env_info, "sizes": self.sizes, "cfg": self.cfg,
                 "counters": counters, "mine": mine, "rank_json": json.dumps(state).encode()}
+
+    def acting_state(self, replay: dict) -> dict:
+        """The replay's sampling RNG and the rollout's state (JSON-able; a learner fed by
+        actors has no rollout: its actors' states come as ``save``'s ``extra``)."""
+        if self.rollout is None:
+            return {"replay_rng": encode(replay["rng"])}
+        acting = self.rollout.state_dict()
+        return {"acting_rng": encode(acting["rng"]), "replay_rng": encode(replay["rng"]),
+                "obs": encode(np.asarray(acting["obs"])), "ep_ret": encode(acting["ep_ret"]),
+                "ep_len": encode(acting["ep_len"]), "env": encode_env(acting["env"])}
 
     def learner_parts(self, sd: dict) -> dict:
         """This stage's flat vectors (a learner's ``state_dict``) cut into the per-layer
@@ -190,8 +206,10 @@ class Checkpointer:
     def _load(self, path, meta) -> dict:
         g, old = self.grid, meta["layout"]
         same_layout = _same(old, self.layout, ("world", "dp", "pp", "num_envs", "rows",
-                                               "prioritized", "frame_stack"))
-        out = {"counters": meta["counters"], "exact": same_layout, "warnings": [], "window": None}
+                                               "prioritized", "frame_stack", "transitions",
+                                               "actors", "actor_envs", "send_every"))
+        out = {"counters": meta["counters"], "exact": same_layout, "warnings": [], "window": None,
+               "rank": None}
         with open_source(path, self.storage) as f:
             self.learner.load_state_dict(read_learner(f, path, meta, *self.learner.param_range()))
             if self.replay is not None:
@@ -206,11 +224,13 @@ class Checkpointer:
                 self._windows(f, path, old) if g.rank == 0 else None
             if self.replay is not None:
                 self._load_acting(f, path, meta, mine, out)
+            if same_layout:
+                out["rank"] = mine
         return out
 
     def _load_replay(self, f, path, meta) -> None:
         old, new, q = meta["layout"], self.layout, self.grid.dp_rank
-        if _same(old, new, ("dp", "num_envs", "rows", "prioritized", "frame_stack")):
+        if _same(old, new, ("dp", "num_envs", "rows", "prioritized", "frame_stack", "transitions")):
             sd = read_replay_shard(f, path, meta, q, self.replay.state_dict())
             try:
                 self.replay.load_state_dict(sd)
@@ -232,15 +252,19 @@ class Checkpointer:
         """The rollout and the replay's RNG: from the old first-stage rank of the same replica,
         if any; else re-seeded (from the run seed, the replica and the env step)."""
         g, old = self.grid, meta["layout"]
-        src = g.dp_rank * old["pp"] if (g.dp_rank < old["dp"] and
-                                        old["num_envs"] == self.layout["num_envs"]) else None
+        src = g.dp_rank * old["pp"] if (g.dp_rank < old["dp"] and _same(
+            old, self.layout, ("num_envs", "transitions"))) else None
         if src is None:
             out["exact"] = False
             seed = [self.cfg["seed"], g.dp_rank, int(meta["counters"]["env_steps"])]
-            self.rollout.reseed(seed)
+            if self.rollout is not None:
+                self.rollout.reseed(seed)
             self.replay.reseed(seed)
             return
         s = mine if src == g.rank else load_rank_state(f, path, src)
+        if self.rollout is None:        # a learner fed by actors: its sampling RNG
+            self.replay.load_state_dict({"rng": decode(s["replay_rng"], self.replay.rng)})
+            return
         acting = {"rng": decode(s["acting_rng"]), "obs": decode(s["obs"]),
                   "ep_ret": decode(s["ep_ret"]), "ep_len": decode(s["ep_len"])}
         self.replay.load_state_dict({"rng": decode(s["replay_rng"], self.replay.rng)})
@@ -249,14 +273,18 @@ class Checkpointer:
             out["exact"] = False
 
 
-def _rows_for(cfg: dict, dp: int, k: int) -> int:
-    """Rows of each replica's replay ring (``dqn.buffer_size`` is the global capacity)."""
+def _rows_for(cfg: dict, dp: int, k: int, transitions: int = 0) -> int:
+    """Rows of each replica's replay ring (``dqn.buffer_size`` is the global capacity; a ring
+    of finished transitions: one column, no n-step margin)."""
+    if transitions:
+        return ring_rows(replay_per_replica(cfg, dp), 1, 1, 0)
     return ring_rows(replay_per_replica(cfg, dp), cfg["num_envs"], cfg["dqn"]["n_step"], k)
 
 
 def _same(old: dict, new: dict, keys) -> bool:
-    return all(frame_stack(old) == frame_stack(new) if k == "frame_stack" else old[k] == new[k]
-               for k in keys)
+    """``old`` and ``new`` layouts agree on ``keys`` (the actor keys absent: 0)."""
+    return all(frame_stack(old) == frame_stack(new) if k == "frame_stack" else
+               old.get(k, 0) == new.get(k, 0) for k in keys)
 
 
 def replay_parts(sd: dict, layout: dict) -> dict:

@@ -82,7 +82,8 @@ class StreamSource:
         self.f, self.path = f, path
         self.E, self.rows, self.k = lay["num_envs"], lay["rows"], frame_stack(lay)
         self.pos, self.filled, self.L = pos, filled, L
-        self.names = list(CELL_ROWS) + (["priorities"] if prio else [])
+        self.names = list(CELL_ROWS) + (["discounts"] if lay.get("transitions") else []) + \
+            (["priorities"] if prio else [])
         self.seqs = {}                   # shard -> initial-stack index of each cell, ring order
         if self.k:
             starts = [s for s in replay_specs(lay, meta["env"]) if s.name == "replay/starts"][0]
@@ -163,6 +164,13 @@ def load_replay_reshard(f, path, meta, replay, dp_rank: int, S_n: int) -> None:
                                 f"its {rows_o} rows")
     E_n = replay.num_envs
     S_o = dp_o * E_o
+    finished = hasattr(replay, "discounts")     # a replay of finished n-step transitions
+    if lay.get("transitions", 0) > 1 and not finished:
+        raise CheckpointIncompatible(
+            f"cannot resume checkpoint '{path}' with actors=0: its replay holds finished "
+            f"{lay['transitions']}-step transitions (written with actor ranks), which cannot be "
+            "split back into env steps; resume it with actors > 0 (any count), or train with "
+            "dqn.n_step=1 for runs that change between the modes (the file is left as it is)")
     L, M, pieces = reshard_plan(S_o, min(filled, rows_o - frame_stack(lay)), S_n, replay.window)
     if M < replay.n_step + 1:
         raise CheckpointIncompatible(
@@ -180,8 +188,9 @@ def load_replay_reshard(f, path, meta, replay, dp_rank: int, S_n: int) -> None:
         cols = [piece_rows(src, segs, i0, i1) for segs in mine]
         new = {k: np.stack([c[k] for c in cols], axis=1) for k in cols[0]}
         for r in range(i1 - i0):
+            extra = {"discounts": new["discounts"][r]} if finished and "discounts" in new else {}
             replay.add(new["obs"][r], new["actions"][r], new["rewards"][r], new["next_obs"][r],
-                       new["terminated"][r], new["truncated"][r])
+                       new["terminated"][r], new["truncated"][r], **extra)
         if prio:
             pr[i0:i1] = new["priorities"]
     if replay.prioritized:
@@ -190,4 +199,6 @@ def load_replay_reshard(f, path, meta, replay, dp_rank: int, S_n: int) -> None:
         full[:M] = np.where(pr > 0, pr, mp)
         if replay.n_step > 1:
             full[M - (replay.n_step - 1):M] = 0.0
+        if finished:        # (raw steps in: the last n - 1 made no transition)
+            full[replay.filled:] = 0.0
         replay.load_state_dict({"priorities": full, "max_priority": mp})

@@ -132,7 +132,11 @@ def frame_stack(layout: dict) -> int:
 
 
 def replay_rows(layout: dict) -> tuple:
-    """The per-cell replay datasets of a layout (shape [dp * rows, num_envs, ...])."""
+    """The per-cell replay datasets of a layout (shape [dp * rows, num_envs, ...]); a replay of
+    finished n-step transitions (``transitions``: the n of a run with actor ranks, one column)
+    also keeps each transition's ``discounts``."""
+    if layout.get("transitions"):
+        return REPLAY_ROWS + ("discounts",)
     return FRAME_ROWS if frame_stack(layout) else REPLAY_ROWS
 
 
@@ -144,7 +148,8 @@ def replay_specs(layout: dict, env: dict) -> list[Spec]:
     row_dt = {"obs": obs_dtype, "next_obs": obs_dtype, "frames": obs_dtype,
               "ep_step": np.dtype(np.uint8), "actions": np.dtype(np.int64),
               "rewards": np.dtype(np.float32), "terminated": np.dtype(bool),
-              "truncated": np.dtype(bool), "priorities": np.dtype(np.float64)}
+              "truncated": np.dtype(bool), "priorities": np.dtype(np.float64),
+              "discounts": np.dtype(np.float32)}
     names = list(replay_rows(layout)) + (["priorities"] if layout["prioritized"] else [])
     specs = []
     for k in names:

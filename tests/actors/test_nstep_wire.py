@@ -84,3 +84,49 @@ def test_wire_round_trip_and_refusals():
     assert unpack_ctrl(pack_ctrl(STOP, 3), 5)[:2] == (STOP, 3)
     with pytest.raises(WireError):
         unpack_ctrl(pack_ctrl(WEIGHTS, 7, np.arange(4)), 5)
+
+
+def test_raw_steps_resharded_into_finished_transitions_equal_the_replays_targets():
+    """A sync checkpoint's env steps ``add``ed to a learner's replay (a sync -> actors
+    resharded resume) become the same n-step transitions the sync replay samples; finished
+    transitions (an actor checkpoint's, ``discounts`` given) go in as they are."""
+    rng, steps, gamma, n = np.random.default_rng(5), 50, 0.9, 3
+    ref = ReplayBuffer(1000, 1, (3,), np.float32, n_step=n, gamma=gamma)
+    rep = TransitionReplay(1000, (3,), np.float32, raw_steps=(n, gamma))
+    for s in stream(steps, 1, rng):
+        ref.add(*s)
+        rep.add(*s)
+    assert rep.filled == steps - (n - 1)
+    want = ref._gather(np.arange(steps - (n - 1)), np.ones(steps - (n - 1), np.float32))
+    b = rep._gather(np.arange(rep.filled), np.ones(rep.filled, np.float32))
+    assert np.array_equal(b.obs, want.obs) and np.array_equal(b.next_obs, want.next_obs)
+    assert np.allclose(b.returns, want.returns, atol=1e-6) and np.allclose(b.discounts, want.discounts)
+    assert np.array_equal(rep.terminated[:rep.filled, 0], want.discounts == 0)   # an n=1 sync view
+    again = TransitionReplay(1000, (3,), np.float32, raw_steps=(n, gamma))
+    for i in range(rep.filled):
+        again.add(b.obs[i:i + 1], b.actions[i:i + 1], b.returns[i:i + 1], b.next_obs[i:i + 1],
+                  None, None, discounts=b.discounts[i:i + 1])
+    assert again.filled == rep.filled and np.array_equal(again.discounts, rep.discounts)
+    assert np.array_equal(again.rewards, rep.rewards) and np.array_equal(again.obs, rep.obs)
+
+
+def test_state_messages_round_trip_and_are_bounded():
+    """``STATE`` (actor -> learner) and ``RESTORE`` (learner -> actor): JSON after the int64
+    header (no pickle), their length checked against the header, and bounded on receipt."""
+    from hpcdqn.actors.wire import RESTORE, STATE, max_state_bytes, pack_json
+    from hpcdqn.store.codec import decode, encode
+
+    lay = Layout((4,), np.float32, 1, 3)
+    st = {"it": 7, "params": encode(np.arange(5, dtype=np.float32))}
+    got = lay.unpack(pack_json(STATE, st))
+    assert got["kind"] == STATE and got["state"]["it"] == 7
+    assert np.array_equal(decode(got["state"]["params"]), np.arange(5, dtype=np.float32))
+    kind, _, obj = unpack_ctrl(pack_json(RESTORE, st), 5)
+    assert kind == RESTORE and obj == st
+    with pytest.raises(WireError, match="header says"):
+        lay.unpack(pack_json(STATE, st)[:-3])
+    bad = pack_json(STATE, st)
+    bad[48:50] = 0xFF                     # not UTF-8 JSON any more
+    with pytest.raises(WireError, match="not JSON"):
+        lay.unpack(bad)
+    assert max_state_bytes(1000) < max_state_bytes(2000) < 2 ** 27
