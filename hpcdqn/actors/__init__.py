@@ -4,6 +4,8 @@ the rest; actor ``i`` feeds replica ``i mod dp``, i.e. that replica's first pipe
 
 - ``nstep``: the actor's n-step window (transitions leave the actor with their n-step return
   and discount) and ``TransitionReplay``, the learner's shard of such transitions;
+- ``frames``: image envs (MinAtar, Atari frame stacks): raw steps with each frame sent once,
+  inserted by the learner into the sync run's replay class;
 - ``wire``: the messages (contiguous numpy buffers with a small int64 header, no pickle);
 - ``actor``: the actor loop (vector envs, batched CPU inference with a local copy of the
   online network, per-actor epsilon, sends, weight pick-up, the rate limit);

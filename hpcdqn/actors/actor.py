@@ -1,5 +1,5 @@
 """The actor loop: vector envs stepped with a local CPU copy of the online network, n-step
-transitions sent to the learner replica ``i mod dp`` in batches of ``actor.send_every`` env
+transitions (image envs: raw frames, each once, ``actors.frames``) sent to the learner replica ``i mod dp`` in batches of ``actor.send_every`` env
 steps (non-blocking sends), the newest weights picked up without blocking (``lockstep``: at the
 fixed update counts the learner publishes them at), and the rate limit: an actor runs at most
 ``actor.max_ahead`` iterations ahead of its learner's loop. It ends when its learner says
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from hpcdqn.actors.channel import Inbox, Outbox
+from hpcdqn.actors.frames import FrameSink, FrameWire, sends_frames
 from hpcdqn.actors.nstep import NStepWindow
 from hpcdqn.actors.wire import (CKPT, PROGRESS, RESTORE, STATE, STOP, TAG_CTRL, TAG_DATA, WEIGHTS,
                                 Layout, max_ctrl_bytes, max_state_bytes, pack_done, pack_json,
                                 unpack_ctrl)
-from hpcdqn.config import ConfigError
 from hpcdqn.parallel.flat import FlatModule
 from hpcdqn.parallel.grid import mpi
 from hpcdqn.rl.envs import frame_stack, make_vector_env
@@ -53,15 +53,21 @@ class _Sink:
 
 
 def actor_env(cfg: dict, index: int):
-    """Actor ``index``'s vector envs (seeded as replica ``index`` of a sync run) and their seed;
-    ``ConfigError`` for frame-stacked (Atari) observations, not supported with actors yet."""
+    """Actor ``index``'s vector envs (seeded as replica ``index`` of a sync run) and their seed."""
     seed = cfg["seed"] + 1000 * index
-    env = make_vector_env(cfg["env_id"], cfg["num_envs"], seed, cfg["vector"], cfg["atari"])
-    if frame_stack(env):
-        env.close()
-        raise ConfigError(f"actors={cfg['actors']} with a frame-stacked env ({cfg['env_id']}): "
-                          "sending frames once is not supported yet; use actors=0")
-    return env, seed
+    return make_vector_env(cfg["env_id"], cfg["num_envs"], seed, cfg["vector"], cfg["atari"]), seed
+
+
+def actor_feed(cfg: dict, env):
+    """What the actor's steps go into and the wire that packs them: raw frames for image
+    observations (``actors.frames``), else the n-step window's finished transitions."""
+    space, k = env.single_observation_space, frame_stack(env)
+    if sends_frames(space.shape, k):
+        return FrameSink(cfg["num_envs"], k), FrameWire(
+            space.shape, space.dtype, cfg["num_envs"], cfg["actor"]["send_every"], k,
+            int(env.single_action_space.n))
+    return (_Sink(NStepWindow(cfg["dqn"]["n_step"], cfg["dqn"]["gamma"])),
+            Layout(space.shape, space.dtype, cfg["num_envs"], cfg["actor"]["send_every"]))
 
 
 class Actor:
@@ -79,8 +85,7 @@ class Actor:
         self.net, self.loss = FlatModule(layers), make_loss(cfg["dqn"], cfg["network"])
         self.rollout = Rollout(env, np.random.default_rng([cfg["seed"], self.idx, 29]),
                                env.reset(seed=seed)[0])
-        self.sink = _Sink(NStepWindow(cfg["dqn"]["n_step"], cfg["dqn"]["gamma"]))
-        self.wire = Layout(space.shape, space.dtype, cfg["num_envs"], self.ac["send_every"])
+        self.sink, self.wire = actor_feed(cfg, env)
         self.out = Outbox(comm, MPI)
         # 1.5x the learner's patience: a learner waiting for a silent actor names it first
         self.inbox = Inbox(comm, MPI, max_ctrl_bytes(self.net.numel), 1.5 * self.ac["timeout_s"])

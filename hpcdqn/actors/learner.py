@@ -4,7 +4,8 @@
 gradient allreduce, agreement, metrics, model file, watchdog) whose replica is fed by its
 actors instead of its own envs: ``act`` takes this iteration's env step of every actor (in the
 fixed actor order, waiting for it: *learners wait for data*), ``store`` inserts the n-step
-transitions into the replay shard, ``learn`` is the sync learner's and then publishes the
+transitions into the replay shard (image envs: the actors' raw frames into the sync run's
+replay class, ``actors.frames``), ``learn`` is the sync learner's and then publishes the
 weights every ``actor.publish_every`` updates (non-blocking sends); ``PROGRESS`` messages let
 the actors run ahead by at most ``actor.max_ahead`` iterations (default: one training phase;
 *actors wait for learners*).
@@ -33,8 +34,9 @@ import numpy as np
 
 from hpcdqn.actors.actor import Actor, max_ahead
 from hpcdqn.actors.channel import Inbox, Outbox, PeerTimeout
+from hpcdqn.actors.frames import FrameFeed, sends_frames
 from hpcdqn.actors.nstep import TransitionReplay
-from hpcdqn.actors.wire import (CKPT, DATA, DONE, PROGRESS, RESTORE, STATE, STOP, TAG_CTRL, TAG_DATA,
+from hpcdqn.actors.wire import (CKPT, DATA, DONE, FRAMES, PROGRESS, RESTORE, STATE, STOP, TAG_CTRL, TAG_DATA,
                                 WEIGHTS, Layout, WireError, max_state_bytes, pack_ctrl, pack_json)
 from hpcdqn.config import ConfigError
 from hpcdqn.metrics import ROLES_CSV, write_roles_csv
@@ -43,6 +45,7 @@ from hpcdqn.parallel.agree import Local
 from hpcdqn.parallel.grid import mpi
 from hpcdqn.parallel.layout import Role, RunLayout
 from hpcdqn.parallel.lifecycle import agree_user_errors
+from hpcdqn.rl.framereplay import planned_episode_steps
 from hpcdqn.store import Checkpointer, warn
 from hpcdqn.store.codec import decode, encode
 from hpcdqn.store.errors import CheckpointCorrupt, agree_write
@@ -68,32 +71,50 @@ class FedTrainer(Trainer):
 
     def __init__(self, cfg: dict, comm, world, layout, quiet=False, mem_per_rank=None, resume=None):
         super().__init__(cfg, comm, quiet, resume, mem_per_rank, layout=layout)
-        if self.frame_stack:
-            raise ConfigError(f"actors={cfg['actors']} with a frame-stacked env: not supported "
-                              "yet; use actors=0")
         MPI, ac, lay = mpi(), cfg["actor"], self.layout
         self.world, self.ac = world, ac
-        self.replay = None if lay.pp_rank else TimedReplay(
-            lay.replay_per_replica, self.obs_space.shape, self.obs_space.dtype,
-            prioritized=cfg["replay"]["prioritized"], alpha=cfg["replay"]["alpha"],
-            priority_eps=cfg["replay"]["priority_eps"], seed=cfg["seed"] + 1000 * lay.dp_rank + 7,
-            raw_steps=(cfg["dqn"]["n_step"], cfg["dqn"]["gamma"]))
+        self.feeders = [] if lay.pp_rank else lay.actors_of(lay.dp_rank)   # first stages
+        self.feed, seed = None, cfg["seed"] + 1000 * lay.dp_rank + 7
+        if sends_frames(self.obs_space.shape, self.frame_stack):     # image envs: raw frames
+            self.frames_only_without_checkpoints(cfg, resume)
+            self.feed = FrameFeed(self.obs_space, self.frame_stack, self.n_actions,
+                                  len(self.feeders), cfg["num_envs"], ac["send_every"])
+            rep = cfg["replay"]
+            self.replay = None if lay.pp_rank else self.feed.make_replay(
+                lay.replay_per_replica, seed, cfg["dqn"], rep, planned_episode_steps(rep))
+        else:
+            self.replay = None if lay.pp_rank else TimedReplay(
+                lay.replay_per_replica, self.obs_space.shape, self.obs_space.dtype,
+                prioritized=cfg["replay"]["prioritized"], alpha=cfg["replay"]["alpha"],
+                priority_eps=cfg["replay"]["priority_eps"], seed=seed,
+                raw_steps=(cfg["dqn"]["n_step"], cfg["dqn"]["gamma"]))
         self.ckpt = Checkpointer(self.run_dir, cfg, self.grid, list(lay.layers), self.env_info,
                                  self.learner, self.replay, None, 0, transitions=cfg["dqn"]["n_step"])
         # the checkpoint/resume deadlines with the replay shard built here (collective)
         self.watchdog.deadlines = watchdog.deadlines(cfg["watchdog"]["deadline_s"], self.ckpt_bytes())
-        self.feeders = [] if lay.pp_rank else lay.actors_of(lay.dp_rank)   # first stages
-        self.wire = Layout(self.obs_space.shape, self.obs_space.dtype, cfg["num_envs"],
-                           ac["send_every"])
+        self.wire = self.feed.wire if self.feed else Layout(
+            self.obs_space.shape, self.obs_space.dtype, cfg["num_envs"], ac["send_every"])
         self.inbox = Inbox(world, MPI, self.wire.max_bytes, ac["timeout_s"])
         self.out = Outbox(world, MPI)
         self.queues = {a: deque() for a in self.feeders}
         self.expect = {a: 0 for a in self.feeders}      # the next iteration each actor sends
-        self.times = {"receive_insert_s": 0.0, "wait_data_s": 0.0}
+        self.times = {"receive_insert_s": 0.0, "wait_data_s": 0.0, "learn_s": 0.0}
         self.progress_every = max(1, max_ahead(cfg, self.clock) // 2)
         self.roles = {}
         self.restored = False       # the actors continue from a checkpoint's states
         self.state_limit = max_state_bytes(lay.param_ranges[-1][1])
+
+    def frames_only_without_checkpoints(self, cfg: dict, resume) -> None:
+        """Collective over the learners: image envs with actors do not checkpoint yet (the
+        actors' frame state is not saved): an agreed ``ConfigError`` where asked to; else no
+        checkpoint at the end either."""
+        with Local() as loc:
+            if resume or cfg["checkpoint_every"] or cfg["stop_after"]:
+                raise ConfigError(f"actors={cfg['actors']} with an image env ({cfg['env_id']}): "
+                                  "checkpoints and --resume are not supported yet; set "
+                                  "checkpoint_every=0 and stop_after=0, or use actors=0")
+        agree_user_errors(self.comm, loc.err)
+        self.cfg["checkpoint"] = False
 
     # -- the actors' side of the loop ---------------------------------------------------------------
     def online_params(self):
@@ -131,7 +152,7 @@ class FedTrainer(Trainer):
     def queue(self, a: int, buf, msg: dict, k: int = 0, off: int = 0) -> None:
         """Queue actor ``a``'s data message (``buf`` unpacked), from its step ``k`` (transition
         ``off``) on."""
-        if msg["kind"] != DATA or msg["first"] != self.expect[a]:
+        if msg["kind"] not in (DATA, FRAMES) or msg["first"] != self.expect[a]:
             raise WireError(f"actor {a} sent kind {msg['kind']} from iteration "
                             f"{msg.get('first')} where iteration {self.expect[a]} was due")
         self.expect[a] += len(msg["counts"])
@@ -145,7 +166,8 @@ class FedTrainer(Trainer):
         entry = q[0]
         msg, k, off, _ = entry
         n = int(msg["counts"][k])
-        tr = {key: msg[key][off:off + n] for key in KEYS}
+        tr = FrameFeed.step(msg, k, off, n) if self.feed else \
+            {key: msg[key][off:off + n] for key in KEYS}
         episodes = msg["episodes"] if k == 0 else ()
         entry[1], entry[2] = k + 1, off + n
         if k + 1 == len(msg["counts"]):
@@ -167,8 +189,11 @@ class FedTrainer(Trainer):
         if steps is None:
             return
         t, w = time.perf_counter(), self.state.window
+        if self.feed is not None and steps:
+            self.feed.insert(self.replay, [tr for tr, _ in steps])
         for tr, episodes in steps:
-            self.replay.add_transitions(tr)
+            if self.feed is None:
+                self.replay.add_transitions(tr)
             for ret, length in episodes:
                 w.add_episode(float(ret), int(length))
         it = self.state.iteration
@@ -179,8 +204,9 @@ class FedTrainer(Trainer):
 
     def learn(self) -> None:
         """The sync learner's phase, then the weights to the actors every ``publish_every``."""
-        before = self.learner.updates
+        before, t = self.learner.updates, time.perf_counter()
         super().learn()
+        self.times["learn_s"] += time.perf_counter() - t      # sampling and updates
         k = self.ac["publish_every"]
         if self.learner.updates // k > before // k:
             self.publish()

@@ -24,7 +24,7 @@ import numpy as np
 
 MAGIC = 0x48504351          # "HPCQ"
 TAG_DATA, TAG_CTRL = 7301, 7302
-DATA, DONE, STATE = 1, 2, 3
+DATA, DONE, STATE, FRAMES = 1, 2, 3, 4   # FRAMES: image envs' raw steps (``actors.frames``)
 WEIGHTS, PROGRESS, STOP, CKPT, RESTORE = 11, 12, 13, 14, 15
 STATE_BYTES = 64 << 20      # an actor's state message, beside its network's parameters
 HEADER = 6                  # int64 words of every header

@@ -18,7 +18,7 @@ from hpcdqn.config import load_config
 from hpcdqn.parallel.grid import LayoutError
 from hpcdqn.parallel.layout import Role, RunLayout
 from hpcdqn.rl.networks import initial_flat, network_layers
-from mpi_util import hpcdqn, mpi_env, mpirun_cmd, run_mpi
+from mpi_util import ROOT, hpcdqn, mpi_env, mpirun_cmd, run_mpi
 
 TINY = ["total_steps=2400", "dqn.learning_starts=400", "dqn.train_frequency=100",
         "dqn.gradient_steps=20", "network.hidden=[32, 32]", "eval.episodes=10",
@@ -236,3 +236,55 @@ def test_sync_and_actor_checkpoints_reshard_both_ways_and_sigusr1_checkpoints_an
         piece = slice(n - 2 * m + q * m, n - 2 * m + (q + 1) * m)
         for k in ("obs", "actions", "rewards", "terminated"):
             assert np.array_equal(back[k][q * rows:q * rows + m, 0], fed[k][piece, 0]), (q, k)
+
+
+FRAMES = ["env_id=frame_env:FrameToy-v0", "num_envs=2", "total_steps=800", "dqn.learning_starts=400",
+          "dqn.train_frequency=100", "dqn.gradient_steps=5", "network.hidden=[32]", "eval.episodes=0",
+          "log.progress=false", "log.tensorboard=false", "dqn.buffer_size=600", "dqn.n_step=3",
+          "replay.prioritized=true", "actor.publish_every=10", "actor.send_every=3", "seed=3"]
+
+
+def test_frame_stacked_lockstep_runs_repeat_bitwise(tmp_path):
+    """A frame-stacked image env (tests/frame_env.py behind gymnasium's FrameStackObservation)
+    with 1 learner + 2 actors in lockstep, twice: the actors send raw frames (one per env step,
+    not stacks), the learner's frame replay takes every step, and both runs end with the same
+    parameters bit for bit (not the initial ones)."""
+    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}       # the ranks import frame_env
+    params = []
+    for name in ("a", "b"):
+        r = hpcdqn(3, ["train", "actors=2", "actor.lockstep=true", f"run_dir={tmp_path / name}",
+                       *FRAMES], timeout=300, env=env)
+        s = summary(r)
+        with h5py.File(tmp_path / name / "model.h5") as f:
+            params.append(f["online"][...])
+    assert np.array_equal(params[0], params[1])
+    learner, actors = s["ranks"][0], s["ranks"][1:]
+    assert learner["inserted"] == 800 and s["updates"] == 20
+    assert learner["sampled"] == 20 * s["schedule"]["batch_per_replica"]
+    for a in actors:       # every env step sent as frames (none held back by an n-step window)
+        assert a["env_steps"] == a["transitions_sent"] == 400 and a["messages_sent"] >= 67
+    cfg = load_config(overrides=FRAMES)
+    start = initial_flat(network_layers(cfg["network"], (4, 36, 36), 3), 3)
+    assert np.abs(params[0] - start.numpy()).max() > 1e-3
+
+
+def test_minatar_with_two_actors_ends_cleanly(tmp_path):
+    """MinAtar Breakout (its config, a short window) with 1 learner + 2 actors: the grids go
+    over the wire once per env step and the run ends with every rank's role and a greedy
+    evaluation."""
+    r = hpcdqn(3, ["train", "--config", str(ROOT / "configs" / "minatar_breakout.toml"), "actors=2",
+                   "total_steps=600", "dqn.learning_starts=300", "dqn.train_frequency=20",
+                   "dqn.gradient_steps=2", "dqn.buffer_size=2000", "checkpoint_every=0",
+                   "eval.episodes=10", "log.progress=false", f"run_dir={tmp_path}"], timeout=300)
+    s = summary(r)
+    assert s["roles"] == ["learner", "actor", "actor"] and s["env_steps"] == 600
+    assert s["ranks"][0]["inserted"] == 600 and s["updates"] == 30 and s["eval_episodes"] == 10
+    assert all(a["env_steps"] == a["transitions_sent"] == 300 for a in s["ranks"][1:])
+
+
+def test_image_env_with_actors_refuses_checkpoints_in_one_line(tmp_path):
+    r = hpcdqn(2, ["train", "--config", str(ROOT / "configs" / "minatar_breakout.toml"), "actors=1",
+                   "total_steps=600", "checkpoint_every=200", f"run_dir={tmp_path}"],
+               timeout=120, check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.count("checkpoints and --resume are not supported yet") == 1, r.stderr[-2000:]
