@@ -56,6 +56,16 @@ def loadavg() -> float | None:
         return None
 
 
+def commit() -> str | None:
+    """The checkout's commit, where the package runs from one (else None)."""
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[2], timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() or None if r.returncode == 0 else None
+
+
 def role_shares(summary: dict) -> dict:
     """A run's time split per role: each rank's seconds over its own wall time, averaged over the
     ranks of the role; and an actor's env frames/s."""
@@ -183,7 +193,8 @@ def run_roles_study(learners: int, actors: list[int], out: Path, repeats: int = 
             summaries.append(s)
             loads.append(loadavg())
     model = hold_out(rows, summaries, cfg["actor"], obs_nbytes(cfg))
-    meta = {"mode": "roles", "learners": learners, "actors": actors, "repeats": repeats,
+    meta = {"mode": "roles", "commit": commit(), "learners": learners, "actors": actors,
+            "repeats": repeats, "command": " ".join(sys.argv),
             "launcher": launcher, "host": socket.gethostname(), "env_id": cfg["env_id"],
             "total_steps": cfg["total_steps"], "cores": cores(), "loadavg_1m": loads}
     return finish(out, rows, meta, model, log)
