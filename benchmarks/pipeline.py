@@ -4,8 +4,8 @@ stage-only construction as ``hpcdqn train`` builds it; writes benchmarks/results
 
     python benchmarks/pipeline.py [--rounds 3] [--updates 20] [--append] [--out FILE]
 
-Sides: pp=1; pp=2 with the 1F1B and the zero-bubble (ZB-H1) schedules at M = 4 and 8
-micro-batches. A *round* runs every side once, one after another (rounds interleave the sides);
+Sides: pp=1; pp=2 with the 1F1B schedule at M = 2 and 4 micro-batches and the zero-bubble
+(ZB-H1) one at M = 2, 3 and 4 (M = 8 was slower than 4 with either: smaller GEMMs). A *round* runs every side once, one after another (rounds interleave the sides);
 each side runs ``--warmup`` updates, then ``--updates`` timed updates (each between barriers).
 Per side and round: the median update's updates/s, the load average before its launch, the
 execution plan it ran (the gradient path per stage: every side should name ``mlp-manual``).
@@ -115,7 +115,8 @@ def launch(n: int, args: list[str], timeout: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-SIDES = [("pp1", 1, 2, 1, "1f1b")] + [("pp2", 2, 1, m, k) for k in ("1f1b", "zbh1") for m in (4, 8)]
+SIDES = ([("pp1", 1, 2, 1, "1f1b")] + [("pp2", 2, 1, m, "1f1b") for m in (2, 4)]
+         + [("pp2", 2, 1, m, "zbh1") for m in (2, 3, 4)])
 
 
 def side_name(side) -> str:
@@ -167,10 +168,11 @@ def summarise(rounds: list[list[dict]]) -> list[dict]:
         if side[1] > 1:
             p, m = 2, side[3]
             acc = [[r[i]["ranks"][s]["bubble_accounted"] for r in rounds] for s in range(p)]
+            sim = bubble_simulated(p, m, side[4], fused_double=True)
             row["bubble"] = {
                 "measured_per_stage_median": [round(float(np.median(b)), 4) for b in acc],
                 "measured_per_stage_per_round": acc,
-                "simulated_per_stage": [round(b, 4) for b in bubble_simulated(p, m, side[4])],
+                "simulated_per_stage": [round(b, 4) for b in sim],
                 "(p-1)/m": round((p - 1) / m, 4), "(p-1)/(3m)": round((p - 1) / (3 * m), 4),
                 "(p-1)/(m+p-1)": round((p - 1) / (m + p - 1), 4)}
         rows.append(row)

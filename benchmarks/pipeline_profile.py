@@ -5,6 +5,9 @@ stage's receives inside F/B are timed apart as ``wait``).
 
     mpirun -n 2 python benchmarks/pipeline_profile.py --layout pp2 --threads 1 --micro 4 --schedule zbh1
     mpirun -n 1 python benchmarks/pipeline_profile.py --layout pp1 --threads 2
+
+``--out FILE`` adds the run (per rank, with the commit and the load average before it) to the
+JSON list in FILE (benchmarks/results/pipeline_profile.json).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def main() -> None:
     ap.add_argument("--schedule", default="zbh1")
     ap.add_argument("--updates", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--rows", default="", help="micro-batch sizes (e.g. 64,224,224), not equal")
     a = ap.parse_args()
     a.hidden, a.batch = [4096] * 4, 512
     comm, grid, layers, learner, batch, rows, base = bench._setup(a)
@@ -50,6 +55,12 @@ def main() -> None:
     from hpcdqn.parallel import pipeline as pl
     from hpcdqn.parallel import stage as st
     from hpcdqn.parallel import stage_mlp
+    if a.rows:
+        from hpcdqn.learner import pipelined
+        sizes = [int(v) for v in a.rows.split(",")]
+        edges = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        pipelined.micro_splits = lambda n, micro: list(zip(edges[:-1], edges[1:]))
+        learner.micro = len(sizes)
     if grid.pp > 1:
         stage = learner.pp_stage
         for name, key in [("forward_one_chunk", "F"), ("backward_one_chunk", "B"),
@@ -66,6 +77,7 @@ def main() -> None:
     timed(lbase, "optimizer_step", "step:adam")
     timed(learner, "sync", "step:dp_sync")
     timed(learner, "step_optimizer", "step")
+    load = Path("/proc/loadavg").read_text().split()[:3]
     for _ in range(a.warmup):
         learner.update(batch)
     T.clear()
@@ -77,11 +89,18 @@ def main() -> None:
         comm.Barrier()
         walls.append(time.perf_counter() - t0)
     per = {k: round(v / a.updates, 4) for k, v in sorted(T.items())}
-    mine = json.dumps({"rank": comm.Get_rank(), "wall_per_update": round(sum(walls) / len(walls), 4),
-                       "per_update_s": per})
+    mine = {"rank": comm.Get_rank(), "wall_per_update": round(sum(walls) / len(walls), 4),
+            "per_update_s": per}
     out = comm.gather(mine, root=0)
     if comm.Get_rank() == 0:
-        print("\n".join(out), flush=True)
+        print("\n".join(json.dumps(o) for o in out), flush=True)
+        if a.out:
+            path = Path(a.out)
+            runs = json.loads(path.read_text()) if path.exists() else []
+            runs.append({"args": {k: v for k, v in vars(a).items() if k != "out"},
+                         "commit": bench.commit(), "loadavg_before": load,
+                         "updates": a.updates, "per_rank": out})
+            path.write_text(json.dumps(runs, indent=1))
     grid.free()
 
 
