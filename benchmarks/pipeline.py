@@ -187,6 +187,34 @@ def verdict(rows: list[dict]) -> str:
             if all("mlp-manual" in r["plan"] for r in rows) else "sides on different gradient paths")
 
 
+def readme_row(out: dict) -> str:
+    """The README's benchmark-table row, from the results file only (``--row``)."""
+    rows, sides = out["rows"], []
+    for r in rows:
+        txt = (f"{r['side']}: {r['updates_per_s_median']} [{r['updates_per_s_min_max'][0]}–"
+               f"{r['updates_per_s_min_max'][1]}] updates/s")
+        if "bubble" in r:
+            b = r["bubble"]
+            txt += (f", {r['vs_pp1_median']}× [{r['vs_pp1_min_max'][0]}–{r['vs_pp1_min_max'][1]}],"
+                    f" bubble (stage 0, 1) {b['measured_per_stage_median']} vs (p−1)/m "
+                    f"{b['(p-1)/m']}, (p−1)/(3m) {b['(p-1)/(3m)']}")
+        sides.append(txt)
+    loads = [float(ld[0]) for r in rows for ld in r["loadavg_before_per_round"]]
+    commits = sorted({rd["commit"][:7] + ("-dirty" if rd["commit"].endswith("dirty") else "")
+                      for rd in out["rounds"]})
+    what = ("equal cores (2): pp=1 with 2 threads vs pp=2 with 1 thread per rank, "
+            + ", ".join(r["side"].removeprefix("pp2 ") for r in rows[1:])
+            + f"; {out['network'].replace(' -> ', '→').replace(' x ', '×')} (52.5M parameters), "
+            f"batch {out['global_batch']}, double DQN (its online forward on s' rides in the "
+            "trained forward's GEMMs on every pp=2 stage); every side on the hand-written MLP "
+            f"backward; {out['rounds_done']} interleaved rounds × {out['updates_per_side_per_round']} "
+            "timed updates, median [min–max] over rounds")
+    res = ("; ".join(sides) + f". {out['verdict']}. 1-minute load average {min(loads):.2f}–"
+           f"{max(loads):.2f} before the sides, the benchmark at the scheduler's priority; commit "
+           + ", ".join(commits))
+    return f"| `pipeline.py` | {what} | {res} |"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", action="store_true")
@@ -203,7 +231,11 @@ def main() -> None:
                     help="add the rounds to those already in --out (several short locked runs)")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline.json"))
+    ap.add_argument("--row", action="store_true", help="print the README row from --out, run nothing")
     a = ap.parse_args()
+    if a.row:
+        print(readme_row(json.loads(Path(a.out).read_text())))
+        return
     if a.worker:
         a.hidden = [int(x) for x in a.hidden.split(",")]
         worker(a)
