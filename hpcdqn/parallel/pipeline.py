@@ -162,7 +162,8 @@ def bubble_simulated(n_stages: int, micro: int, kind: str = "1f1b", forwards: in
     them, and the bubble is below the textbook ``(n_stages-1)/(micro+n_stages-1)``; with ``early_send=False`` (one
     fused forward op) stage 0, whose window is the whole step, gets exactly the textbook value.
     ``fused_double``: the second forward rides in the first's GEMMs (``PipelineStage`` on the
-    hand-written path, double DQN): one op of cost 2, both sent at its end."""
+    hand-written path, double DQN, every micro-batch but the first): one op of cost 2, both
+    sent at its end."""
     ops = []
     for s in range(n_stages):
         seq = []
@@ -170,7 +171,7 @@ def bubble_simulated(n_stages: int, micro: int, kind: str = "1f1b", forwards: in
         for k, m in schedule_ops(kind, s, n_stages, micro):
             if k in ("B", "W"):
                 seq.append(((k, m, 0), backward_cost / 2 if split else backward_cost))
-            elif early_send and fused_double and forwards >= 2:
+            elif early_send and fused_double and forwards >= 2 and m > 0:
                 seq += [(("F", m, 0), 2.0)] + [(("F", m, j), 1.0) for j in range(2, forwards)]
             elif early_send:
                 seq += [(("F", m, j), 1.0) for j in range(forwards)]

@@ -82,10 +82,11 @@ class PipelineStage:
         the hand-written path a side forward of the trained module itself (double DQN's online
         net on the next observations) rides in the trained forward's GEMMs (its rows appended:
         one pass over the weights instead of two; both results are sent before the other side
-        forwards run)."""
+        forwards run), on every micro-batch but the first: the next stage waits for the first
+        message of F(0) (the pipeline's start-up lag), which fusing would double."""
         x = self._arrive(m, 0, TAG_ACT, grad=True)
         outs: list = [None] * len(self.side)
-        fused = self._fused_side()
+        fused = self._fused_side() if m > 0 else None
         if self.mlp is not None:
             with torch.no_grad():
                 if fused is None:
