@@ -4,8 +4,8 @@ stage-only construction as ``hpcdqn train`` builds it; writes benchmarks/results
 
     python benchmarks/pipeline.py [--rounds 3] [--updates 20] [--append] [--out FILE]
 
-Sides: pp=1; pp=2 with the 1F1B and the zero-bubble (ZB-H1) schedules at M = 4 and 8
-micro-batches. A *round* runs every side once, one after another (rounds interleave the sides);
+Sides: pp=1; pp=2 with the 1F1B schedule at M = 2 and 4 micro-batches and the zero-bubble
+(ZB-H1) one at M = 2, 3 and 4 (M = 8 was slower than 4 with either: smaller GEMMs). A *round* runs every side once, one after another (rounds interleave the sides);
 each side runs ``--warmup`` updates, then ``--updates`` timed updates (each between barriers).
 Per side and round: the median update's updates/s, the load average before its launch, the
 execution plan it ran (the gradient path per stage: every side should name ``mlp-manual``).
@@ -115,7 +115,8 @@ def launch(n: int, args: list[str], timeout: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-SIDES = [("pp1", 1, 2, 1, "1f1b")] + [("pp2", 2, 1, m, k) for k in ("1f1b", "zbh1") for m in (4, 8)]
+SIDES = ([("pp1", 1, 2, 1, "1f1b")] + [("pp2", 2, 1, m, "1f1b") for m in (2, 4)]
+         + [("pp2", 2, 1, m, "zbh1") for m in (2, 3, 4)])
 
 
 def side_name(side) -> str:
@@ -167,10 +168,11 @@ def summarise(rounds: list[list[dict]]) -> list[dict]:
         if side[1] > 1:
             p, m = 2, side[3]
             acc = [[r[i]["ranks"][s]["bubble_accounted"] for r in rounds] for s in range(p)]
+            sim = bubble_simulated(p, m, side[4], fused_double=True)
             row["bubble"] = {
                 "measured_per_stage_median": [round(float(np.median(b)), 4) for b in acc],
                 "measured_per_stage_per_round": acc,
-                "simulated_per_stage": [round(b, 4) for b in bubble_simulated(p, m, side[4])],
+                "simulated_per_stage": [round(b, 4) for b in sim],
                 "(p-1)/m": round((p - 1) / m, 4), "(p-1)/(3m)": round((p - 1) / (3 * m), 4),
                 "(p-1)/(m+p-1)": round((p - 1) / (m + p - 1), 4)}
         rows.append(row)
@@ -183,6 +185,34 @@ def verdict(rows: list[dict]) -> str:
             f"{len(rows[0]['updates_per_s_per_round'])} rounds, range {pp2['vs_pp1_min_max']}) "
             "on 2 cores, every side on the hand-written MLP backward"
             if all("mlp-manual" in r["plan"] for r in rows) else "sides on different gradient paths")
+
+
+def readme_row(out: dict) -> str:
+    """The README's benchmark-table row, from the results file only (``--row``)."""
+    rows, sides = out["rows"], []
+    for r in rows:
+        txt = (f"{r['side']}: {r['updates_per_s_median']} [{r['updates_per_s_min_max'][0]}–"
+               f"{r['updates_per_s_min_max'][1]}] updates/s")
+        if "bubble" in r:
+            b = r["bubble"]
+            txt += (f", {r['vs_pp1_median']}× [{r['vs_pp1_min_max'][0]}–{r['vs_pp1_min_max'][1]}],"
+                    f" bubble (stage 0, 1) {b['measured_per_stage_median']} vs (p−1)/m "
+                    f"{b['(p-1)/m']}, (p−1)/(3m) {b['(p-1)/(3m)']}")
+        sides.append(txt)
+    loads = [float(ld[0]) for r in rows for ld in r["loadavg_before_per_round"]]
+    commits = sorted({rd["commit"][:7] + ("-dirty" if rd["commit"].endswith("dirty") else "")
+                      for rd in out["rounds"]})
+    what = ("equal cores (2): pp=1 with 2 threads vs pp=2 with 1 thread per rank, "
+            + ", ".join(r["side"].removeprefix("pp2 ") for r in rows[1:])
+            + f"; {out['network'].replace(' -> ', '→').replace(' x ', '×')} (52.5M parameters), "
+            f"batch {out['global_batch']}, double DQN (its online forward on s' rides in the "
+            "trained forward's GEMMs on every pp=2 stage); every side on the hand-written MLP "
+            f"backward; {out['rounds_done']} interleaved rounds × {out['updates_per_side_per_round']} "
+            "timed updates, median [min–max] over rounds")
+    res = ("; ".join(sides) + f". {out['verdict']}. 1-minute load average {min(loads):.2f}–"
+           f"{max(loads):.2f} before the sides, the benchmark at the scheduler's priority; commit "
+           + ", ".join(commits))
+    return f"| `pipeline.py` | {what} | {res} |"
 
 
 def main() -> None:
@@ -201,7 +231,11 @@ def main() -> None:
                     help="add the rounds to those already in --out (several short locked runs)")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline.json"))
+    ap.add_argument("--row", action="store_true", help="print the README row from --out, run nothing")
     a = ap.parse_args()
+    if a.row:
+        print(readme_row(json.loads(Path(a.out).read_text())))
+        return
     if a.worker:
         a.hidden = [int(x) for x in a.hidden.split(",")]
         worker(a)
@@ -229,7 +263,9 @@ def main() -> None:
 
 def commit() -> str:
     r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+    # (the results being written are not the code that made them)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no",
+                            "--", ".", ":!benchmarks/results"],
                            capture_output=True, text=True).stdout.strip()
     return r.stdout.strip() + ("-dirty" if dirty else "")
 

@@ -213,7 +213,8 @@ class PipelineLearner(StageInference, StageLearner):
         out_shape = None if self.last else self.pp_stage.output_shape(in_shape, in_dtype)
         self.link.send_header(OP_UPDATE, n, len(splits), out_shape)
         lab = self._labels(batch, n)
-        self.online.zero_grad_()
+        if self.mlp is None:     # (the hand-written path's first W writes the gradients)
+            self.online.zero_grad_()
         t_sched, w_sched = time.perf_counter(), self.link.wait_seconds
         loss_sum, td_parts, q_parts = self._run_schedule(b, lab, splits, in_shape, out_shape, n)
         self.schedule_seconds += time.perf_counter() - t_sched

@@ -151,7 +151,8 @@ def bubble_theory(n_stages: int, micro: int) -> float:
 
 
 def bubble_simulated(n_stages: int, micro: int, kind: str = "1f1b", forwards: int = 3,
-                     backward_cost: float = 2.0, early_send: bool = True) -> list[float]:
+                     backward_cost: float = 2.0, early_send: bool = True,
+                     fused_double: bool = False) -> list[float]:
     """Each stage's idle fraction of its own schedule window (first op to its last, as
     ``benchmarks/pipeline.py`` measures it) for this module's op order, by event simulation with
     equal stages, free messages and unit costs: each of the ``forwards`` forward passes of a
@@ -159,7 +160,10 @@ def bubble_simulated(n_stages: int, micro: int, kind: str = "1f1b", forwards: in
     backward ``backward_cost`` (``zbh1``: half in B, the input gradient, half in W). With ``early_send`` each forward is passed on as soon as it is
     computed (``update`` does this), so the next stage starts after one unit rather than all of
     them, and the bubble is below the textbook ``(n_stages-1)/(micro+n_stages-1)``; with ``early_send=False`` (one
-    fused forward op) stage 0, whose window is the whole step, gets exactly the textbook value."""
+    fused forward op) stage 0, whose window is the whole step, gets exactly the textbook value.
+    ``fused_double``: the second forward rides in the first's GEMMs (``PipelineStage`` on the
+    hand-written path, double DQN, every micro-batch but the first): one op of cost 2, both
+    sent at its end."""
     ops = []
     for s in range(n_stages):
         seq = []
@@ -167,6 +171,8 @@ def bubble_simulated(n_stages: int, micro: int, kind: str = "1f1b", forwards: in
         for k, m in schedule_ops(kind, s, n_stages, micro):
             if k in ("B", "W"):
                 seq.append(((k, m, 0), backward_cost / 2 if split else backward_cost))
+            elif early_send and fused_double and forwards >= 2 and m > 0:
+                seq += [(("F", m, 0), 2.0)] + [(("F", m, j), 1.0) for j in range(2, forwards)]
             elif early_send:
                 seq += [(("F", m, j), 1.0) for j in range(forwards)]
             else:

@@ -64,6 +64,7 @@ class PipelineStage:
         self.feed, self.side, self.loss_fn = feed, tuple(side), loss_fn
         self.saved: dict = {}
         self.work: dict = {}
+        self.grads_written = False     # (hand-written path) has a W of this step run yet
 
     def _arrive(self, m: int, k: int, tag: int, grad: bool = False) -> torch.Tensor:
         if self.first:
@@ -77,20 +78,34 @@ class PipelineStage:
             self.link.isend(as_np(y), self.index + 1, tag)
 
     def forward_one_chunk(self, m: int) -> None:
-        """F(m): the trained forward, then the side forwards; the last stage calls the loss."""
+        """F(m): the trained forward, then the side forwards; the last stage calls the loss. On
+        the hand-written path a side forward of the trained module itself (double DQN's online
+        net on the next observations) rides in the trained forward's GEMMs (its rows appended:
+        one pass over the weights instead of two; both results are sent before the other side
+        forwards run), on every micro-batch but the first: the next stage waits for the first
+        message of F(0) (the pipeline's start-up lag), which fusing would double."""
         x = self._arrive(m, 0, TAG_ACT, grad=True)
+        outs: list = [None] * len(self.side)
+        fused = self._fused_side() if m > 0 else None
         if self.mlp is not None:
             with torch.no_grad():
-                y, keep = stage_mlp.forward(self.mlp, x)
+                if fused is None:
+                    y, keep = stage_mlp.forward(self.mlp, x)
+                else:
+                    x2 = self._arrive(m, 1 + fused, SIDE_TAGS[fused])
+                    y2, keep = stage_mlp.forward(self.mlp, torch.cat([x, x2]))
+                    y, outs[fused] = y2[:x.shape[0]], y2[x.shape[0]:]
+                    keep = stage_mlp.first_rows(keep, x.shape[0])
         else:
             y, keep = self.module(x), None
         self._pass_on(y, TAG_ACT)
-        outs = []
+        if fused is not None:
+            self._pass_on(outs[fused], SIDE_TAGS[fused])
         with torch.no_grad():
             for i, module in enumerate(self.side):
-                tag = SIDE_TAGS[i]
-                outs.append(module(self._arrive(m, 1 + i, tag)))
-                self._pass_on(outs[-1], tag)
+                if i != fused:
+                    outs[i] = module(self._arrive(m, 1 + i, SIDE_TAGS[i]))
+                    self._pass_on(outs[i], SIDE_TAGS[i])
         if not self.last:
             self.saved[m] = (x, y, keep, None)
             return
@@ -99,6 +114,13 @@ class PipelineStage:
             self.saved[m] = (x, y, keep, output_grad)
         else:
             self.saved[m] = (x, loss, None, None)
+
+    def _fused_side(self) -> int | None:
+        """The index of the side forward that is the trained module itself (hand-written path
+        only; the same on every stage: the plan takes that path on all or none)."""
+        if self.mlp is None:
+            return None
+        return next((i for i, mod in enumerate(self.side) if mod is self.module), None)
 
     def backward_one_chunk(self, m: int) -> None:
         """B(m): the gradient w.r.t. this stage's input, sent to the previous stage (on the
@@ -121,11 +143,12 @@ class PipelineStage:
 
     def backward_weight_one_chunk(self, m: int) -> None:
         """W(m): the weight gradients of micro-batch ``m`` (hand-written path; autograd's
-        backward already did them)."""
+        backward already did them). The step's first W writes the gradient buffers (no zeroing
+        pass before the step: ``grads_written``), the others add to them."""
         work = self.work.pop(m, None)
         if work is not None:
-            stage_mlp.backward_weights(work)
-
+            stage_mlp.backward_weights(work, overwrite=not self.grads_written)
+            self.grads_written = True
 
 def run_schedule(stage: PipelineStage, schedule: str) -> None:
     """Drive ``stage`` through one step (set by ``begin_step``) in the op list's order

@@ -129,12 +129,31 @@ def _piece_backward(op: StageOp, s, g, work: list, more: bool):
     return gx if op.first else torch.cat([gx, g[:, :op.r0]], dim=1)
 
 
-def backward_weights(work: list) -> None:
-    """W: every weight and bias gradient of one micro-batch, added into the gradient buffers."""
+def backward_weights(work: list, overwrite: bool = False) -> None:
+    """W: every weight and bias gradient of one micro-batch, added into the gradient buffers
+    (``overwrite``: written over them, as adding to zeroed buffers would, bit for bit)."""
     for gw, x, dw, gb, db in work:
+        if overwrite:
+            torch.mm(gw.t(), x, out=dw)
+            if db is not None:
+                torch.sum(gb, 0, out=db)
+            continue
         dw.addmm_(gw.t(), x)
         if db is not None:
             db.add_(gb.sum(0))
+
+
+def first_rows(saved: list, rows: int) -> list:
+    """What ``forward`` kept for the backward, cut to the first ``rows`` rows (a forward of
+    several inputs stacked by rows, of which only the first is backpropagated)."""
+    out = []
+    for s in saved:
+        if isinstance(s, tuple):
+            xin, y, zw = s
+            out.append((xin[:rows], None if y is None else y[:rows], zw))
+        else:
+            out.append(s[:rows])
+    return out
 
 
 def check_against_autograd(online, ops: list[StageOp], in_width: int, last: bool,
