@@ -244,19 +244,38 @@ FRAMES = ["env_id=frame_env:FrameToy-v0", "num_envs=2", "total_steps=800", "dqn.
           "replay.prioritized=true", "actor.publish_every=10", "actor.send_every=3", "seed=3"]
 
 
-def test_frame_stacked_lockstep_runs_repeat_bitwise(tmp_path):
+def test_frame_stacked_lockstep_runs_repeat_bitwise_and_resume_bitwise(tmp_path):
     """A frame-stacked image env (tests/frame_env.py behind gymnasium's FrameStackObservation)
     with 1 learner + 2 actors in lockstep, twice: the actors send raw frames (one per env step,
     not stacks), the learner's frame replay takes every step, and both runs end with the same
-    parameters bit for bit (not the initial ones)."""
+    parameters bit for bit (not the initial ones). Run ``a`` checkpoints at 600 and 800 env
+    steps (taking them changes nothing: it equals ``b``); a copy of it resumed from 600 (the
+    actors' frame sinks, the learner's frame feed, the frames sent but not inserted, all
+    restored) ends with the same model and the same 800 checkpoint, every array of it."""
     env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}       # the ranks import frame_env
     params = []
-    for name in ("a", "b"):
+    for name, extra in (("a", ["checkpoint_every=600"]), ("b", [])):
         r = hpcdqn(3, ["train", "actors=2", "actor.lockstep=true", f"run_dir={tmp_path / name}",
-                       *FRAMES], timeout=300, env=env)
+                       *FRAMES, *extra], timeout=300, env=env)
         s = summary(r)
         with h5py.File(tmp_path / name / "model.h5") as f:
             params.append(f["online"][...])
+        if name == "a":
+            assert s["checkpoints"] == 2
+            res = tmp_path / "res"
+            shutil.copytree(tmp_path / "a", res)
+            (res / "model.h5").unlink()
+            (res / "checkpoints" / "ckpt-000000000800.h5").unlink()
+            (res / "checkpoints" / "latest").write_text("ckpt-000000000600.h5")
+            r = hpcdqn(3, ["train", "--resume", str(res)], timeout=300, env=env)
+            assert "resumed exactly from" in r.stderr and summary(r)["env_steps"] == 800
+            with h5py.File(res / "model.h5") as f:
+                assert np.array_equal(f["online"][...], params[0])
+            want = ckpt_arrays(tmp_path / "a" / "checkpoints" / "ckpt-000000000800.h5")
+            got = ckpt_arrays(res / "checkpoints" / "ckpt-000000000800.h5")
+            assert sorted(got) == sorted(want) and "replay/frames" in got
+            assert want["replay/frames"].shape[1] == 4         # one column per env of each actor
+            assert [k for k in want if not np.array_equal(want[k], got[k])] == []
     assert np.array_equal(params[0], params[1])
     learner, actors = s["ranks"][0], s["ranks"][1:]
     assert learner["inserted"] == 800 and s["updates"] == 20
