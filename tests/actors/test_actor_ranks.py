@@ -287,23 +287,38 @@ def test_frame_stacked_lockstep_runs_repeat_bitwise_and_resume_bitwise(tmp_path)
     assert np.abs(params[0] - start.numpy()).max() > 1e-3
 
 
-def test_minatar_with_two_actors_ends_cleanly(tmp_path):
+def test_minatar_with_two_actors_checkpoints_resumes_and_ends_cleanly(tmp_path):
     """MinAtar Breakout (its config, a short window) with 1 learner + 2 actors: the grids go
-    over the wire once per env step and the run ends with every rank's role and a greedy
+    over the wire once per env step; the run checkpoints at 300 env steps and stops there, its
+    --resume continues the actors exactly and ends with every rank's role and a greedy
     evaluation."""
-    r = hpcdqn(3, ["train", "--config", str(ROOT / "configs" / "minatar_breakout.toml"), "actors=2",
-                   "total_steps=600", "dqn.learning_starts=300", "dqn.train_frequency=20",
-                   "dqn.gradient_steps=2", "dqn.buffer_size=2000", "checkpoint_every=0",
-                   "eval.episodes=10", "log.progress=false", f"run_dir={tmp_path}"], timeout=300)
+    common = ["--config", str(ROOT / "configs" / "minatar_breakout.toml"), "total_steps=600",
+              "dqn.learning_starts=300", "dqn.train_frequency=20", "dqn.gradient_steps=2",
+              "dqn.buffer_size=2000", "checkpoint_every=300", "eval.episodes=10",
+              "log.progress=false"]
+    s = summary(hpcdqn(3, ["train", *common, "actors=2", "stop_after=300", f"run_dir={tmp_path}"],
+                       timeout=300))
+    assert s["env_steps"] == 300 and s["checkpoints"] == 1
+    first = [a["env_steps"] for a in s["ranks"][1:]]     # (up to max_ahead beyond the checkpoint)
+    r = hpcdqn(3, ["train", "--resume", str(tmp_path), "stop_after=0"], timeout=300)
+    assert "resumed exactly from" in r.stderr, r.stderr[-2000:]
     s = summary(r)
     assert s["roles"] == ["learner", "actor", "actor"] and s["env_steps"] == 600
-    assert s["ranks"][0]["inserted"] == 600 and s["updates"] == 30 and s["eval_episodes"] == 10
-    assert all(a["env_steps"] == a["transitions_sent"] == 300 for a in s["ranks"][1:])
+    assert s["ranks"][0]["inserted"] == 300 and s["updates"] == 30 and s["eval_episodes"] == 10
+    # the steps sent ahead of the checkpoint are inserted from it, not stepped again (steps
+    # made after the actor's state was taken, before its learner stopped, are made again)
+    assert all(a["env_steps"] < 300 <= a["env_steps"] + n for a, n in zip(s["ranks"][1:], first))
+    assert all(a["env_steps"] == a["transitions_sent"] for a in s["ranks"][1:])
+    with h5py.File(tmp_path / "checkpoints" / "ckpt-000000000600.h5") as f:
+        assert f["replay/obs"].shape[1:] == (2, 4, 10, 10)    # one column per actor env
 
 
-def test_image_env_with_actors_refuses_checkpoints_in_one_line(tmp_path):
-    r = hpcdqn(2, ["train", "--config", str(ROOT / "configs" / "minatar_breakout.toml"), "actors=1",
+def test_image_env_with_uneven_actors_refuses_checkpoints_in_one_line(tmp_path):
+    """actors=1 on dp=2 replicas (an image env): the replay shards would differ in env columns,
+    so a checkpoint is refused in one agreed line naming the fix."""
+    r = hpcdqn(3, ["train", "--config", str(ROOT / "configs" / "minatar_breakout.toml"), "actors=1",
                    "total_steps=600", "checkpoint_every=200", f"run_dir={tmp_path}"],
                timeout=120, check=False)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert r.stderr.count("checkpoints and --resume are not supported yet") == 1, r.stderr[-2000:]
+    assert r.stderr.count("checkpoints and --resume need actors to be a multiple of dp") == 1, \
+        r.stderr[-2000:]
