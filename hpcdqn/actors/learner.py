@@ -17,9 +17,10 @@ agreed signal, the end) each first stage asks its actors for their state (``CKPT
 data they sent before it (MPI keeps one sender's messages in order), and the checkpoint keeps,
 per actor, its state, the iteration it sends next and the steps sent but not inserted yet (the
 messages as received), in the learner's own rank state; with an image env also the frame
-feed's last observation and started flag of every env (``FrameFeed.state_dict``). Nothing is lost or counted twice: the
-actor's state is at exactly the iteration its sent data ends. On resume with the same layout
-each actor gets its state back (``RESTORE``) and the queue is rebuilt; on another layout
+feed's last observation and started flag of every env (``FrameFeed.state_dict``). Nothing is
+lost or counted twice: the actor's state is at exactly the iteration its sent data ends. On
+resume with the same layout each actor gets its state back (``RESTORE``), the queue is rebuilt
+(and the frame feed's state restored); on another layout
 (another ``actors``, ``dp`` or ``pp``, or from a sync run) the replay is resharded and the
 actors start afresh, their environments re-seeded (a message says so).
 """
