@@ -8,7 +8,8 @@ time split.
 
 At a checkpoint the learner asks (``CKPT``); the actor sends what it has buffered, then its
 state (``state_dict``: the iteration it would step next, its environments and acting RNG as a
-sync rollout saves them, the n-step window, its network and counters) and goes on. A resumed
+sync rollout saves them, the n-step window or, with an image env, the frame sink's start flags
+and last observations, its network and counters) and goes on. A resumed
 actor waits for ``RESTORE`` first: that state, or where to start afresh (its environments
 re-seeded, as a resharded sync resume re-seeds a replica without state)."""
 
@@ -51,6 +52,12 @@ class _Sink:
     def add(self, obs, actions, rewards, next_obs, terminated, truncated) -> None:
         self.done = self.window.push(obs, actions, rewards, next_obs, terminated, truncated)
 
+    def state_dict(self) -> dict:
+        return {"window": encode(self.window.steps)}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.window.steps = list(decode(st["window"]))
+
 
 def actor_env(cfg: dict, index: int):
     """Actor ``index``'s vector envs (seeded as replica ``index`` of a sync run) and their seed."""
@@ -63,7 +70,7 @@ def actor_feed(cfg: dict, env):
     observations (``actors.frames``), else the n-step window's finished transitions."""
     space, k = env.single_observation_space, frame_stack(env)
     if sends_frames(space.shape, k):
-        return FrameSink(cfg["num_envs"], k), FrameWire(
+        return FrameSink(cfg["num_envs"], k, space), FrameWire(
             space.shape, space.dtype, cfg["num_envs"], cfg["actor"]["send_every"], k,
             int(env.single_action_space.n))
     return (_Sink(NStepWindow(cfg["dqn"]["n_step"], cfg["dqn"]["gamma"])),
@@ -151,7 +158,7 @@ class Actor:
                 "params": encode(self.net.numpy_data().copy()),
                 "rng": encode(acting["rng"]), "obs": encode(np.asarray(acting["obs"])),
                 "ep_ret": encode(acting["ep_ret"]), "ep_len": encode(acting["ep_len"]),
-                "env": encode_env(acting["env"]), "window": encode(self.sink.window.steps)}
+                "env": encode_env(acting["env"]), **self.sink.state_dict()}
 
     def send_state(self) -> None:
         """Send the buffered steps, then this actor's state (``STATE``, after them in order)."""
@@ -176,7 +183,7 @@ class Actor:
             "ep_len": decode(st["ep_len"]), "env": decode_env(st["env"])})
         for w in warnings:
             print(f"hpcdqn: actor {self.idx}: {w}", file=sys.stderr, flush=True)
-        self.sink.window.steps = list(decode(st["window"]))
+        self.sink.load_state_dict(st)
 
     # -- acting -------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -29,14 +29,30 @@ action range before using it.
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 
 from hpcdqn.actors.wire import DONE, FRAMES, HEADER, MAGIC, STATE, Layout, WireError, header, pack
 from hpcdqn.rl.framereplay import replay_class
+from hpcdqn.store.codec import decode, encode
 
 STEP_KEYS = ("actions", "rewards", "terminated", "truncated")
+
+
+def decode_array(x, shape: tuple, dtype, what: str) -> np.ndarray:
+    """An array ``store.codec.encode`` wrote, checked to be of ``shape`` and ``dtype`` (its
+    encoded size too) before it is decoded; ``ValueError`` naming ``what`` otherwise."""
+    dt = np.dtype(dtype)
+    size = int(np.prod(shape)) * dt.itemsize
+    ok = (isinstance(x, dict) and x.get("__nd__") == dt.str and x.get("shape") == list(shape)
+          and isinstance(x.get("b64"), str) and len(x["b64"]) == 4 * math.ceil(size / 3))
+    if not ok:
+        got = {k: x.get(k) for k in ("__nd__", "shape")} if isinstance(x, dict) else type(x).__name__
+        raise ValueError(f"{what}: expected an array of shape {list(shape)} and dtype {dt.str}, "
+                         f"found {got}")
+    return np.array(decode(x))
 
 
 def sends_frames(obs_shape: tuple, frame_stack: int) -> bool:
@@ -48,11 +64,25 @@ def sends_frames(obs_shape: tuple, frame_stack: int) -> bool:
 class FrameSink:
     """What ``Rollout.step`` stores into on an image env's actor: each step's record (``done``)."""
 
-    def __init__(self, num_envs: int, frame_stack: int):
-        self.k = frame_stack
+    def __init__(self, num_envs: int, frame_stack: int, obs_space=None):
+        self.k, self.space = frame_stack, obs_space
         self.fresh = np.ones(num_envs, bool)   # the env's next step starts an episode
         self.last = None                         # the previous step's next observations
         self.done = None
+
+    def state_dict(self) -> dict:
+        """What the next step's check and start flags depend on (``store.codec``'s encoding)."""
+        return {"frames": {"fresh": encode(self.fresh),
+                           "last": None if self.last is None else encode(np.asarray(self.last))}}
+
+    def load_state_dict(self, st: dict) -> None:
+        """Inverse of ``state_dict``, shapes checked (``ValueError``)."""
+        fr, E = st.get("frames") if isinstance(st, dict) else None, len(self.fresh)
+        if not isinstance(fr, dict):
+            raise ValueError("actor state without its frame sink's state ('frames')")
+        self.fresh = decode_array(fr.get("fresh"), (E,), bool, "actor state 'frames.fresh'")
+        self.last = None if fr.get("last") is None else decode_array(
+            fr["last"], (E,) + tuple(self.space.shape), self.space.dtype, "actor state 'frames.last'")
 
     def add(self, obs, actions, rewards, next_obs, terminated, truncated) -> None:
         obs, next_obs = np.asarray(obs), np.asarray(next_obs)
@@ -181,6 +211,19 @@ class FrameFeed:
                               n_actions)
         self.last = np.zeros((actors * num_envs,) + tuple(obs_space.shape), obs_space.dtype)
         self.seen = np.zeros(actors * num_envs, bool)      # the env's first episode has started
+
+    def state_dict(self) -> dict:
+        """Every env's last next observation and whether its first episode started (a
+        checkpoint's, beside the actors' states: ``store.codec``'s encoding)."""
+        return {"last": encode(self.last), "seen": encode(self.seen)}
+
+    def load_state_dict(self, st: dict) -> None:
+        """Inverse of ``state_dict``, shapes and dtypes checked before decoding (``ValueError``)."""
+        if not isinstance(st, dict):
+            raise ValueError("no frame feed state ('frames')")
+        last = decode_array(st.get("last"), self.last.shape, self.last.dtype, "frame feed 'last'")
+        self.seen = decode_array(st.get("seen"), self.seen.shape, bool, "frame feed 'seen'")
+        self.last = last
 
     def make_replay(self, capacity: int, seed: int, dqn: dict, replay: dict, episode_steps: int):
         """The sync run's replay class, one column per env of every actor, sampling timed

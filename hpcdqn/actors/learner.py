@@ -16,9 +16,11 @@ Checkpoints: at the same points as sync mode (``checkpoint_every``, ``checkpoint
 agreed signal, the end) each first stage asks its actors for their state (``CKPT``), queues the
 data they sent before it (MPI keeps one sender's messages in order), and the checkpoint keeps,
 per actor, its state, the iteration it sends next and the steps sent but not inserted yet (the
-messages as received), in the learner's own rank state. Nothing is lost or counted twice: the
-actor's state is at exactly the iteration its sent data ends. On resume with the same layout
-each actor gets its state back (``RESTORE``) and the queue is rebuilt; on another layout
+messages as received), in the learner's own rank state; with an image env also the frame
+feed's last observation and started flag of every env (``FrameFeed.state_dict``). Nothing is
+lost or counted twice: the actor's state is at exactly the iteration its sent data ends. On
+resume with the same layout each actor gets its state back (``RESTORE``), the queue is rebuilt
+(and the frame feed's state restored); on another layout
 (another ``actors``, ``dp`` or ``pp``, or from a sync run) the replay is resharded and the
 actors start afresh, their environments re-seeded (a message says so).
 """
@@ -75,8 +77,9 @@ class FedTrainer(Trainer):
         self.world, self.ac = world, ac
         self.feeders = [] if lay.pp_rank else lay.actors_of(lay.dp_rank)   # first stages
         self.feed, seed = None, cfg["seed"] + 1000 * lay.dp_rank + 7
-        if sends_frames(self.obs_space.shape, self.frame_stack):     # image envs: raw frames
-            self.frames_only_without_checkpoints(cfg, resume)
+        frames = sends_frames(self.obs_space.shape, self.frame_stack)
+        if frames:      # image envs: raw frames into the sync replay class
+            self.frames_checkpoints_need_even_actors(cfg, resume)
             self.feed = FrameFeed(self.obs_space, self.frame_stack, self.n_actions,
                                   len(self.feeders), cfg["num_envs"], ac["send_every"])
             rep = cfg["replay"]
@@ -88,8 +91,10 @@ class FedTrainer(Trainer):
                 prioritized=cfg["replay"]["prioritized"], alpha=cfg["replay"]["alpha"],
                 priority_eps=cfg["replay"]["priority_eps"], seed=seed,
                 raw_steps=(cfg["dqn"]["n_step"], cfg["dqn"]["gamma"]))
-        self.ckpt = Checkpointer(self.run_dir, cfg, self.grid, list(lay.layers), self.env_info,
-                                 self.learner, self.replay, None, 0, transitions=cfg["dqn"]["n_step"])
+        self.ckpt = Checkpointer(  # (image envs: one column per env of each of the replica's actors)
+            self.run_dir, cfg, self.grid, list(lay.layers), self.env_info, self.learner, self.replay,
+            None, self.frame_stack if frames else 0, transitions=0 if frames else cfg["dqn"]["n_step"],
+            columns=cfg["num_envs"] * (lay.actors // lay.dp) if frames else 0)
         # the checkpoint/resume deadlines with the replay shard built here (collective)
         self.watchdog.deadlines = watchdog.deadlines(cfg["watchdog"]["deadline_s"], self.ckpt_bytes())
         self.wire = self.feed.wire if self.feed else Layout(
@@ -104,15 +109,20 @@ class FedTrainer(Trainer):
         self.restored = False       # the actors continue from a checkpoint's states
         self.state_limit = max_state_bytes(lay.param_ranges[-1][1])
 
-    def frames_only_without_checkpoints(self, cfg: dict, resume) -> None:
-        """Collective over the learners: image envs with actors do not checkpoint yet (the
-        actors' frame state is not saved): an agreed ``ConfigError`` where asked to; else no
-        checkpoint at the end either."""
+    def frames_checkpoints_need_even_actors(self, cfg: dict, resume) -> None:
+        """Collective over the learners: a checkpoint of an image env's replay shards needs the
+        same columns in every shard (``actors`` a multiple of ``dp``): an agreed ``ConfigError``
+        where asked to checkpoint or resume otherwise; else no checkpoint at the end either."""
+        lay = self.layout
+        if lay.actors % lay.dp == 0:
+            return
         with Local() as loc:
             if resume or cfg["checkpoint_every"] or cfg["stop_after"]:
-                raise ConfigError(f"actors={cfg['actors']} with an image env ({cfg['env_id']}): "
-                                  "checkpoints and --resume are not supported yet; set "
-                                  "checkpoint_every=0 and stop_after=0, or use actors=0")
+                raise ConfigError(
+                    f"actors={lay.actors} with an image env ({cfg['env_id']}) and dp={lay.dp}: "
+                    "checkpoints and --resume need actors to be a multiple of dp (every replay "
+                    "shard the same env columns); set actors to a multiple of dp, or "
+                    "checkpoint_every=0 and stop_after=0")
         agree_user_errors(self.comm, loc.err)
         self.cfg["checkpoint"] = False
 
@@ -237,13 +247,18 @@ class FedTrainer(Trainer):
             got[str(a)] = {"state": st, "expect": self.expect[a],
                            "pending": [{"buf": encode(e[3]), "k": e[1], "off": e[2]}
                                        for e in self.queues[a]]}
-        return {"actors": got}
+        return {"actors": got, **({"frames": self.feed.state_dict()} if self.feed else {})}
 
     def restore_extra(self, st: dict) -> None:
         """Give every actor of this replica its state back (``RESTORE``) and rebuild the queue
         of what it had sent; on another layout, tell it where to start afresh."""
         self.restored = bool(st["exact"])       # (the same on every learner: the layouts')
         saved = (st["rank"] or {}).get("actors") or {}
+        if self.restored and self.feed is not None and self.feeders:
+            try:
+                self.feed.load_state_dict((st["rank"] or {}).get("frames"))
+            except ValueError as e:
+                raise CheckpointCorrupt(f"checkpoint '{st['path']}': {e}") from None
         it, steps = self.state.iteration, int(st["counters"]["env_steps"])
         for a in self.feeders:
             if not self.restored:

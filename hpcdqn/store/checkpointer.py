@@ -41,7 +41,7 @@ class Checkpointer:
     """Owns the schedule and the save/resume of one training run (collective calls)."""
 
     def __init__(self, run_dir, cfg: dict, grid, layers, env_info: dict, learner, replay, rollout,
-                 frame_stack: int = 0, storage=None, transitions: int = 0):
+                 frame_stack: int = 0, storage=None, transitions: int = 0, columns: int = 0):
         """``replay``, ``rollout``: this rank's (None on the ranks that do not act);
         ``frame_stack``: frames per observation where the replay stores each frame once
         (``rl.framereplay``; every rank passes the same, later pipeline stages too);
@@ -56,14 +56,15 @@ class Checkpointer:
         self.sizes = layer_sizes(layers)
         ranges = learner.param_ranges         # every stage's, known on every rank
         self.layout = {"world": grid.world, "dp": grid.dp, "pp": grid.pp,
-                       "num_envs": 1 if transitions else cfg["num_envs"],
+                       "num_envs": 1 if transitions else columns or cfg["num_envs"],
                        "rows": replay.rows if replay is not None else
-                       _rows_for(cfg, grid.dp, frame_stack, transitions),
+                       _rows_for(cfg, grid.dp, frame_stack, transitions, columns),
                        "stage_params": [list(ranges[s]) for s in range(grid.pp)],
                        "prioritized": bool(cfg["replay"]["prioritized"]),
                        "frame_stack": int(frame_stack)}
-        if transitions:     # (only then: a sync run's file is as before)
-            self.layout.update(transitions=int(transitions), actors=int(cfg["actors"]),
+        if cfg.get("actors"):     # (only then: a sync run's file is as before)
+            self.layout.update(({"transitions": int(transitions)} if transitions else {}),
+                               actors=int(cfg["actors"]),
                                actor_envs=int(cfg["num_envs"]),
                                send_every=int(cfg["actor"]["send_every"]))
         self.every = int(cfg["checkpoint_every"])
@@ -273,12 +274,12 @@ class Checkpointer:
             out["exact"] = False
 
 
-def _rows_for(cfg: dict, dp: int, k: int, transitions: int = 0) -> int:
+def _rows_for(cfg: dict, dp: int, k: int, transitions: int = 0, columns: int = 0) -> int:
     """Rows of each replica's replay ring (``dqn.buffer_size`` is the global capacity; a ring
-    of finished transitions: one column, no n-step margin)."""
+    of finished transitions: one column, no n-step margin; ``columns``: see ``Checkpointer``)."""
     if transitions:
         return ring_rows(replay_per_replica(cfg, dp), 1, 1, 0)
-    return ring_rows(replay_per_replica(cfg, dp), cfg["num_envs"], cfg["dqn"]["n_step"], k)
+    return ring_rows(replay_per_replica(cfg, dp), columns or cfg["num_envs"], cfg["dqn"]["n_step"], k)
 
 
 def _same(old: dict, new: dict, keys) -> bool:
