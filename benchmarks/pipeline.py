@@ -73,6 +73,18 @@ def _setup(a):
     return comm, grid, layers, learner, batch, rows, base
 
 
+def timed_updates(comm, learner, batch, n: int) -> list[float]:
+    """Wall seconds of ``n`` updates, each between two barriers (every rank's, so the slowest)."""
+    walls = []
+    for _ in range(n):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        learner.update(batch)
+        comm.Barrier()
+        walls.append(time.perf_counter() - t0)
+    return walls
+
+
 def worker(a) -> None:
     import numpy as np
 
@@ -83,13 +95,7 @@ def worker(a) -> None:
         learner.update(batch)
     if grid.pp > 1:
         learner.reset_timings()      # the learner's own time accounting counts the timed updates
-    walls = []
-    for _ in range(a.updates):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        learner.update(batch)
-        comm.Barrier()
-        walls.append(time.perf_counter() - t0)
+    walls = timed_updates(comm, learner, batch, a.updates)
     accounted = learner.timings()["bubble_s"] / max(sum(walls), 1e-12) if grid.pp > 1 else 0.0
     mine = np.array([base, peak_rss(), learner.online.numel, accounted], dtype=np.float64)
     allv = np.empty((comm.Get_size(), mine.size)) if comm.Get_rank() == 0 else None

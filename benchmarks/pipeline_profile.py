@@ -81,13 +81,7 @@ def main() -> None:
     for _ in range(a.warmup):
         learner.update(batch)
     T.clear()
-    walls = []
-    for _ in range(a.updates):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        learner.update(batch)
-        comm.Barrier()
-        walls.append(time.perf_counter() - t0)
+    walls = bench.timed_updates(comm, learner, batch, a.updates)
     per = {k: round(v / a.updates, 4) for k, v in sorted(T.items())}
     mine = {"rank": comm.Get_rank(), "wall_per_update": round(sum(walls) / len(walls), 4),
             "per_update_s": per}

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +82,14 @@ def fault_env(path, calls="write", errno="ENOSPC", rank="all", after_bytes=None,
         if v is not None:
             env[f"FAULTSHIM_{k}"] = str(v)
     return env
+
+
+def start_until(cmd, path: Path, timeout: float = 180.0, poll: float = 0.1) -> subprocess.Popen:
+    """Start ``cmd`` (a job, in a session of its own: ``os.killpg`` ends it) and return once
+    ``path`` exists, the job has ended, or ``timeout`` seconds have passed."""
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=mpi_env(), start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not path.exists() and job.poll() is None:
+        time.sleep(poll)
+    return job

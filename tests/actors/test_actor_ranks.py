@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
@@ -18,7 +17,7 @@ from hpcdqn.config import load_config
 from hpcdqn.parallel.grid import LayoutError
 from hpcdqn.parallel.layout import Role, RunLayout
 from hpcdqn.rl.networks import initial_flat, network_layers
-from mpi_util import ROOT, hpcdqn, mpi_env, mpirun_cmd, run_mpi
+from mpi_util import ROOT, hpcdqn, mpirun_cmd, run_mpi, start_until
 
 TINY = ["total_steps=2400", "dqn.learning_starts=400", "dqn.train_frequency=100",
         "dqn.gradient_steps=20", "network.hidden=[32, 32]", "eval.episodes=10",
@@ -202,12 +201,8 @@ def test_sync_and_actor_checkpoints_reshard_both_ways_and_sigusr1_checkpoints_an
                if k in ("obs", "next_obs", "actions", "rewards", "terminated")}
     cmd = mpirun_cmd(3) + [sys.executable, "-m", "hpcdqn.cli", "train", "--resume", str(run),
                            "actors=2", "stop_after=0"]
-    a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=mpi_env(), start_new_session=True)
+    a = start_until(cmd, run / "checkpoints" / "ckpt-000000001800.h5")
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not (run / "checkpoints" / "ckpt-000000001800.h5").exists():
-            time.sleep(0.1)
         assert a.poll() is None, a.communicate()[1][-3000:]
         os.kill(a.pid, signal.SIGUSR1)
         out, err = a.communicate(timeout=120)

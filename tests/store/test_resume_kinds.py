@@ -10,14 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from mpi_util import hpcdqn, mpi_env, mpirun_cmd
+from mpi_util import hpcdqn, mpirun_cmd, start_until
 
 from hpcdqn.store import verify
 from hpcdqn.testing import FAULT_ENV
@@ -126,12 +125,8 @@ def test_second_job_refused_first_unharmed(tmp_path):
     run = tmp_path / "run"
     args = [*TINY, "total_steps=10000000", f"run_dir={run}"]     # runs until told to stop
     cmd = mpirun_cmd(1) + [sys.executable, "-m", "hpcdqn.cli", "train", *args]
-    a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=mpi_env(), start_new_session=True)
+    a = start_until(cmd, run / "checkpoints" / "latest", poll=0.2)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not (run / "checkpoints" / "latest").exists():
-            time.sleep(0.2)
         assert (run / "checkpoints" / "latest").exists() and a.poll() is None
         owner = json.loads((run / "hpcdqn.lock").read_text())
         for extra in ([], ["--resume", str(run)]):
