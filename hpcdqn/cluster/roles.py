@@ -154,10 +154,11 @@ def hold_out(rows: list[dict], summaries: list[dict], actor_cfg: dict, obs_bytes
             "cores": n_cores}
 
 
-def obs_nbytes(cfg: dict) -> int:
+def obs_nbytes(env_cfg, seed: int) -> int:
+    """Bytes of one observation of the run's env (``config.EnvConfig``)."""
     from hpcdqn.rl.envs import make_vector_env
 
-    env = make_vector_env(cfg["env_id"], 1, cfg["seed"], "sync", cfg["atari"])
+    env = make_vector_env(env_cfg.env_id, 1, seed, "sync", env_cfg.atari)
     try:
         sp = env.single_observation_space
         return int(sp.dtype.itemsize) * math.prod(sp.shape)
@@ -169,7 +170,7 @@ def run_roles_study(learners: int, actors: list[int], out: Path, repeats: int = 
                     overrides=(), launcher: str = "auto", timeout: float = 1800.0,
                     log=print) -> dict:
     from hpcdqn.cluster.scale import in_allocation
-    from hpcdqn.config import load_config
+    from hpcdqn.config import env_config, load_config
 
     overrides = list(overrides)
     if any(o.split("=", 1)[0] == "actors" for o in overrides):
@@ -192,7 +193,7 @@ def run_roles_study(learners: int, actors: list[int], out: Path, repeats: int = 
             rows.append(row)
             summaries.append(s)
             loads.append(loadavg())
-    model = hold_out(rows, summaries, cfg["actor"], obs_nbytes(cfg))
+    model = hold_out(rows, summaries, cfg["actor"], obs_nbytes(env_config(cfg), cfg["seed"]))
     meta = {"mode": "roles", "commit": commit(), "learners": learners, "actors": actors,
             "repeats": repeats, "command": " ".join(sys.argv),
             "launcher": launcher, "host": socket.gethostname(), "env_id": cfg["env_id"],
