@@ -175,12 +175,16 @@ LOCK = "hpcdqn.lock"
 
 
 def _proc_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (guards against a reused pid); None if it is gone."""
+    """The kernel's start time of ``pid`` (guards against a reused pid); None if it is gone,
+    or dead and not yet reaped (a zombie: killed, it holds no files and writes nothing more)."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
 
 
 def _me() -> dict:

@@ -102,6 +102,14 @@ def test_pipelined_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     _same_end(a, b)
 
 
+def _alive(pid) -> bool:
+    """Whether ``pid`` still runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
 def _descendants(pid):
     """(pid, command) of every process below ``pid`` (mpirun's ranks and any helpers)."""
     parent = {}
@@ -142,6 +150,9 @@ def test_kill_9_during_checkpoint_write_resumes_from_previous(run_a, tmp_path):
             os.kill(pid, signal.SIGKILL)
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate(timeout=30)
+        gone = time.time() + 30          # the kernel takes a moment to end a killed process
+        while time.time() < gone and any(_alive(pid) for pid in ranks):
+            time.sleep(0.1)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
