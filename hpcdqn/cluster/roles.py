@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
 import socket
 import statistics
@@ -32,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from hpcdqn.cluster.scale import STUDY_DEFAULTS, ScaleError, child_env, launch_cmd, parse_ranks
+from hpcdqn.cluster.scale import (STUDY_DEFAULTS, ScaleError, cores, launch_cmd, loadavg, parse_ranks,
+                                  run_launcher)
 from hpcdqn.parallel.roles_model import (DEFAULT_CONSTANTS, constants_from_summaries, fit_eta,
                                          predict, rel_err, run_of_summary)
 
@@ -43,17 +43,6 @@ COLUMNS = ["learners", "actors", "job_ranks", "repeat", "oversubscribed", "env_s
            "actor_env_steps_per_s", *[f"actor_{k}_share" for k in ACTOR_SPLIT],
            *[f"learner_{k}_share" for k in LEARNER_SPLIT], "predicted_env_steps_per_s",
            "model_role", "rel_err", "wall_s", "run_dir"]
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def loadavg() -> float | None:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except OSError:
-        return None
 
 
 def commit() -> str | None:
@@ -98,18 +87,7 @@ def run_point(learners: int, actors: int, r: int, config, overrides, launcher: s
                                      *STUDY_DEFAULTS, *overrides, f"actors={actors}",
                                      f"run_dir={run_dir}"]
     t = time.perf_counter()
-    logfile = out / "logs" / f"{name}.log"
-    with open(logfile, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        try:
-            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(),
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise ScaleError(f"timed out after {timeout}s: {' '.join(cmd)} (log: {logfile})")
-    if done.returncode != 0:
-        tail = logfile.read_text(errors="replace")[-3000:]
-        raise ScaleError(f"failed ({done.returncode}): {' '.join(cmd)}\n{tail}")
+    run_launcher(cmd, timeout, out / "logs" / f"{name}.log")
     s = json.loads((run_dir / "summary.json").read_text())
     if s.get("job_ranks") != p or s.get("actors") != actors:
         raise ScaleError(f"asked for {learners} learner + {actors} actor ranks, the run had "

@@ -107,7 +107,7 @@ def launch_cmd(p: int, launcher: str) -> list[str]:
     if os.environ.get("HPCDQN_MPIRUN_ARGS") is not None:
         return cmd + os.environ["HPCDQN_MPIRUN_ARGS"].split()
     ompi = "Open MPI" in subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    if p <= _cores():
+    if p <= cores():
         cmd += ["--bind-to", "core"]        # one rank per core (Open MPI and MPICH hydra)
     else:
         cmd += ["--bind-to", "none"] + (["--oversubscribe"] if ompi else [])
@@ -124,7 +124,7 @@ def child_env() -> dict:
     return env
 
 
-def _run(cmd: list[str], timeout: float, log: Path) -> subprocess.CompletedProcess:
+def run_launcher(cmd: list[str], timeout: float, log: Path) -> subprocess.CompletedProcess:
     """Run a launcher; kill its whole process group on timeout; keep its output in ``log``."""
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
@@ -176,12 +176,12 @@ def run_study(ranks, mode, out: Path, repeats=1, config=None, overrides=(), laun
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     rows, bench_rows, grad_bytes = [], [], None
-    load0 = _loadavg()
+    load0 = loadavg()
     log(f"hpcdqn scale: {mode} scaling over ranks {ranks} x {repeats} repeat(s) with {launcher}, "
         f"checkpoints off; total_steps={cfg['total_steps']}{' per replica' if mode == 'weak' else ''}")
     over = [p for p in ranks if oversubscribed(p, launcher)]
     if over:
-        log(f"hpcdqn scale: NOTE ranks {over} exceed this machine's {_cores()} cores: "
+        log(f"hpcdqn scale: NOTE ranks {over} exceed this machine's {cores()} cores: "
             f"{OVERSUBSCRIBED}")
     for p in ranks:
         for r in range(repeats):
@@ -197,8 +197,8 @@ def run_study(ranks, mode, out: Path, repeats=1, config=None, overrides=(), laun
                     for b in bench_rows if b["ranks"] == p and b["n_bytes"] == grad_bytes // pp // 4 * 4))
     meta = {"mode": mode, "pp": pp, "grad_bytes": grad_bytes, "launcher": launcher,
             "host": socket.gethostname(), "env_id": cfg["env_id"], "total_steps": cfg["total_steps"],
-            "bucket_mb": cfg["parallel"]["bucket_mb"], "cores": _cores(),
-            "ranks_per_node": ranks_per_node(launcher), "loadavg_1m": [load0, _loadavg()]}
+            "bucket_mb": cfg["parallel"]["bucket_mb"], "cores": cores(),
+            "ranks_per_node": ranks_per_node(launcher), "loadavg_1m": [load0, loadavg()]}
     return finish(out, rows, bench_rows, meta, log)
 
 
@@ -216,7 +216,7 @@ def run_point(p, r, mode, cfg, config, overrides, launcher, out: Path, timeout, 
     cmd = launch_cmd(p, launcher) + [sys.executable, "-m", "hpcdqn.cli", "train", *cfg_args,
                                      *STUDY_DEFAULTS, *overrides, *scaled, f"run_dir={run_dir}"]
     t = time.perf_counter()
-    _run(cmd, timeout, out / "logs" / f"{mode}_p{p}_r{r}.log")
+    run_launcher(cmd, timeout, out / "logs" / f"{mode}_p{p}_r{r}.log")
     s = json.loads((run_dir / "summary.json").read_text())
     if s["world"] != p:
         raise ScaleError(f"asked for {p} ranks, the run had world={s['world']}")
@@ -238,19 +238,19 @@ def run_point(p, r, mode, cfg, config, overrides, launcher, out: Path, timeout, 
 
 def oversubscribed(p: int, launcher: str) -> bool:
     """More ranks than this machine's cores under mpirun (Slurm does not oversubscribe)."""
-    return launcher != "srun" and p > _cores()
+    return launcher != "srun" and p > cores()
 
 
 def ranks_per_node(launcher: str) -> int:
     """Ranks one node holds in this study's setting: Slurm's tasks per node, else the cores."""
-    return (_tasks_per_node() if launcher == "srun" else None) or _cores()
+    return (_tasks_per_node() if launcher == "srun" else None) or cores()
 
 
-def _cores() -> int:
+def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _loadavg() -> float | None:
+def loadavg() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
@@ -267,7 +267,7 @@ def run_bench(p: int, sizes, launcher: str, out: Path, timeout: float) -> list[d
     path = out / "logs" / f"allreduce_p{p}.json"
     cmd = launch_cmd(p, launcher) + [sys.executable, "-m", "hpcdqn.cluster.scale", "bench",
                                      ",".join(map(str, sizes)), str(path)]
-    _run(cmd, timeout, out / "logs" / f"allreduce_p{p}.log")
+    run_launcher(cmd, timeout, out / "logs" / f"allreduce_p{p}.log")
     res = json.loads(path.read_text())
     return [{"ranks": p, "nodes": res["nodes"], "ranks_per_node": res["ranks_per_node"],
              "oversubscribed": oversubscribed(p, launcher), **q} for q in res["points"]]
