@@ -145,14 +145,16 @@ def backward_weights(work: list, overwrite: bool = False) -> None:
 
 def first_rows(saved: list, rows: int) -> list:
     """What ``forward`` kept for the backward, cut to the first ``rows`` rows (a forward of
-    several inputs stacked by rows, of which only the first is backpropagated)."""
+    several inputs stacked by rows, of which only the first is backpropagated). Copies: a view
+    would keep the whole stacked tensor alive until the backward: twice the activations the
+    memory planner counts (``learner.budget.activation_bytes``)."""
     out = []
     for s in saved:
         if isinstance(s, tuple):
             xin, y, zw = s
-            out.append((xin[:rows], None if y is None else y[:rows], zw))
+            out.append((xin[:rows].clone(), None if y is None else y[:rows].clone(), zw))
         else:
-            out.append(s[:rows])
+            out.append(s[:rows].clone())
     return out
 
 
