@@ -35,7 +35,7 @@ OBS, ACTIONS = 512, 18
 
 
 # -- one configuration, on its ranks ------------------------------------------------------------
-def _setup(a):
+def setup(a):
     import numpy as np
     import torch
     from mpi4py import MPI
@@ -90,7 +90,7 @@ def worker(a) -> None:
 
     from hpcdqn.sysinfo import peak_rss
 
-    comm, grid, layers, learner, batch, rows, base = _setup(a)
+    comm, grid, layers, learner, batch, rows, base = setup(a)
     for _ in range(a.warmup):
         learner.update(batch)
     if grid.pp > 1:

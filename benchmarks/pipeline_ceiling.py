@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,9 +38,10 @@ SIDES = {"pp1 1 thread": ("pp1", 1, 1, 1), "pp1 1 thread x2 at once": ("pp1", 1,
 
 def run_side(a, layout: str, ranks: int, threads: int, copies: int) -> list[float]:
     """Median update wall time of each of ``copies`` jobs started together."""
+    net = bench.NETS["4096"]
     args = ["--layout", layout, "--threads", str(threads), "--micro", "2", "--schedule", "zbh1",
-            "--hidden", "4096,4096,4096,4096", "--batch", "512", "--updates", str(a.updates),
-            "--warmup", str(a.warmup)]
+            "--hidden", ",".join(map(str, net["hidden"])), "--batch", str(net["batch"]),
+            "--updates", str(a.updates), "--warmup", str(a.warmup)]
     with ThreadPoolExecutor(copies) as ex:
         res = list(ex.map(lambda _: bench.launch(ranks, args, a.timeout), range(copies)))
     for r in res:

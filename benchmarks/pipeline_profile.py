@@ -1,6 +1,6 @@
 """Where an update's time goes, per pipeline stage (or on pp=1): wall seconds per op kind, summed
 over the timed updates and divided by their count, on the network and batch of
-``benchmarks/pipeline.py`` (its ``_setup``). Each op is timed from its start to its end (a
+``benchmarks/pipeline.py`` (its ``setup``). Each op is timed from its start to its end (a
 stage's receives inside F/B are timed apart as ``wait``).
 
     mpirun -n 2 python benchmarks/pipeline_profile.py --layout pp2 --threads 1 --micro 4 --schedule zbh1
@@ -50,9 +50,8 @@ def main() -> None:
     ap.add_argument("--rows", default="", help="micro-batch sizes (e.g. 64,224,224), not equal")
     a = ap.parse_args()
     a.hidden, a.batch = [4096] * 4, 512
-    comm, grid, layers, learner, batch, rows, base = bench._setup(a)
+    comm, grid, layers, learner, batch, rows, base = bench.setup(a)
     from hpcdqn.learner import base as lbase
-    from hpcdqn.parallel import pipeline as pl
     from hpcdqn.parallel import stage as st
     from hpcdqn.parallel import stage_mlp
     if a.rows:

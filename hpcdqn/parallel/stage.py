@@ -150,6 +150,7 @@ class PipelineStage:
             stage_mlp.backward_weights(work, overwrite=not self.grads_written)
             self.grads_written = True
 
+
 def run_schedule(stage: PipelineStage, schedule: str) -> None:
     """Drive ``stage`` through one step (set by ``begin_step``) in the op list's order
     (``pipeline.schedule_ops``): F, B and, for ``zbh1``, a separate W per micro-batch."""

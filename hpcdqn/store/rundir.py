@@ -174,7 +174,7 @@ def truncate_metrics(run_dir, env_steps: int, name: str = "metrics.csv") -> None
 LOCK = "hpcdqn.lock"
 
 
-def _proc_start(pid: int) -> str | None:
+def proc_start(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (guards against a reused pid); None if it is gone,
     or dead and not yet reaped (a zombie: killed, it holds no files and writes nothing more)."""
     try:
@@ -192,7 +192,7 @@ def _me() -> dict:
     import time
 
     return {"job_id": os.environ.get("SLURM_JOB_ID", ""), "host": socket.gethostname(),
-            "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
+            "pid": os.getpid(), "pid_start": proc_start(os.getpid()),
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -207,7 +207,7 @@ def _stale(owner: dict | None, lock: Path) -> str | None:
         return f"Slurm job {owner['job_id']} was requeued"
     if owner.get("host") == me["host"]:
         pid = int(owner.get("pid", -1))
-        start = _proc_start(pid) if pid > 0 else None
+        start = proc_start(pid) if pid > 0 else None
         if start is None or (owner.get("pid_start") and start != owner.get("pid_start")):
             return f"process {pid} on {me['host']} is gone"
     return None

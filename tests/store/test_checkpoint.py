@@ -19,6 +19,7 @@ from mpi_util import hpcdqn, mpi_env, mpirun_cmd
 from hpcdqn.store import SERIAL_ENV, CheckpointError, read_meta, verify
 from hpcdqn.testing import CKPT_SLEEP_ENV
 from hpcdqn.store.reshard import reshard_plan, ring_rows
+from hpcdqn.store.rundir import proc_start
 from hpcdqn.store.schema import REPLAY_ROWS
 
 # tiny and fast; prioritized replay and n-step so their state is exercised too
@@ -102,14 +103,6 @@ def test_pipelined_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     _same_end(a, b)
 
 
-def _alive(pid) -> bool:
-    """Whether ``pid`` still runs (a zombie, killed and not yet reaped, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except OSError:
-        return False
-
-
 def _descendants(pid):
     """(pid, command) of every process below ``pid`` (mpirun's ranks and any helpers)."""
     parent = {}
@@ -151,7 +144,7 @@ def test_kill_9_during_checkpoint_write_resumes_from_previous(run_a, tmp_path):
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate(timeout=30)
         gone = time.time() + 30          # the kernel takes a moment to end a killed process
-        while time.time() < gone and any(_alive(pid) for pid in ranks):
+        while time.time() < gone and any(proc_start(pid) is not None for pid in ranks):
             time.sleep(0.1)
     finally:
         if p.poll() is None:
